@@ -1,0 +1,114 @@
+"""Start the workers: torch's elastic agent (torchrun's engine) called from Python, or in-process.
+
+The driver resolves what the workers need to know about the machine (backend, device, worker
+count, threads), then hands `runner.worker.main` to `elastic_launch`. The agent sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, restarts the worker group when a worker dies, and
+forwards SIGTERM/SIGINT to the workers, which snapshot and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from runner import worker
+from runner.config import parse_nnodes
+
+log = logging.getLogger(__name__)
+
+
+def resolve_runtime(launch: DictConfig) -> dict[str, Any]:
+    """Backend, device and worker count for this machine, from launch.* (torchrun's semantics)."""
+    cuda = torch.cuda.is_available()
+    nproc = str(launch.nproc_per_node)
+    if launch.mode == "local":
+        count = 1
+    elif nproc == "gpu" or (nproc == "auto" and cuda):
+        count = torch.cuda.device_count()
+    elif nproc in ("cpu", "auto"):
+        count = os.cpu_count() or 1
+    else:
+        count = int(nproc)
+    backend = launch.backend
+    if backend == "auto":
+        backend = "nccl" if cuda and nproc != "cpu" else "gloo"
+    device = "cuda" if backend == "nccl" else "cpu"
+    threads = launch.omp_num_threads
+    if threads is None and device == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // count)
+    return {"backend": backend, "device": device, "nproc_per_node": count, "omp_num_threads": threads}
+
+
+def launch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the job to completion; returns rank 0's summary. Raises the agent's errors."""
+    if cfg.launch.mode == "local":
+        return _launch_in_process(run_dir)
+    return _launch_elastic(cfg, run_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_in_process(run_dir: Path) -> dict[str, Any]:
+    """launch=local: this very process is rank 0 of 1, so breakpoints and debuggers just work."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return worker.main(str(run_dir), in_driver=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    launch = cfg.launch
+    if launch.mode == "multinode":
+        min_nodes, max_nodes = parse_nnodes(launch.nnodes)
+        endpoint = launch.rdzv_endpoint
+        run_id = launch.rdzv_id or run_dir.name
+        rdzv_configs: dict[str, Any] = {"timeout": launch.rdzv_timeout}
+        if launch.node_rank is not None:
+            rdzv_configs["rank"] = launch.node_rank
+    else:  # standalone: torchrun --standalone, a private rendezvous on a free local port
+        min_nodes = max_nodes = 1
+        endpoint = "localhost:0"
+        run_id = str(uuid.uuid4())
+        rdzv_configs = {"timeout": launch.rdzv_timeout}
+    return LaunchConfig(
+        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id,
+        rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
+        max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+    )
+
+
+def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
+    from torch.distributed.launcher.api import elastic_launch
+
+    # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
+    # (a known upstream problem); a store of their own makes restarts reliable.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    runtime = cfg.runtime
+    if runtime.omp_num_threads:
+        os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
+    config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
+    results = elastic_launch(config, worker.main)(str(run_dir))
+    return results.get(0) if results else None

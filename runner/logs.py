@@ -1,0 +1,108 @@
+"""Logging for the driver and the workers: stdlib `logging`, rank in every record.
+
+Every rank writes `logs/rank-N.log`; all ranks also append to the run's `train.log`. Rank 0 logs
+to the console at INFO, the other ranks only warnings, so the terminal stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+TRAIN_LOG = "train.log"
+LOG_DIR = "logs"
+FORMAT = "[%(asctime)s][rank %(rank)s][%(name)s][%(levelname)s] %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class _TqdmConsoleHandler(logging.StreamHandler):
+    """Console lines printed above rank 0's progress bar instead of through it.
+
+    Records logged with `extra={"console": False}` (per-epoch metrics, which the bar already
+    shows) go to the files only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "console", True) is False:
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: str) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def rank_log_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / LOG_DIR / f"rank-{rank}.log"
+
+
+def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> None:
+    """Files for this rank and the shared train.log; console for rank 0 (unless the driver has one)."""
+    (Path(run_dir) / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    rank_filter = _RankFilter(str(rank))
+    formatter = logging.Formatter(FORMAT, DATEFMT)
+    handlers: list[logging.Handler] = [
+        logging.FileHandler(rank_log_path(run_dir, rank), mode="a"),
+        logging.FileHandler(Path(run_dir) / TRAIN_LOG, mode="a"),
+    ]
+    if not in_driver:
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        console = _TqdmConsoleHandler(sys.stderr)
+        console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        console.setFormatter(logging.Formatter("[rank %(rank)s] %(message)s"))
+        handlers.append(console)
+    for handler in handlers:
+        handler.addFilter(rank_filter)
+        if isinstance(handler, logging.FileHandler):
+            handler.setFormatter(formatter)
+        root.addHandler(handler)
+    logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+
+
+def add_driver_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(Path(run_dir) / TRAIN_LOG, mode="a")
+    handler.addFilter(_RankFilter("driver"))
+    handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def tail(path: Path, lines: int = 10) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except FileNotFoundError:
+        return []
+
+
+class MetricsWriter:
+    """`metrics.jsonl`: one JSON object per epoch, appended and flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file with `records` (on resume: drop epochs that will be redone)."""
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

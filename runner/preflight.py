@@ -1,0 +1,193 @@
+"""Checks run in the driver before any worker starts, so a mistake costs milliseconds, not a launch.
+
+`preflight(cfg, run_dir)` raises `UserError` for the first problem: ranges (config.check_ranges),
+the machine (CUDA, disk, permissions), the objects the config names (every `_target_` is imported
+and the model, optimizer and scheduler are built on the meta device, so a bad keyword or a
+negative learning rate is caught here), and the run directory's snapshots (resume mistakes).
+Nothing here writes to disk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra._internal.utils import _locate
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import check_ranges
+from runner.errors import UserError
+from runner.rundir import identity, identity_diff
+from runner.snapshot import SnapshotError, SnapshotManager
+
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+# torch optimizers say "Invalid learning rate: -1"; map the phrase to the config key.
+TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+                 "beta": "betas", "epsilon": "eps", "dampening": "dampening", "step_size": "step_size"}
+
+
+def preflight(cfg: DictConfig, run_dir: Path, sources: Optional[dict[str, str]] = None) -> None:
+    sources = sources or {}
+    check_ranges(cfg)
+    check_machine(cfg)
+    param_bytes = check_objects(cfg, sources)
+    check_run_dir(run_dir, param_bytes)
+    check_resume(cfg, run_dir)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    launch = cfg.launch
+    if not torch.cuda.is_available():
+        if str(launch.nproc_per_node) == "gpu":
+            raise UserError("launch.nproc_per_node", "gpu", "no CUDA device is visible on this machine",
+                            "auto | cpu | a positive integer", "use launch.nproc_per_node=auto (or check CUDA_VISIBLE_DEVICES)")
+        if launch.backend == "nccl":
+            raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
+                            "auto | gloo", "use launch.backend=auto (gloo on CPU)")
+
+
+def _source(group: str, sources: dict[str, str]) -> str:
+    return f"conf/{group}/{sources[group]}.yaml" if group in sources else f"the '{group}' config"
+
+
+def _locate_target(key: str, node: DictConfig, where: str) -> Any:
+    target = node.get("_target_")
+    try:
+        return _locate(str(target))
+    except Exception as err:  # ImportError, AttributeError, ValueError from _locate
+        first = str(err).splitlines()[0]
+        raise UserError(f"{key}._target_", target, f"cannot be imported (set in {where}): {first}",
+                        "a dotted path to an importable class or function, e.g. torch.nn.Linear",
+                        "fix the spelling, or install the package that provides it") from None
+
+
+def _build_error(key: str, node: DictConfig, err: Exception, where: str) -> UserError:
+    cause = err.__cause__ or err
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    bad_key = key
+    m = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if m:
+        bad_key = f"{key}.{m.group(1)}"
+    else:
+        for phrase, name in TORCH_PHRASES.items():
+            if phrase in text and name in node:
+                bad_key = f"{key}.{name}"
+                break
+    value = node.get(bad_key.rsplit(".", 1)[-1]) if bad_key != key else node.get("_target_")
+    return UserError(bad_key, value, f"{node.get('_target_')} rejects it (from {where}): {type(cause).__name__}: {text}",
+                     "the arguments its constructor accepts", f"change or remove {bad_key}")
+
+
+def check_objects(cfg: DictConfig, sources: dict[str, str]) -> int:
+    """Import every _target_ and dry-build the model/optimizer/scheduler on the meta device.
+
+    Returns the bytes of the model's parameters and buffers (for the disk-space check)."""
+    where = {g: _source(g, sources) for g in ("dataset", "model", "optimizer", "scheduler")}
+    data_cls = _locate_target("dataset", cfg.dataset, where["dataset"])
+    _locate_target("model", cfg.model, where["model"])
+    _locate_target("optimizer", cfg.optimizer, where["optimizer"])
+    _locate_target("trainer.loss", cfg.trainer.loss, "conf/trainer")
+    scheduler = cfg.get("scheduler")
+    if scheduler:
+        _locate_target("scheduler", scheduler, where["scheduler"])
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in HYDRA_KEYS}
+    try:
+        inspect.signature(data_cls).bind(**kwargs)
+    except TypeError as err:
+        raise _build_error("dataset", cfg.dataset, err, where["dataset"]) from None
+    except ValueError:
+        pass  # builtins without a signature
+    if "size" in kwargs and isinstance(kwargs["size"], int) and kwargs["size"] < 1:
+        raise UserError("dataset.size", kwargs["size"], "a dataset needs at least one sample", "an integer >= 1")
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model)
+    except Exception as err:
+        raise _build_error("model", cfg.model, err, where["model"]) from None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError("model._target_", cfg.model._target_, f"builds a {type(model).__name__}, not a torch.nn.Module",
+                        "a class or function returning torch.nn.Module")
+    params = list(model.parameters())
+    if not params:
+        raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters")
+    try:
+        optimizer = instantiate(cfg.optimizer)(params)
+    except Exception as err:
+        raise _build_error("optimizer", cfg.optimizer, err, where["optimizer"]) from None
+    if scheduler:
+        try:
+            instantiate(scheduler)(optimizer)
+        except Exception as err:
+            raise _build_error("scheduler", scheduler, err, where["scheduler"]) from None
+    try:
+        instantiate(cfg.trainer.loss)
+    except Exception as err:
+        raise _build_error("trainer.loss", cfg.trainer.loss, err, "conf/trainer") from None
+    return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: Path, param_bytes: int) -> None:
+    base = _existing_ancestor(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError("hydra.run.dir", run_dir, "exists and is not a directory", "a directory path",
+                        "pass another hydra.run.dir=... or name=...")
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise UserError("hydra.run.dir", run_dir, f"cannot be written ({base} is not a writable directory)",
+                        "a path under a directory you can write", "pass hydra.run.dir=<writable path> or run from another folder")
+    # One snapshot holds weights + optimizer state (up to ~2x weights); the atomic write needs a
+    # second copy while it replaces the old one.
+    needed = 2 * 3 * param_bytes + 16 * 2**20
+    free = shutil.disk_usage(base).free
+    if free < needed:
+        raise UserError("hydra.run.dir", run_dir, f"has {free / 2**20:.0f} MiB free, a snapshot needs about {needed / 2**20:.0f} MiB",
+                        "a disk with room for two snapshots", "free some space or pass hydra.run.dir=<path on a larger disk>")
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    snap = cfg.snapshot
+    resume = str(snap.resume)
+    manager = SnapshotManager(run_dir / snap.dir)
+    if resume == "never":
+        return  # the driver archives what is there; nothing to check
+    try:
+        entries = manager.entries()
+    except SnapshotError as err:
+        raise UserError("snapshot.resume", resume, f"the run directory's manifest is unreadable: {err}",
+                        "a readable manifest.json", "snapshot.resume=never starts over (old files are archived, not deleted)") from None
+    if entries:
+        stored = manager.stored_config() or {}
+        old = stored.get("identity")
+        if old is not None:
+            diff = identity_diff(old, identity(cfg))
+            if diff:
+                shown = "; ".join(f"{k}: {old.get(k)!r} -> {identity(cfg).get(k)!r}" for k in diff[:4])
+                more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+                raise UserError("snapshot.resume", resume,
+                                f"{run_dir} holds snapshots of a different run; differing keys: {shown}{more}",
+                                "resuming only a run with the same model, dataset, optimizer, scheduler, loss and seed",
+                                "snapshot.resume=never starts over here (old snapshots are archived), or pass name=<new name> for a new run directory")
+        entry, problems = manager.newest_valid_entry()
+        if entry is None:
+            raise UserError("snapshot.resume", resume, "every snapshot in the run directory is invalid: " + "; ".join(problems),
+                            "at least one snapshot that matches its manifest",
+                            "restore the files, or snapshot.resume=never to start over (the invalid files are archived, not deleted)")
+        return
+    if resume == "must":
+        raise UserError("snapshot.resume", "must", f"no snapshot in {manager.dir} to resume from",
+                        "auto | never | must | a snapshot file path", "use snapshot.resume=auto to start fresh when there is none")
+    if resume != "auto" and not Path(resume).is_file():
+        raise UserError("snapshot.resume", resume, "no such snapshot file", "auto | never | must | path to an existing snapshot-*.pt",
+                        "check the path (relative paths start from the current directory)")

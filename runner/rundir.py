@@ -1,0 +1,96 @@
+"""The run directory: a stable name derived from the config, and what the driver writes into it.
+
+Hydra's default `outputs/<date>/<time>` would make every call a new run; here the directory is
+named from the overrides that define the run, so re-running a command finds its snapshots.
+Overrides that only extend or steer a run (more epochs, launch and snapshot settings) are left
+out of the name: re-running with `trainer.total_epochs=100` continues the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys (and groups) that never change what a run computes, only how long or how it is watched.
+NON_DEFINING_KEYS = (
+    "name", "hydra", "launch", "snapshot",
+    "trainer.total_epochs", "trainer.save_every", "trainer.save_every_steps", "trainer.log_every",
+    "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank",
+)
+# What a snapshot's config must share with the current one for a resume to make sense.
+IDENTITY_KEYS = ("dataset", "model", "optimizer", "scheduler", "trainer.loss", "trainer.seed", "trainer.shuffle")
+MAX_NAME = 80
+CONFIG_FILE = "config.yaml"
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _matches(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def run_dir_name(name: Optional[str], overrides: Iterable[str]) -> str:
+    """`name` if given, else the defining overrides joined by commas ('default' when none).
+
+    Long names keep a readable head and end in a hash of the whole, so they stay unique.
+    """
+    if name:
+        return _sanitize(str(name))
+    kept = sorted(o for o in overrides if not _matches(_override_key(o), NON_DEFINING_KEYS))
+    text = _sanitize(",".join(kept)) or "default"
+    if len(text) > MAX_NAME:
+        digest = hashlib.sha1(",".join(kept).encode()).hexdigest()[:10]
+        text = f"{text[: MAX_NAME - 11]}-{digest}"
+    return text
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+@-]", "_", text).strip(".")
+
+
+def identity(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Flattened `IDENTITY_KEYS` values, interpolations kept as written (so that
+    `T_max: ${trainer.total_epochs}` does not change when the run is extended)."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+    flat: dict[str, Any] = {}
+    for key in IDENTITY_KEYS:
+        node: Any = container
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        _flatten(key, node, flat)
+    return flat
+
+
+def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = node
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def write_run_files(run_dir: Path, cfg: DictConfig, hydra_cfg: Optional[DictConfig]) -> Path:
+    """Hydra's record (.hydra/) and the resolved config the workers read (config.yaml)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if hydra_cfg is not None:
+        record = run_dir / ".hydra"
+        record.mkdir(exist_ok=True)
+        OmegaConf.save(cfg, record / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), record / "hydra.yaml")
+        OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+    path = run_dir / CONFIG_FILE
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run_dir"] = str(run_dir.resolve())
+    resolved["identity"] = identity(cfg)
+    OmegaConf.save(OmegaConf.create(resolved), path)
+    return path
