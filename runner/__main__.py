@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> int:
     run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
     try:
         if str(run_dir) not in callbacks.VALIDATED:
-            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices))
+            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(hydra_cfg.overrides.task))
     except UserError as err:
         _remove_if_empty(run_dir)
         if full_errors_requested():

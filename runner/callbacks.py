@@ -26,7 +26,7 @@ class PreflightCallback(Callback):
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
-            preflight(task_cfg, run_dir, dict(config.hydra.runtime.choices))
+            preflight(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task))
         except UserError as err:
             if full_errors_requested():
                 raise

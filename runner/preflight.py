@@ -32,11 +32,11 @@ TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": 
                  "beta": "betas", "epsilon": "eps", "dampening": "dampening", "step_size": "step_size"}
 
 
-def preflight(cfg: DictConfig, run_dir: Path, sources: Optional[dict[str, str]] = None) -> None:
-    sources = sources or {}
+def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = ()) -> None:
+    """`choices`: the config file picked per group (Hydra's runtime.choices); `overrides`: the command line."""
     check_ranges(cfg)
     check_machine(cfg)
-    param_bytes = check_objects(cfg, sources)
+    param_bytes = check_objects(cfg, choices or {}, tuple(overrides))
     check_run_dir(run_dir, param_bytes)
     check_resume(cfg, run_dir)
 
@@ -52,8 +52,10 @@ def check_machine(cfg: DictConfig) -> None:
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
 
 
-def _source(group: str, sources: dict[str, str]) -> str:
-    return f"conf/{group}/{sources[group]}.yaml" if group in sources else f"the '{group}' config"
+def _source(group: str, choices: dict[str, str], overrides: tuple) -> str:
+    if any(o.lstrip("+~").startswith(f"{group}.") for o in overrides):
+        return f"conf/{group}/{choices.get(group)}.yaml and the command line"
+    return f"conf/{group}/{choices[group]}.yaml" if group in choices else f"the '{group}' config"
 
 
 def _locate_target(key: str, node: DictConfig, where: str) -> Any:
@@ -61,8 +63,8 @@ def _locate_target(key: str, node: DictConfig, where: str) -> Any:
     try:
         return _locate(str(target))
     except Exception as err:  # ImportError, AttributeError, ValueError from _locate
-        first = str(err).splitlines()[0]
-        raise UserError(f"{key}._target_", target, f"cannot be imported (set in {where}): {first}",
+        reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise UserError(f"{key}._target_", target, f"cannot be imported (set in {where}): {reason}",
                         "a dotted path to an importable class or function, e.g. torch.nn.Linear",
                         "fix the spelling, or install the package that provides it") from None
 
@@ -84,11 +86,11 @@ def _build_error(key: str, node: DictConfig, err: Exception, where: str) -> User
                      "the arguments its constructor accepts", f"change or remove {bad_key}")
 
 
-def check_objects(cfg: DictConfig, sources: dict[str, str]) -> int:
+def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = ()) -> int:
     """Import every _target_ and dry-build the model/optimizer/scheduler on the meta device.
 
     Returns the bytes of the model's parameters and buffers (for the disk-space check)."""
-    where = {g: _source(g, sources) for g in ("dataset", "model", "optimizer", "scheduler")}
+    where = {g: _source(g, choices, overrides) for g in ("dataset", "model", "optimizer", "scheduler")}
     data_cls = _locate_target("dataset", cfg.dataset, where["dataset"])
     _locate_target("model", cfg.model, where["model"])
     _locate_target("optimizer", cfg.optimizer, where["optimizer"])
@@ -152,7 +154,7 @@ def check_run_dir(run_dir: Path, param_bytes: int) -> None:
     needed = 2 * 3 * param_bytes + 16 * 2**20
     free = shutil.disk_usage(base).free
     if free < needed:
-        raise UserError("hydra.run.dir", run_dir, f"has {free / 2**20:.0f} MiB free, a snapshot needs about {needed / 2**20:.0f} MiB",
+        raise UserError("hydra.run.dir", run_dir, f"cannot hold snapshots: {free / 2**20:.0f} MiB free on its filesystem, about {needed / 2**20:.0f} MiB needed",
                         "a disk with room for two snapshots", "free some space or pass hydra.run.dir=<path on a larger disk>")
 
 

@@ -54,16 +54,20 @@ def _sanitize(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+@-]", "_", text).strip(".")
 
 
-def identity(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Flattened `IDENTITY_KEYS` values, interpolations kept as written (so that
-    `T_max: ${trainer.total_epochs}` does not change when the run is extended)."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """Flattened, resolved values of `IDENTITY_KEYS`.
+
+    Keys that only extend a run are blanked first, so a value derived from them (a cosine
+    schedule's `T_max: ${trainer.total_epochs}`) does not make an extended run look different.
+    """
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in NON_DEFINING_KEYS:
+        if key.startswith("trainer."):
+            OmegaConf.update(copy, key, None, force_add=True)
     flat: dict[str, Any] = {}
     for key in IDENTITY_KEYS:
-        node: Any = container
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        _flatten(key, node, flat)
+        node = OmegaConf.select(copy, key)
+        _flatten(key, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, flat)
     return flat
 
 

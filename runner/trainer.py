@@ -71,7 +71,7 @@ class Trainer:
                                "shuffle": self.sampler.shuffle},
             snap.RNG_KEY: rng_states,
             snap.CONFIG_KEY: _plain(self.cfg),
-            snap.TORCH_VERSION_KEY: torch.__version__,
+            snap.TORCH_VERSION_KEY: str(torch.__version__),
             snap.WORLD_SIZE_KEY: self.world_size,
             snap.METRICS_KEY: list(self.history),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,8 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
     stop: Optional[StopRequest] = None
     try:
         device = _init_distributed(cfg, local_rank)
+        log.info("rank %d of %d up: %s, pid %d, host %s", rank, world_size, device, os.getpid(), socket.gethostname(),
+                 extra={"console": False})
         stop = StopRequest(_cpu_group(cfg))
         summary = _train(cfg, run_path, rank, world_size, device, stop)
         return summary if rank == 0 else None

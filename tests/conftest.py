@@ -1,0 +1,71 @@
+"""Helpers to run the real CLI in a subprocess and read what it leaves in the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+# Small, fast settings shared by the end-to-end tests (2 CPU workers).
+FAST = ["trainer.progress=false"]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("RUNNER_DEBUG", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> Result:
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "snapshots" / "manifest.json").read_text())
+
+
+def latest_snapshot(run_dir: Path) -> dict:
+    entry = manifest(run_dir)["snapshots"][-1]
+    return torch.load(run_dir / "snapshots" / entry["file"], weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
