@@ -167,8 +167,9 @@ class SnapshotManager:
         return entry
 
     def _retain(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
-        regular = [e for e in entries if not e.get("milestone")]
-        drop = {e["file"] for e in regular[: max(len(regular) - self.keep_last, 0)]}
+        """Keep the newest `keep_last` versions, plus every milestone."""
+        older = entries[: max(len(entries) - self.keep_last, 0)]
+        drop = {e["file"] for e in older if not e.get("milestone")}
         return [e for e in entries if e["file"] not in drop], [e for e in entries if e["file"] in drop]
 
     def remove_stale_temporaries(self) -> None:
