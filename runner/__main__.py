@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,6 @@ def run(cfg: DictConfig) -> int:
     except BaseException as err:
         return _report_failure(err, cfg, run_dir)
     wall = time.perf_counter() - started
-    if summary.get("status") == "stopped":
-        return _report_stopped(run_dir, summary.get("signal"))
     _print_summary(run_dir, summary, wall, SnapshotManager(run_dir / cfg.snapshot.dir))
     return 0
 
@@ -139,9 +138,7 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, manager) -> None:
 
 
 def _report_stopped(run_dir: Path, signum) -> int:
-    import signal as _signal
-
-    name = _signal.Signals(signum).name if signum else "a signal"
+    name = signal.Signals(signum).name if signum else "a signal"
     print(f"Stopped by {name}: a snapshot of the last step is in {_short(run_dir)}; "
           f"run the same command again to resume.", file=sys.stderr)
     return 128 + (signum or 15)
@@ -154,9 +151,13 @@ def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
 
     from runner.logs import TRAIN_LOG, rank_log_path, tail
 
+    from runner.stop import Stopped
+
+    if isinstance(err, Stopped):  # launch=local: the driver itself was the worker
+        return _report_stopped(run_dir, err.signum)
     if isinstance(err, (SignalException, KeyboardInterrupt)):
         signum = getattr(err, "sigval", None)
-        return _report_stopped(run_dir, int(signum) if signum is not None else 2)
+        return _report_stopped(run_dir, int(signum) if signum is not None else signal.SIGINT)
     if full_errors_requested():
         import traceback
 

@@ -46,6 +46,7 @@ class LaunchConfig:
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
     max_restarts: int = 3  # worker-group restarts after a failure before the job fails
     monitor_interval: float = 0.1  # seconds between the agent's health checks of its workers
+    stop_timeout: int = 120  # seconds workers get to snapshot after SIGTERM/SIGINT before SIGKILL
     nnodes: str = "1"  # N or MIN:MAX (multinode)
     node_rank: Optional[int] = None  # multinode: this node's rank (optional with c10d)
     rdzv_backend: str = "c10d"
@@ -109,6 +110,7 @@ def check_ranges(cfg: DictConfig) -> None:
     _require(l.backend in BACKENDS, "launch.backend", l.backend, "is not a known backend", " | ".join(BACKENDS), "e.g. launch.backend=auto")
     _require(l.max_restarts >= 0, "launch.max_restarts", l.max_restarts, "must not be negative", "an integer >= 0", "e.g. launch.max_restarts=3")
     _require(l.monitor_interval > 0, "launch.monitor_interval", l.monitor_interval, "must be positive", "seconds > 0", "e.g. launch.monitor_interval=0.1")
+    _require(l.stop_timeout >= 1, "launch.stop_timeout", l.stop_timeout, "must be at least 1", "seconds >= 1", "e.g. launch.stop_timeout=120")
     _require(l.rdzv_timeout > 0, "launch.rdzv_timeout", l.rdzv_timeout, "must be positive", "seconds > 0", "e.g. launch.rdzv_timeout=900")
     if l.omp_num_threads is not None:
         _require(l.omp_num_threads >= 1, "launch.omp_num_threads", l.omp_num_threads, "must be at least 1", "null or an integer >= 1")

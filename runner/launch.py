@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from runner import worker
 from runner.config import parse_nnodes
+from runner.errors import full_errors_requested
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
         min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id,
         rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
         max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
+        shutdown_timeout=launch.stop_timeout,
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
 
@@ -106,6 +108,8 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
     # (a known upstream problem); a store of their own makes restarts reliable.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if not full_errors_requested():  # the driver reports failures itself, in a few lines
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     runtime = cfg.runtime
     if runtime.omp_num_threads:
         os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)

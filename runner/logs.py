@@ -46,6 +46,11 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _not_console_only(record: logging.LogRecord) -> bool:
+    """Records logged with `extra={"file": False}` (short console notes) skip the log files."""
+    return getattr(record, "file", True) is not False
+
+
 def rank_log_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / LOG_DIR / f"rank-{rank}.log"
 
@@ -72,6 +77,7 @@ def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> N
         handler.addFilter(rank_filter)
         if isinstance(handler, logging.FileHandler):
             handler.setFormatter(formatter)
+            handler.addFilter(_not_console_only)
         root.addHandler(handler)
     logging.getLogger("torch.distributed").setLevel(logging.WARNING)
 

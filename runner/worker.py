@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runner import rng
-from runner.logs import MetricsWriter, setup_worker_logging
+from runner.logs import MetricsWriter, rank_log_path, setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.snapshot import SnapshotManager, load_path
 from runner.stop import Stopped, StopRequest
@@ -48,10 +48,14 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
         summary = _train(cfg, run_path, rank, world_size, device, stop)
         return summary if rank == 0 else None
     except Stopped as stopped:
+        # Raised, not returned: a worker that returns a value waits for the agent to read it,
+        # and an agent that is shutting down on the same signal never does.
         log.warning("%s; the snapshot of the last step is on disk", stopped)
-        return {"status": "stopped", "signal": stopped.signum} if rank == 0 else None
-    except Exception:
-        log.exception("training failed on rank %d", rank)
+        raise
+    except Exception as err:
+        log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
+        log.warning("failed: %s: %s (traceback in %s)", type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                    rank_log_path(run_path, rank), extra={"file": False})
         raise
     finally:
         if stop is not None:
