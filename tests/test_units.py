@@ -1,0 +1,92 @@
+"""Unit tests of the pieces the end-to-end runs rely on: sampler, run naming, RNG, data."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from runner import rng
+from runner.data import RegressionDataset
+from runner.rundir import identity, identity_diff, run_dir_name
+from runner.sampler import ResumableDistributedSampler
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_matches_torch_distributed_sampler(world):
+    data = list(range(23))
+    for rank in range(world):
+        ours, theirs = ResumableDistributedSampler(data, world, rank, seed=7), DistributedSampler(data, world, rank, seed=7)
+        ours.set_epoch(4), theirs.set_epoch(4)
+        assert list(ours) == list(theirs) and len(ours) == len(theirs)
+
+
+@pytest.mark.parametrize("new_world", [2, 3])
+def test_sampler_resumes_mid_epoch_without_repeating_or_skipping(new_world):
+    data = list(range(50))
+    world, batch, steps_done = 2, 4, 3
+    full = [ResumableDistributedSampler(data, world, r, seed=1) for r in range(world)]
+    for s in full:
+        s.set_epoch(2)
+    consumed = [i for s in full for i in list(s)[: steps_done * batch]]
+    rest = []
+    for r in range(new_world):
+        s = ResumableDistributedSampler(data, new_world, r, seed=1)
+        s.set_epoch(2)
+        s.set_start(steps_done * batch * world)
+        rest += list(s)
+        assert len(s) == len(list(s))
+    assert set(rest) == set(data) - set(consumed)  # nothing skipped, nothing seen twice...
+    assert len(rest) - len(set(rest)) < new_world  # ...except the padding DistributedSampler adds too
+    if new_world == world:  # same world size: the remainder is exactly what each rank would have seen
+        for r, s in enumerate(full):
+            resumed = ResumableDistributedSampler(data, world, r, seed=1)
+            resumed.set_epoch(2)
+            resumed.set_start(steps_done * batch * world)
+            assert list(resumed) == list(s)[steps_done * batch:]
+
+
+def test_run_dir_name_is_stable_and_ignores_extend_only_overrides():
+    a = run_dir_name(None, ["optimizer=adam", "model=mlp", "trainer.total_epochs=50", "launch=local", "snapshot.keep_last=9"])
+    b = run_dir_name(None, ["model=mlp", "optimizer=adam"])
+    assert a == b == "model=mlp,optimizer=adam"
+    assert run_dir_name(None, []) == "default"
+    assert run_dir_name("my exp/1", ["model=mlp"]) == "my_exp_1"
+    long = run_dir_name(None, [f"+model.k{i}=value{i}" for i in range(20)])
+    assert len(long) <= 80 and long != run_dir_name(None, [f"+model.k{i}=value{i}" for i in range(19)])
+    assert "/" not in run_dir_name(None, ["snapshot.resume=/a/b", "dataset.path=/data/x"])
+
+
+def test_identity_ignores_total_epochs_but_not_the_model():
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create({"trainer": {"total_epochs": 5, "seed": 0, "loss": {"_target_": "L"}, "shuffle": True},
+                             "model": {"_target_": "M", "n": 2}, "dataset": {"_target_": "D"},
+                             "optimizer": {"_target_": "O", "lr": 0.1},
+                             "scheduler": {"_target_": "S", "T_max": "${trainer.total_epochs}"}})
+    longer = OmegaConf.merge(base, {"trainer": {"total_epochs": 50}})
+    other = OmegaConf.merge(base, {"model": {"n": 3}, "optimizer": {"lr": 0.2}})
+    assert identity_diff(identity(base), identity(longer)) == []
+    assert identity_diff(identity(base), identity(other)) == ["model.n", "optimizer.lr"]
+
+
+def test_rng_capture_restore_round_trip_survives_safe_loading(tmp_path):
+    rng.seed_everything(3)
+    state = rng.capture()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    rng.seed_everything(99)
+    rng.restore(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_regression_dataset_is_the_seed_task_and_deterministic():
+    a, b = RegressionDataset(size=64, seed=5), RegressionDataset(size=64, seed=5)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    assert a.true_w.flatten().tolist() == pytest.approx([-2.0, 3.4]) and a.true_b == 4.2
+    x, y = a.tensors
+    residual = y - (x @ a.true_w + a.true_b)
+    assert residual.std().item() == pytest.approx(0.01, rel=0.3)
