@@ -42,7 +42,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.samples_in_epoch = 0
-        self.epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) this rank
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this epoch, this rank
+        self.loss_count = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.last_saved_step = -1
@@ -60,13 +61,13 @@ class Trainer:
     def _steps_done_in_epoch(self) -> int:
         return math.ceil(self.samples_in_epoch / (self.t.batch_size * self.world_size))
 
-    def snapshot_state(self, rng_states: list[dict], epoch_loss: torch.Tensor) -> dict[str, Any]:
+    def snapshot_state(self, rng_states: list[dict], partial_losses: list[list[float]]) -> dict[str, Any]:
         return {
             snap.FORMAT_KEY: snap.FORMAT_VERSION,
             snap.MODEL_KEY: self.model.state_dict(),
             snap.OPTIMIZER_KEY: self.optimizer.state_dict(),
             snap.SCHEDULER_KEY: self.scheduler.state_dict() if self.scheduler is not None else None,
-            snap.TRAIN_STATE_KEY: {**self.train_state(), "epoch_loss": epoch_loss.cpu()},
+            snap.TRAIN_STATE_KEY: {**self.train_state(), "epoch_loss_per_rank": partial_losses},
             snap.SAMPLER_KEY: {"epoch": self.epoch, "start": self.samples_in_epoch, "seed": self.sampler.seed,
                                "shuffle": self.sampler.shuffle},
             snap.RNG_KEY: rng_states,
@@ -84,8 +85,13 @@ class Trainer:
         ts = state[snap.TRAIN_STATE_KEY]
         self.epoch, self.global_step = ts["epoch"], ts["global_step"]
         self.samples_in_epoch = ts["samples_in_epoch"]
-        # The epoch's partial loss is a global sum; rank 0 carries it so the epoch-end reduce is right.
-        self.epoch_loss = (ts["epoch_loss"] if self.rank == 0 else torch.zeros(2, dtype=torch.float64)).to(self.device)
+        # Each rank's partial loss sum of the epoch; with another world size rank 0 carries the total.
+        partial = ts["epoch_loss_per_rank"]
+        if len(partial) == self.world_size:
+            loss_sum, self.loss_count = partial[self.rank]
+        else:
+            loss_sum, self.loss_count = [sum(col) for col in zip(*partial)] if self.rank == 0 else (0.0, 0)
+        self.loss_sum.fill_(loss_sum)
         self.history = list(state[snap.METRICS_KEY])
         self.last_saved_step = self.global_step
         saved_world = state[snap.WORLD_SIZE_KEY]
@@ -136,22 +142,24 @@ class Trainer:
         epoch_started = time.perf_counter()
         epoch_samples = 0
         bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", refresh=False)
+        crash_here = self._crash_step()
+        log_every = t.log_every if t.progress else 0
         for begin in range(0, len(indices), t.batch_size):
-            self.stop.start()
             idx = indices[begin: begin + t.batch_size]
             loss = self._step(idx)
             n = len(idx)
-            self.epoch_loss[0] += loss.detach().double() * n
-            self.epoch_loss[1] += n
+            self.loss_sum.add_(loss.detach(), alpha=n)  # no host sync: read once per epoch
+            self.loss_count += n
             self.global_step += 1
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
             bar.update()
-            self._maybe_inject_crash()
-            if t.progress and t.log_every and self.global_step % t.log_every == 0:  # collective: every rank
+            if self.global_step == crash_here:
+                self._inject_crash()
+            if log_every and self.global_step % log_every == 0:  # collective: every rank
                 bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", loss=f"{self._epoch_mean_loss():.4g}", refresh=False)
             self.snapshotter.check()
-            if self.stop.agreed():
+            if self.stop.should_stop(self.global_step):
                 self.save_snapshot()
                 self.snapshotter.wait()
                 raise Stopped(self.stop.signal)
@@ -173,7 +181,7 @@ class Trainer:
         return loss
 
     def _global_loss(self) -> torch.Tensor:
-        total = self.epoch_loss.clone()
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.device)])
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(total)
         return total
@@ -188,7 +196,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.epoch += 1
         self.samples_in_epoch = 0
-        self.epoch_loss.zero_()
+        self.loss_sum.zero_()
+        self.loss_count = 0
         if self.scheduler is not None:
             self.scheduler.step()
         record = {"epoch": self.epoch, "step": self.global_step, "loss": loss, "lr": lr,
@@ -202,21 +211,24 @@ class Trainer:
         if t.save_every and self.epoch % t.save_every == 0 and self.epoch < t.total_epochs:
             self.save_snapshot(end_of_epoch=True)
 
-    def _maybe_inject_crash(self) -> None:
+    def _crash_step(self) -> Optional[int]:
+        """The step at which this rank kills itself (fault injection), on the first attempt only."""
         t = self.t
-        if (t.crash_at_step == self.global_step and self.rank == t.crash_rank
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-            log.warning("crash_at_step=%d: killing rank %d with SIGKILL (fault injection)", self.global_step, self.rank)
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if t.crash_at_step and self.rank == t.crash_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            return int(t.crash_at_step)
+        return None
+
+    def _inject_crash(self) -> None:
+        log.warning("crash_at_step=%d: killing rank %d with SIGKILL (fault injection)", self.global_step, self.rank)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- snapshots ----------------------------------------------------------------------------
     def save_snapshot(self, end_of_epoch: bool = False) -> None:
-        """Collective: every rank contributes its RNG state and loss sum; rank 0 writes."""
-        rng_states = _gather_objects(rng.capture(), self.world_size)
-        epoch_loss = self._global_loss()
+        """Collective: every rank contributes its RNG state and partial loss; rank 0 writes."""
+        per_rank = _gather_objects((rng.capture(), [self.loss_sum.item(), self.loss_count]), self.world_size)
         if self.rank == 0:
-            state = self.snapshot_state(rng_states, epoch_loss)
+            state = self.snapshot_state([p[0] for p in per_rank], [p[1] for p in per_rank])
             self.snapshotter.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
         self.last_saved_step = self.global_step
 

@@ -24,9 +24,10 @@ def reference(tmp_path_factory):
     return latest_snapshot(run_dir), metrics(run_dir)
 
 
-@pytest.mark.parametrize("crash_rank,crash_step", [(1, 45), (0, 150)])
-def test_sigkilled_worker_is_restarted_and_ends_bitwise_equal(workdir, reference, crash_rank, crash_step):
-    res = run_cli([*RUN, "name=crash", f"trainer.crash_at_step={crash_step}", f"trainer.crash_rank={crash_rank}"], workdir)
+@pytest.mark.parametrize("crash_rank,crash_step,write_async", [(1, 45, False), (0, 150, True)])
+def test_sigkilled_worker_is_restarted_and_ends_bitwise_equal(workdir, reference, crash_rank, crash_step, write_async):
+    res = run_cli([*RUN, "name=crash", f"trainer.crash_at_step={crash_step}", f"trainer.crash_rank={crash_rank}",
+                   f"snapshot.async={str(write_async).lower()}"], workdir)
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "crash"
     resumed_step = crash_step // 20 * 20
