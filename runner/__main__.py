@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from runner.config import register_schema
 from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.rundir import run_dir_name, write_run_files
+from runner.worker import peak_rss_mb
 
 log = logging.getLogger("runner")
 _TASK_STARTED = False
@@ -132,6 +133,7 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, manager) -> None:
         f"final loss    : {loss:.6g}" if loss is not None else "final loss    : n/a",
         f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a",
         f"wall time     : {wall:.1f} s",
+        f"peak memory   : driver {peak_rss_mb():.0f} MB, rank 0 {summary.get('peak_rss_mb', 0):.0f} MB",
         f"snapshot      : {_short(manager.dir / summary['snapshot'])}" if summary.get("snapshot") else "snapshot      : none written",
     ]
     print("\n".join(lines))

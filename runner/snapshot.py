@@ -52,20 +52,16 @@ def snapshot_name(step: int) -> str:
     return f"snapshot-{step:09d}.pt"
 
 
-class _HashingWriter:
-    """File wrapper that hashes and counts bytes as torch.save writes them (no second read)."""
-
-    def __init__(self, raw) -> None:
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        n = self.raw.write(data)
-        self.size += n
-        return n
-
-    def flush(self) -> None:
-        self.raw.flush()
+def _sha256_of_file(path: Path, chunk: int = 16 * 2**20) -> tuple[str, int]:
+    """Hash what is actually in the file (read back from the page cache), not what we meant to write."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -128,31 +124,47 @@ class SnapshotManager:
     def save(self, state: dict[str, Any], step: int, epoch: int, config: Optional[dict] = None,
              end_of_epoch: bool = False) -> dict[str, Any]:
         """Write one version atomically, record it in the manifest, then apply retention."""
+        return self.commit(self.write(state, step), step, epoch, config, end_of_epoch)
+
+    def write(self, state: dict[str, Any], step: int) -> Path:
+        """Serialise `state` to a temporary file; it is not a version until `commit`.
+
+        This is the only part that must read the live training state, so it is the only part a
+        synchronous snapshot makes the training loop wait for."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = snapshot_name(step)
-        final = self.dir / name
-        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        started = time.perf_counter()
+        tmp = self.dir / f".{snapshot_name(step)}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as raw:
-                writer = _HashingWriter(raw)
-                torch.save(state, writer)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def commit(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None,
+               end_of_epoch: bool = False) -> dict[str, Any]:
+        """Hash and fsync the temporary file, rename it into place, then list it in the manifest.
+
+        Only the manifest entry makes the version count, so a crash anywhere in here leaves the
+        previous versions as they were."""
+        started = time.perf_counter()
+        name = snapshot_name(step)
+        try:
+            sha256, size = _sha256_of_file(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / name)  # the manifest's directory fsync below persists this rename
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
         entry = {
             "file": name,
             "step": int(step),
             "epoch": int(epoch),
-            "size": writer.size,
-            "sha256": writer.sha256.hexdigest(),
+            "size": size,
+            "sha256": sha256,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "milestone": bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
-            "write_seconds": round(time.perf_counter() - started, 4),
+            "commit_seconds": round(time.perf_counter() - started, 4),
         }
         manifest = self.read_manifest()
         kept = [e for e in manifest["snapshots"] if e["step"] != entry["step"]] + [entry]

@@ -118,6 +118,7 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
     summary["world_size"] = world_size
     summary["snapshot"] = writer.last_entry["file"] if getattr(writer, "last_entry", None) else None
     summary["snapshot_stall_seconds"] = getattr(writer, "stall_seconds", [])
+    summary["peak_rss_mb"] = peak_rss_mb()
     return summary
 
 
@@ -130,6 +131,15 @@ def _find_resume_state(cfg, manager: SnapshotManager):
     if resume not in ("auto", "never", "must"):
         return {"file": resume}, load_path(resume)
     return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _restart_note() -> str:

@@ -1,10 +1,18 @@
-"""Rank 0's snapshot writer: synchronous, or staged to CPU and written by a background thread.
+"""Rank 0's snapshot writer: keeps the training loop's wait for a snapshot as short as possible.
 
-Async mode copies the state into CPU buffers that are allocated once and reused (a `copy_` into
-warm memory is ~20x cheaper than `clone()` into fresh pages), then a thread does the slow part:
-serialise, hash, fsync, rename, manifest. At most one write is in flight; a failed write is
-raised at the next save, the next `check()` (every step) or at the end, never swallowed. The
-atomic-write and checksum guarantees are those of `SnapshotManager.save`, unchanged.
+A snapshot has a part that must read the live training state and a part that need not:
+
+- synchronous (`snapshot.async=false`): the loop waits while `torch.save` serialises the state
+  to a temporary file, about what a plain `torch.save` costs; hashing, fsync, rename and the
+  manifest entry then happen in a background thread.
+- asynchronous (`snapshot.async=true`): the loop waits only while the state is copied into CPU
+  buffers that are allocated once and reused (a `copy_` into warm memory is ~20x cheaper than a
+  `clone()` into fresh pages); serialisation happens in the background too.
+
+At most one snapshot is in flight: the next save waits for the previous one. A failed write is
+raised at the next save, at the next step (`check()`) or at the end (`wait()`), never swallowed.
+The guarantees are those of `SnapshotManager.commit`: a version counts only once its manifest
+entry is written, after the file is complete, hashed and fsync'ed.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -33,23 +41,24 @@ class SnapshotWriter:
     def save(self, state: dict[str, Any], step: int, epoch: int, end_of_epoch: bool = False) -> None:
         started = time.perf_counter()
         self.wait()
-        if not self.asynchronous:
-            self._write(state, step, epoch, end_of_epoch)
-        else:
+        if self.asynchronous:
             staged = self._stage(state, ())
-            self._thread = threading.Thread(target=self._write_in_background, args=(staged, step, epoch, end_of_epoch),
-                                            name="snapshot-writer", daemon=False)
-            self._thread.start()
+            job: Callable[[], Any] = lambda: self._commit(self.manager.write(staged, step), step, epoch, end_of_epoch)
+        else:
+            tmp = self.manager.write(state, step)
+            job = lambda: self._commit(tmp, step, epoch, end_of_epoch)
+        self._thread = threading.Thread(target=self._run, args=(job,), name="snapshot-writer", daemon=False)
+        self._thread.start()
         self.stall_seconds.append(time.perf_counter() - started)
 
-    def _write(self, state, step, epoch, end_of_epoch) -> None:
-        self.last_entry = self.manager.save(state, step=step, epoch=epoch, config=self.config, end_of_epoch=end_of_epoch)
-        log.info("snapshot %s written (epoch %d, step %d, %.1f MB, %.3f s)", self.last_entry["file"], epoch, step,
-                 self.last_entry["size"] / 1e6, self.last_entry["write_seconds"])
+    def _commit(self, tmp, step: int, epoch: int, end_of_epoch: bool) -> None:
+        self.last_entry = self.manager.commit(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch)
+        log.info("snapshot %s written (epoch %d, step %d, %.1f MB)", self.last_entry["file"], epoch, step,
+                 self.last_entry["size"] / 1e6)
 
-    def _write_in_background(self, state, step, epoch, end_of_epoch) -> None:
+    def _run(self, job: Callable[[], Any]) -> None:
         try:
-            self._write(state, step, epoch, end_of_epoch)
+            job()
         except BaseException as err:  # surfaced by check()/wait() on the training thread
             self._error = err
 
@@ -77,7 +86,7 @@ class SnapshotWriter:
             raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
 
     def wait(self) -> None:
-        """Block until the write in flight (if any) is on disk, then surface its failure."""
+        """Block until the snapshot in flight (if any) is committed, then surface its failure."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -86,6 +95,9 @@ class SnapshotWriter:
 
 class NullWriter:
     """Ranks other than 0 write nothing."""
+
+    last_entry = None
+    stall_seconds: list = []
 
     def save(self, *args, **kwargs) -> None:
         pass

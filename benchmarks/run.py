@@ -1,0 +1,175 @@
+"""Benchmark the runner against the hand-written torchrun script, and its snapshots against torch.save.
+
+    python benchmarks/run.py                 # everything, 3 repetitions, prints a Markdown table
+    python benchmarks/run.py --reps 5 --only throughput startup
+
+Baseline and runner run alternately in the same invocation (same machine state), on the same
+task, 2 CPU workers (gloo). Each figure is the median over repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "benchmarks" / "seed_baseline.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+RUNNER = [sys.executable, "-m", "runner", "launch.nproc_per_node=2", "trainer.progress=false", "snapshot.resume=never"]
+
+SEED_TASK = {"baseline": ["--total-epochs", "20", "--batch_size", "32"],
+             "runner": ["trainer.total_epochs=20", "trainer.batch_size=32", "trainer.save_every=10", "optimizer.lr=0.001"]}
+LARGE_TASK = {"baseline": ["--total-epochs", "3", "--batch_size", "256", "--size", "65536", "--input-dim", "64", "--model", "mlp",
+                           "--save-every", "1"],
+              "runner": ["trainer.total_epochs=3", "trainer.batch_size=256", "dataset.size=65536", "dataset.input_dim=64",
+                         "model=mlp", "model.hidden_size=64", "optimizer.lr=0.001", "trainer.save_every=1"]}
+ONE_EPOCH = {"baseline": ["--total-epochs", "1"], "runner": ["trainer.total_epochs=1", "optimizer.lr=0.001"]}
+
+
+def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return wall, proc.stdout + proc.stderr
+
+
+def baseline(task: dict, cwd: Path) -> dict:
+    wall, out = run([*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(cwd / "snapshot.pt")], cwd)
+    (cwd / "snapshot.pt").unlink(missing_ok=True)
+    line = next(l for l in out.splitlines() if l.startswith("{"))
+    return {"wall": wall, **json.loads(line)}
+
+
+def runner(task: dict, cwd: Path, extra: tuple = ()) -> dict:
+    wall, out = run([*RUNNER, *task["runner"], *extra, f"hydra.run.dir={cwd / 'run'}"], cwd)
+    sps = float(re.search(r"throughput\s+: ([\d,]+) samples/s", out).group(1).replace(",", ""))
+    mem = re.search(r"peak memory\s+: driver (\d+) MB, rank 0 (\d+) MB", out)
+    shutil.rmtree(cwd / "run", ignore_errors=True)
+    return {"wall": wall, "samples_per_s": sps, "driver_mb": float(mem.group(1)), "worker_mb": float(mem.group(2))}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def bench_training(reps: int, tmp: Path) -> list[tuple]:
+    out = []
+    for label, task, metric in [("throughput, seed task (2048 x 2, linear, batch 32)", SEED_TASK, "samples_per_s"),
+                                ("throughput, large task (65536 x 64, mlp, batch 256)", LARGE_TASK, "samples_per_s"),
+                                ("wall time of a 1-epoch command (startup)", ONE_EPOCH, "wall")]:
+        b, r = [], []
+        for _ in range(reps):
+            b.append(baseline(task, tmp))
+            r.append(runner(task, tmp))
+        mb, mr = median(b, metric), median(r, metric)
+        unit = "samples/s" if metric == "samples_per_s" else "s"
+        out.append((label, f"{mb:,.1f} {unit}", f"{mr:,.1f} {unit}", mr / mb))
+        if metric == "wall":
+            out.append(("peak RSS, driver / rank-0 worker", "", f"{median(r, 'driver_mb'):.0f} MB / {median(r, 'worker_mb'):.0f} MB", None))
+    return out
+
+
+def bench_crash(reps: int, tmp: Path) -> list[tuple]:
+    task = {"runner": ["model=mlp", "dataset.size=16384", "trainer.total_epochs=4", "trainer.save_every_steps=50"]}
+    clean, crashed = [], []
+    for _ in range(reps):
+        clean.append(runner(task, tmp))
+        crashed.append(runner(task, tmp, ("trainer.crash_at_step=300", "trainer.crash_rank=1")))
+    extra = median(crashed, "wall") - median(clean, "wall")
+    return [("one injected SIGKILL mid-run (restart + reload)", f"{median(clean, 'wall'):.2f} s clean",
+             f"{median(crashed, 'wall'):.2f} s crashed", median(crashed, "wall") / median(clean, "wall")),
+            ("  extra wall time of the crash", "", f"{extra:.2f} s", None)]
+
+
+def _state_of(nbytes: int) -> dict:
+    """A snapshot-shaped state: model weights + Adam moments (3 equal parts) + small metadata."""
+    n = nbytes // 4 // 3 // 4
+    params = {f"layer{i}.weight": torch.randn(n) for i in range(4)}
+    return {"format_version": 1, "model": params,
+            "optimizer": {"state": {i: {"exp_avg": torch.randn(n), "exp_avg_sq": torch.randn(n)} for i in range(4)}},
+            "train_state": {"epoch": 1, "global_step": 10}}
+
+
+def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
+    from runner.snapshot import SnapshotManager
+    from runner.writer import SnapshotWriter
+
+    out = []
+    for label, nbytes in [("10 MB", 10 * 2**20), ("500 MB", 500 * 2**20)]:
+        state = _state_of(nbytes)
+        plain, plain_sync, durable = [], [], []
+        torch.save(state, tmp / "warmup.pt")  # the first write into fresh page cache is slower for anyone
+        (tmp / "warmup.pt").unlink()
+        for i in range(reps):
+            path = tmp / "plain.pt"
+            t = time.perf_counter()
+            torch.save(state, path)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with open(path, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            plain_sync.append(time.perf_counter() - t)
+            path.unlink()
+            mgr = SnapshotManager(tmp / "snaps", keep_last=1)
+            t = time.perf_counter()
+            mgr.save(state, step=i, epoch=0)
+            durable.append(time.perf_counter() - t)
+        sync_writer = SnapshotWriter(SnapshotManager(tmp / "sync", keep_last=1), asynchronous=False)
+        async_writer = SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True)
+        for writer in (sync_writer, async_writer):
+            for i in range(reps + 1):
+                writer.save(state, step=i, epoch=0)
+                writer.wait()  # measure the stall alone, not the wait for the previous write
+        stall_sync = sync_writer.stall_seconds[1:]
+        stall_async = async_writer.stall_seconds[1:]  # the first call allocates the staging buffers
+        p, ps, d, ss = (statistics.median(x) for x in (plain, plain_sync, durable, stall_sync))
+        out.append((f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p))
+        out.append((f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync", f"{ps:.3f} s", f"{d:.3f} s", d / ps))
+        out.append((f"snapshot {label}: training blocked, async vs sync", f"{statistics.median(stall_sync):.3f} s sync",
+                    f"{statistics.median(stall_async):.4f} s async", statistics.median(stall_async) / statistics.median(stall_sync)))
+        for d in ("snaps", "sync", "async"):
+            shutil.rmtree(tmp / d, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=["training", "snapshots", "crash"])
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="runner-bench-", dir=os.environ.get("BENCH_DIR")))
+    rows: list[tuple] = []
+    try:
+        if "training" in args.only:
+            rows += bench_training(args.reps, tmp)
+        if "snapshots" in args.only:
+            rows += bench_snapshots(args.reps, tmp)
+        if "crash" in args.only:
+            rows += bench_crash(args.reps, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"python {platform.python_version()}, reps={args.reps} (medians)\n")
+    print("| measure | baseline | runner | ratio |\n|---|---|---|---|")
+    for label, base, ours, ratio in rows:
+        print(f"| {label} | {base} | {ours} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+if __name__ == "__main__":
+    main()
