@@ -38,24 +38,30 @@ LARGE_TASK = {"baseline": ["--total-epochs", "3", "--batch_size", "256", "--size
 ONE_EPOCH = {"baseline": ["--total-epochs", "1"], "runner": ["trainer.total_epochs=1", "optimizer.lr=0.001"]}
 
 
-def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return wall, proc.stdout + proc.stderr
+FAILURES: dict[str, int] = {"baseline": 0, "runner": 0}
+
+
+def run(cmd: list[str], cwd: Path, who: str, attempts: int = 3) -> tuple[float, str]:
+    """Wall time and output of a command; a crashed attempt is counted and retried."""
+    for _ in range(attempts):
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall = time.perf_counter() - started
+        if proc.returncode == 0:
+            return wall, proc.stdout + proc.stderr
+        FAILURES[who] += 1
+    raise RuntimeError(f"{' '.join(cmd)} failed {attempts} times:\n{proc.stdout}\n{proc.stderr}")
 
 
 def baseline(task: dict, cwd: Path) -> dict:
-    wall, out = run([*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(cwd / "snapshot.pt")], cwd)
+    wall, out = run([*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(cwd / "snapshot.pt")], cwd, "baseline")
     (cwd / "snapshot.pt").unlink(missing_ok=True)
     line = next(l for l in out.splitlines() if l.startswith("{"))
     return {"wall": wall, **json.loads(line)}
 
 
 def runner(task: dict, cwd: Path, extra: tuple = ()) -> dict:
-    wall, out = run([*RUNNER, *task["runner"], *extra, f"hydra.run.dir={cwd / 'run'}"], cwd)
+    wall, out = run([*RUNNER, *task["runner"], *extra, f"hydra.run.dir={cwd / 'run'}"], cwd, "runner")
     sps = float(re.search(r"throughput\s+: ([\d,]+) samples/s", out).group(1).replace(",", ""))
     mem = re.search(r"peak memory\s+: driver (\d+) MB, rank 0 (\d+) MB", out)
     shutil.rmtree(cwd / "run", ignore_errors=True)
@@ -151,7 +157,8 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["training", "snapshots", "crash"])
+    parser.add_argument("--only", nargs="*", default=["training", "snapshots", "crash"],
+                        help="sections: training (throughput, startup, memory), snapshots, crash")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-", dir=os.environ.get("BENCH_DIR")))
     rows: list[tuple] = []
@@ -169,6 +176,7 @@ def main() -> None:
     print("| measure | baseline | runner | ratio |\n|---|---|---|---|")
     for label, base, ours, ratio in rows:
         print(f"| {label} | {base} | {ours} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    print(f"\ncrashed attempts (retried): baseline {FAILURES['baseline']}, runner {FAILURES['runner']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -114,5 +115,10 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     if runtime.omp_num_threads:
         os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
-    results = elastic_launch(config, worker.main)(str(run_dir))
-    return results.get(0) if results else None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        results = elastic_launch(config, worker.main)(str(run_dir))
+    finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return next((r for _, r in sorted(results.items()) if r), None) if results else None

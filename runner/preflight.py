@@ -98,13 +98,8 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     scheduler = cfg.get("scheduler")
     if scheduler:
         _locate_target("scheduler", scheduler, where["scheduler"])
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in HYDRA_KEYS}
-    try:
-        inspect.signature(data_cls).bind(**kwargs)
-    except TypeError as err:
-        raise _build_error("dataset", cfg.dataset, err, where["dataset"]) from None
-    except ValueError:
-        pass  # builtins without a signature
+    kwargs = _kwargs(cfg.dataset)
+    _bind("dataset", cfg.dataset, where["dataset"], data_cls, [], kwargs)
     if "size" in kwargs and isinstance(kwargs["size"], int) and kwargs["size"] < 1:
         raise UserError("dataset.size", kwargs["size"], "a dataset needs at least one sample", "an integer >= 1")
     try:
@@ -118,20 +113,40 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     params = list(model.parameters())
     if not params:
         raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters")
-    try:
-        optimizer = instantiate(cfg.optimizer)(params)
-    except Exception as err:
-        raise _build_error("optimizer", cfg.optimizer, err, where["optimizer"]) from None
+    # Optimizer and scheduler are checked by signature and value, not built: building any torch
+    # optimizer imports torch._dynamo, ~1 s of startup the workers pay anyway.
+    opt_cls = _locate(str(cfg.optimizer._target_))
+    opt_kwargs = _kwargs(cfg.optimizer)
+    _bind("optimizer", cfg.optimizer, where["optimizer"], opt_cls, [params], opt_kwargs)
+    for name in ("lr", "momentum", "weight_decay", "eps", "dampening", "alpha"):
+        value = opt_kwargs.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise UserError(f"optimizer.{name}", value, f"{opt_cls.__name__} rejects a negative {name} (from {where['optimizer']})",
+                            "a value >= 0", f"e.g. optimizer.{name}=0.01" if name == "lr" else f"e.g. optimizer.{name}=0")
+    betas = opt_kwargs.get("betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise UserError("optimizer.betas", betas, f"must be two numbers in [0, 1) (from {where['optimizer']})", "[beta1, beta2], e.g. [0.9, 0.999]")
     if scheduler:
-        try:
-            instantiate(scheduler)(optimizer)
-        except Exception as err:
-            raise _build_error("scheduler", scheduler, err, where["scheduler"]) from None
+        _bind("scheduler", scheduler, where["scheduler"], _locate(str(scheduler._target_)), [object()], _kwargs(scheduler))
     try:
         instantiate(cfg.trainer.loss)
     except Exception as err:
         raise _build_error("trainer.loss", cfg.trainer.loss, err, "conf/trainer") from None
     return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+
+
+def _kwargs(node: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in HYDRA_KEYS}
+
+
+def _bind(key: str, node: DictConfig, where: str, target: Any, args: list, kwargs: dict) -> None:
+    """The constructor accepts these arguments (an unknown or missing one is a user mistake)."""
+    try:
+        inspect.signature(target).bind(*args, **kwargs)
+    except TypeError as err:
+        raise _build_error(key, node, err, where) from None
+    except ValueError:
+        pass  # no introspectable signature
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -45,7 +45,14 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
         log.info("rank %d of %d up: %s, pid %d, host %s", rank, world_size, device, os.getpid(), socket.gethostname(),
                  extra={"console": False})
         stop = StopRequest(_cpu_group(cfg))
-        summary = _train(cfg, run_path, rank, world_size, device, stop)
+        if os.environ.get("RUNNER_PROFILE"):  # cProfile of each rank, written next to its log
+            import cProfile
+
+            profiler = cProfile.Profile()
+            summary = profiler.runcall(_train, cfg, run_path, rank, world_size, device, stop)
+            profiler.dump_stats(run_path / "logs" / f"profile-rank-{rank}.out")
+        else:
+            summary = _train(cfg, run_path, rank, world_size, device, stop)
         return summary if rank == 0 else None
     except Stopped as stopped:
         # Raised, not returned: a worker that returns a value waits for the agent to read it,

@@ -43,16 +43,17 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
     assert "[rank 0]" in log and "[rank 1]" in log
     assert (run_dir / "logs" / "rank-1.log").exists()
 
-    # Re-running the same command resumes: nothing left to train, same weights.
+    # Re-running the same command finds the run complete and launches nothing.
     again = run_cli(args, workdir)
     assert again.returncode == 0, again.output
-    assert "resumed from snapshot-000000640.pt" in again.output
-    assert len(metrics(run_dir)) == 20
+    assert "already complete (snapshot-000000640.pt, epoch 20 of 20)" in again.output
+    assert "rank 0" not in again.output and len(metrics(run_dir)) == 20
     assert torch.equal(latest_snapshot(run_dir)["model"]["weight"], state["model"]["weight"])
 
     # More epochs continue the same run directory from epoch 20.
     more = run_cli([*args, "trainer.total_epochs=22"], workdir)
     assert more.returncode == 0, more.output
+    assert "resumed from snapshot-000000640.pt at epoch 20 step 640" in more.output
     assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, 23))
     assert manifest(run_dir)["snapshots"][-1]["step"] == 22 * 32
 
