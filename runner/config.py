@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from runner.errors import UserError
 
 BACKENDS = ("auto", "gloo", "nccl")
-LAUNCH_MODES = ("local", "standalone", "multinode")
+LAUNCH_MODES = ("local", "standalone", "multinode", "rpc")
+RPC_TOPOLOGIES = ("pipeline", "parameter_server")
 NPROC_WORDS = ("auto", "cpu", "gpu")
 RESUME_WORDS = ("auto", "never", "must")
 
@@ -54,6 +55,9 @@ class LaunchConfig:
     rdzv_id: Optional[str] = None  # multinode: job id shared by all nodes
     rdzv_timeout: int = 900  # seconds to wait for all nodes to join
     omp_num_threads: Optional[int] = None  # threads per CPU worker; default: cores / workers
+    topology: str = "pipeline"  # launch=rpc: pipeline | parameter_server
+    num_stages: int = 2  # launch=rpc, pipeline: stages the nn.Sequential model is cut into
+    rpc_timeout: float = 120.0  # launch=rpc: seconds before an RPC is considered lost
 
 
 class SnapshotConfig:
@@ -121,6 +125,8 @@ def check_ranges(cfg: DictConfig) -> None:
     if l.mode == "multinode":
         _require(bool(l.rdzv_endpoint), "launch.rdzv_endpoint", l.rdzv_endpoint, "launch=multinode needs a rendezvous endpoint",
                  "host:port that every node can reach", "e.g. launch.rdzv_endpoint=node0:29400 on every node")
+    if l.mode == "rpc":
+        check_rpc(cfg)
     _require(s.keep_last >= 1, "snapshot.keep_last", s.keep_last, "must keep at least one version", "an integer >= 1", "e.g. snapshot.keep_last=3")
     _require(s.milestone_every >= 0, "snapshot.milestone_every", s.milestone_every, "must not be negative", "an integer >= 0 (0 = no milestones)")
     _require(bool(s.dir), "snapshot.dir", s.dir, "must name a folder", "a folder name inside the run directory", "e.g. snapshot.dir=snapshots")
@@ -128,6 +134,28 @@ def check_ranges(cfg: DictConfig) -> None:
         node = cfg.get(group)
         _require(isinstance(node, DictConfig) and "_target_" in node, f"{group}._target_", None if node is None else node.get("_target_"),
                  f"the {group} group needs a _target_", "a dotted path to a class or function", f"pick an entry with {group}=<name>")
+
+
+def check_rpc(cfg: DictConfig) -> None:
+    """Options that make no sense when the model is split across processes."""
+    l = cfg.launch
+    _require(l.topology in RPC_TOPOLOGIES, "launch.topology", l.topology, "is not an RPC topology", " | ".join(RPC_TOPOLOGIES))
+    _require(l.num_stages >= 1, "launch.num_stages", l.num_stages, "must be at least 1", "an integer >= 1", "e.g. launch.num_stages=2")
+    _require(l.rpc_timeout > 0, "launch.rpc_timeout", l.rpc_timeout, "must be positive", "seconds > 0", "e.g. launch.rpc_timeout=120")
+    nproc = str(l.nproc_per_node)
+    if l.topology == "pipeline":
+        _require(nproc == "auto" or nproc == str(l.num_stages + 1), "launch.nproc_per_node", nproc,
+                 f"a pipeline of {l.num_stages} stages runs {l.num_stages + 1} processes (1 trainer + 1 per stage)",
+                 f"auto | {l.num_stages + 1}", "use launch.nproc_per_node=auto or change launch.num_stages")
+    else:
+        _require(nproc == "auto" or (nproc.isdigit() and int(nproc) >= 2), "launch.nproc_per_node", nproc,
+                 "a parameter server needs itself and at least one trainer", "auto | an integer >= 2")
+    _require(l.backend in ("auto", "gloo"), "launch.backend", l.backend, "launch=rpc trains on the CPU through TensorPipe",
+             "auto | gloo", "use launch.backend=auto")
+    _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
+             "scheduler=none", "add scheduler=none")
+    _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,
+             "must name a worker", "an integer >= 0")
 
 
 def parse_nnodes(text: object) -> Optional[tuple[int, int]]:

@@ -32,6 +32,10 @@ def resolve_runtime(launch: DictConfig) -> dict[str, Any]:
     nproc = str(launch.nproc_per_node)
     if launch.mode == "local":
         count = 1
+    elif launch.mode == "rpc":
+        count = int(nproc) if nproc.isdigit() else (launch.num_stages + 1 if launch.topology == "pipeline" else 3)
+        return {"backend": "gloo", "device": "cpu", "nproc_per_node": count,
+                "omp_num_threads": launch.omp_num_threads or max(1, (os.cpu_count() or 1) // count)}
     elif nproc == "gpu" or (nproc == "auto" and cuda):
         count = torch.cuda.device_count()
     elif nproc in ("cpu", "auto"):
@@ -117,7 +121,12 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        results = elastic_launch(config, worker.main)(str(run_dir))
+        entrypoint = worker.main
+        if cfg.launch.mode == "rpc":
+            from runner.rpc import worker as rpc_worker
+
+            entrypoint = rpc_worker.main
+        results = elastic_launch(config, entrypoint)(str(run_dir))
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -110,6 +110,13 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if not isinstance(model, torch.nn.Module):
         raise UserError("model._target_", cfg.model._target_, f"builds a {type(model).__name__}, not a torch.nn.Module",
                         "a class or function returning torch.nn.Module")
+    if cfg.launch.mode == "rpc" and cfg.launch.topology == "pipeline":
+        stages = cfg.launch.num_stages
+        if not isinstance(model, torch.nn.Sequential) or len(model) < stages:
+            raise UserError("launch.num_stages", stages, f"a pipeline cuts an nn.Sequential into stages; {cfg.model._target_} "
+                            f"builds {type(model).__name__}" + (f" with {len(model)} layers" if isinstance(model, torch.nn.Sequential) else ""),
+                            "a model that is an nn.Sequential with at least num_stages layers (e.g. model=mlp)",
+                            "use model=mlp, or fewer stages")
     params = list(model.parameters())
     if not params:
         raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters")

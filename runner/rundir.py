@@ -35,6 +35,14 @@ def _matches(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+# ...except these, which switch to another training engine (launch=rpc) and so define the run.
+ENGINE_OVERRIDES = ("launch=rpc", "launch.topology=", "launch.num_stages=")
+
+
+def _defines_run(override: str) -> bool:
+    return override.startswith(ENGINE_OVERRIDES) or not _matches(_override_key(override), NON_DEFINING_KEYS)
+
+
 def run_dir_name(name: Optional[str], overrides: Iterable[str]) -> str:
     """`name` if given, else the defining overrides joined by commas ('default' when none).
 
@@ -42,7 +50,7 @@ def run_dir_name(name: Optional[str], overrides: Iterable[str]) -> str:
     """
     if name:
         return _sanitize(str(name))
-    kept = sorted(o for o in overrides if not _matches(_override_key(o), NON_DEFINING_KEYS))
+    kept = sorted(o for o in overrides if _defines_run(o))
     text = _sanitize(",".join(kept)) or "default"
     if len(text) > MAX_NAME:
         digest = hashlib.sha1(",".join(kept).encode()).hexdigest()[:10]
@@ -64,7 +72,9 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     for key in NON_DEFINING_KEYS:
         if key.startswith("trainer."):
             OmegaConf.update(copy, key, None, force_add=True)
-    flat: dict[str, Any] = {}
+    launch = copy.get("launch") or {}
+    mode = launch.get("mode", "standalone")
+    flat: dict[str, Any] = {"engine": f"rpc/{launch.get('topology')}/{launch.get('num_stages')}" if mode == "rpc" else "ddp"}
     for key in IDENTITY_KEYS:
         node = OmegaConf.select(copy, key)
         _flatten(key, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, flat)

@@ -42,6 +42,9 @@ CASES = [
     (["dataset.size=0"], "dataset.size"),
     (["hydra.run.dir=/proc/runner-test"], "hydra.run.dir"),
     ([f"name={EXISTING}", "model=mlp"], "model._target_"),  # snapshots of another model
+    (["launch=rpc"], "launch.num_stages"),  # a pipeline needs an nn.Sequential
+    (["launch=rpc", "model=mlp", "scheduler=step"], "scheduler"),
+    (["launch=rpc", "model=mlp", "launch.nproc_per_node=5"], "launch.nproc_per_node"),
 ]
 if not torch.cuda.is_available():
     CASES += [(["launch.nproc_per_node=gpu"], "launch.nproc_per_node"), (["launch.backend=nccl"], "launch.backend")]

@@ -26,6 +26,7 @@ from runner.sampler import ResumableDistributedSampler
 from runner.snapshot import SnapshotManager, load_path
 from runner.stop import Stopped, StopRequest
 from runner.writer import SnapshotWriter
+from runner.worker import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class RpcTrainLoop:
                 "samples_per_s": trained / wall if wall > 0 else None, "train_seconds": wall,
                 "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
                 "resumed_from": self.resumed_from, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                "peak_rss_mb": peak_rss_mb(),
                 "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None}
 
     def _end_epoch(self, samples: int, seconds: float) -> None:

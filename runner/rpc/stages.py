@@ -34,8 +34,10 @@ def build_full_model(model_cfg: dict, seed: int) -> torch.nn.Module:
 
 
 class ModuleShard(torch.nn.Module):
-    def __init__(self, model_cfg: dict, seed: int, stage: int = 0, num_stages: int = 1) -> None:
+    def __init__(self, model_cfg: dict, seed: int, stage: int = 0, num_stages: int = 1, shared: bool = False) -> None:
+        """`shared`: several trainers use this shard at once (parameter server); see `forward`."""
         super().__init__()
+        self.shared = shared
         full = build_full_model(model_cfg, seed)
         if isinstance(full, torch.nn.Sequential):
             start, end = stage_bounds(len(full), num_stages)[stage]
@@ -52,7 +54,15 @@ class ModuleShard(torch.nn.Module):
         x = x_rref.to_here()  # records a send/recv pair in the distributed autograd graph
         with self.lock:
             for part in self.parts:
-                x = part(x)
+                if self.shared:
+                    # Another trainer's optimizer step may update the parameters in place before this
+                    # trainer's backward pass; computing with copies (gradients still reach the
+                    # parameters through the copy) gives the classic asynchronous parameter-server
+                    # semantics instead of autograd's "modified by an inplace operation" error.
+                    params = {name: p.clone() for name, p in part.named_parameters()}
+                    x = torch.func.functional_call(part, params, (x,))
+                else:
+                    x = part(x)
         return x
 
     def parameter_rrefs(self) -> list[rpc.RRef]:
