@@ -120,11 +120,15 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
         plain, plain_sync, durable = [], [], []
         torch.save(state, tmp / "warmup.pt")  # the first write into fresh page cache is slower for anyone
         (tmp / "warmup.pt").unlink()
+        # Every timed write starts with no dirty pages pending (os.sync), so the kernel's writeback
+        # throttling hits none of them by chance.
         for i in range(reps):
             path = tmp / "plain.pt"
+            os.sync()
             t = time.perf_counter()
             torch.save(state, path)
             plain.append(time.perf_counter() - t)
+            os.sync()
             t = time.perf_counter()
             with open(path, "wb") as f:
                 torch.save(state, f)
@@ -133,6 +137,7 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
             plain_sync.append(time.perf_counter() - t)
             path.unlink()
             mgr = SnapshotManager(tmp / "snaps", keep_last=1)
+            os.sync()
             t = time.perf_counter()
             mgr.save(state, step=i, epoch=0)
             durable.append(time.perf_counter() - t)
@@ -140,6 +145,7 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
         async_writer = SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True)
         for writer in (sync_writer, async_writer):
             for i in range(reps + 1):
+                os.sync()
                 writer.save(state, step=i, epoch=0)
                 writer.wait()  # measure the stall alone, not the wait for the previous write
         stall_sync = sync_writer.stall_seconds[1:]

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +111,10 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
 def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     from torch.distributed.launcher.api import elastic_launch
 
+    # multiprocessing's resource tracker (a helper process) warns about the agent's semaphores at
+    # exit; it inherits warning filters from sys.warnoptions.
+    if "ignore::UserWarning:multiprocessing.resource_tracker" not in sys.warnoptions:
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
     # (a known upstream problem); a store of their own makes restarts reliable.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

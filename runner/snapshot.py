@@ -134,8 +134,7 @@ class SnapshotManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{snapshot_name(step)}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
+            torch.save(state, str(tmp))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -18,8 +18,8 @@ entry is written, after the file is complete, hashed and fsync'ed.
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,8 +33,8 @@ class SnapshotWriter:
     def __init__(self, manager: SnapshotManager, config: Optional[dict] = None, asynchronous: bool = False) -> None:
         self.manager, self.config, self.asynchronous = manager, config, asynchronous
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
+        self._inflight: Optional[Future] = None
         self.last_entry: Optional[dict[str, Any]] = None
         self.stall_seconds: list[float] = []  # time the training loop spent inside save()
 
@@ -47,20 +47,13 @@ class SnapshotWriter:
         else:
             tmp = self.manager.write(state, step)
             job = lambda: self._commit(tmp, step, epoch, end_of_epoch)
-        self._thread = threading.Thread(target=self._run, args=(job,), name="snapshot-writer", daemon=False)
-        self._thread.start()
+        self._inflight = self._pool.submit(job)
         self.stall_seconds.append(time.perf_counter() - started)
 
     def _commit(self, tmp, step: int, epoch: int, end_of_epoch: bool) -> None:
         self.last_entry = self.manager.commit(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch)
         log.info("snapshot %s written (epoch %d, step %d, %.1f MB)", self.last_entry["file"], epoch, step,
                  self.last_entry["size"] / 1e6)
-
-    def _run(self, job: Callable[[], Any]) -> None:
-        try:
-            job()
-        except BaseException as err:  # surfaced by check()/wait() on the training thread
-            self._error = err
 
     def _stage(self, obj: Any, path: tuple) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -77,20 +70,21 @@ class SnapshotWriter:
         return obj
 
     def pending(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._inflight is not None and not self._inflight.done()
 
     def check(self) -> None:
-        """Raise the failure of a background write, if one failed."""
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
+        """Raise the failure of a background write, if one has failed (cheap: called every step)."""
+        if self._inflight is not None and self._inflight.done():
+            self.wait()
 
     def wait(self) -> None:
         """Block until the snapshot in flight (if any) is committed, then surface its failure."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.check()
+        if self._inflight is None:
+            return
+        inflight, self._inflight = self._inflight, None
+        err = inflight.exception()
+        if err is not None:
+            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
 
 
 class NullWriter:
