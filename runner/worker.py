@@ -152,3 +152,12 @@ def peak_rss_mb() -> float:
 def _restart_note() -> str:
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return f" (restart {restarts} after a worker failure)" if restarts else ""
+
+
+if __name__ == "__main__":  # `python -m runner.worker <run_dir>`: what the elastic agent starts in each worker
+    import json
+    import sys
+
+    result = main(sys.argv[1])
+    if result is not None:
+        (Path(sys.argv[1]) / "logs" / "summary.json").write_text(json.dumps(result))
