@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runner.errors import UserError
 
@@ -84,6 +84,7 @@ class RunnerConfig:
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logger: Any = None  # optional metrics logger beside metrics.jsonl (conf/logger/)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
 

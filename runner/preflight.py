@@ -9,6 +9,7 @@ Nothing here writes to disk.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -98,6 +99,13 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     scheduler = cfg.get("scheduler")
     if scheduler:
         _locate_target("scheduler", scheduler, where["scheduler"])
+    if cfg.get("logger"):
+        _locate_target("logger", cfg.logger, _source("logger", choices, overrides))
+        if str(cfg.logger._target_) == "runner.loggers.TensorBoardLogger":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise UserError("logger", "tensorboard", "needs the tensorboard package, which is not installed",
+                                "logger=none | logger=tensorboard with tensorboard installed",
+                                'pip install "runner[tensorboard]", or drop logger=tensorboard')
     kwargs = _kwargs(cfg.dataset)
     _bind("dataset", cfg.dataset, where["dataset"], data_cls, [], kwargs)
     if "size" in kwargs and isinstance(kwargs["size"], int) and kwargs["size"] < 1:

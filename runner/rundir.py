@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys (and groups) that never change what a run computes, only how long or how it is watched.
 NON_DEFINING_KEYS = (
-    "name", "hydra", "launch", "snapshot",
+    "name", "hydra", "launch", "snapshot", "logger",
     "trainer.total_epochs", "trainer.save_every", "trainer.save_every_steps", "trainer.log_every",
     "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank",
 )

@@ -44,6 +44,24 @@ WORLD_SIZE_KEY = "world_size"
 METRICS_KEY = "metrics"
 
 
+def make_state(*, model: dict, optimizer: Any, scheduler: Any, train_state: dict, sampler: dict, rng: list,
+               config: dict, world_size: int, metrics: list) -> dict[str, Any]:
+    """A snapshot in the one format every launch mode writes (plain containers and tensors only)."""
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        MODEL_KEY: model,
+        OPTIMIZER_KEY: optimizer,
+        SCHEDULER_KEY: scheduler,
+        TRAIN_STATE_KEY: train_state,
+        SAMPLER_KEY: sampler,
+        RNG_KEY: rng,
+        CONFIG_KEY: config,
+        TORCH_VERSION_KEY: str(torch.__version__),
+        WORLD_SIZE_KEY: int(world_size),
+        METRICS_KEY: list(metrics),
+    }
+
+
 class SnapshotError(Exception):
     """No snapshot could be loaded although some exist."""
 

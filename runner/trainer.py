@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from runner import rng
+from runner import faults, rng
 from runner import snapshot as snap
 from runner.logs import MetricsWriter
 from runner.sampler import ResumableDistributedSampler
@@ -46,6 +45,7 @@ class Trainer:
         self.loss_count = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
+        self.logger = None  # optional extra metrics logger (rank 0), see runner.loggers
         self.last_saved_step = -1
 
     def _device_tensors(self, dataset) -> Optional[tuple[torch.Tensor, ...]]:
@@ -62,20 +62,13 @@ class Trainer:
         return math.ceil(self.samples_in_epoch / (self.t.batch_size * self.world_size))
 
     def snapshot_state(self, rng_states: list[dict], partial_losses: list[list[float]]) -> dict[str, Any]:
-        return {
-            snap.FORMAT_KEY: snap.FORMAT_VERSION,
-            snap.MODEL_KEY: self.model.state_dict(),
-            snap.OPTIMIZER_KEY: self.optimizer.state_dict(),
-            snap.SCHEDULER_KEY: self.scheduler.state_dict() if self.scheduler is not None else None,
-            snap.TRAIN_STATE_KEY: {**self.train_state(), "epoch_loss_per_rank": partial_losses},
-            snap.SAMPLER_KEY: {"epoch": self.epoch, "start": self.samples_in_epoch, "seed": self.sampler.seed,
-                               "shuffle": self.sampler.shuffle},
-            snap.RNG_KEY: rng_states,
-            snap.CONFIG_KEY: _plain(self.cfg),
-            snap.TORCH_VERSION_KEY: str(torch.__version__),
-            snap.WORLD_SIZE_KEY: self.world_size,
-            snap.METRICS_KEY: list(self.history),
-        }
+        return snap.make_state(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            train_state={**self.train_state(), "epoch_loss_per_rank": partial_losses},
+            sampler={"epoch": self.epoch, "start": self.samples_in_epoch, "seed": self.sampler.seed, "shuffle": self.sampler.shuffle},
+            rng=rng_states, config=OmegaConf.to_container(self.cfg, resolve=True), world_size=self.world_size,
+            metrics=self.history)
 
     def load_snapshot(self, state: dict[str, Any], entry: dict[str, Any]) -> None:
         self.model.load_state_dict(state[snap.MODEL_KEY])
@@ -142,7 +135,7 @@ class Trainer:
         epoch_started = time.perf_counter()
         epoch_samples = 0
         bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", refresh=False)
-        crash_here = self._crash_step()
+        crash_here = faults.crash_step(t, self.rank)
         log_every = t.log_every if t.progress else 0
         for begin in range(0, len(indices), t.batch_size):
             idx = indices[begin: begin + t.batch_size]
@@ -155,7 +148,7 @@ class Trainer:
             epoch_samples += n * self.world_size
             bar.update()
             if self.global_step == crash_here:
-                self._inject_crash()
+                faults.crash_now(self.global_step, self.rank)
             if log_every and self.global_step % log_every == 0:  # collective: every rank
                 bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", loss=f"{self._epoch_mean_loss():.4g}", refresh=False)
             self.snapshotter.check()
@@ -206,22 +199,12 @@ class Trainer:
         self.history.append(record)
         if self.rank == 0:
             self.metrics_file.append(record)
+            if self.logger is not None:
+                self.logger.log(record)
             log.info("epoch %d/%d step %d loss %.6g lr %.4g %.0f samples/s", self.epoch, t.total_epochs,
                      self.global_step, loss, lr, record["samples_per_s"] or 0, extra={"console": not t.progress})
         if t.save_every and self.epoch % t.save_every == 0 and self.epoch < t.total_epochs:
             self.save_snapshot(end_of_epoch=True)
-
-    def _crash_step(self) -> Optional[int]:
-        """The step at which this rank kills itself (fault injection), on the first attempt only."""
-        t = self.t
-        if t.crash_at_step and self.rank == t.crash_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            return int(t.crash_at_step)
-        return None
-
-    def _inject_crash(self) -> None:
-        log.warning("crash_at_step=%d: killing rank %d with SIGKILL (fault injection)", self.global_step, self.rank)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- snapshots ----------------------------------------------------------------------------
     def save_snapshot(self, end_of_epoch: bool = False) -> None:
@@ -239,9 +222,3 @@ def _gather_objects(obj: Any, world_size: int) -> list[Any]:
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)

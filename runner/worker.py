@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runner import rng
+from runner.loggers import build_logger
 from runner.logs import MetricsWriter, rank_log_path, setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.snapshot import SnapshotManager, load_path
@@ -120,7 +121,12 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
                  trainer.epoch, trainer.global_step, trainer.samples_in_epoch, _restart_note())
     elif rank == 0:
         log.info("starting from scratch: %d workers, %s, run directory %s%s", world_size, device, run_dir, _restart_note())
-    summary = trainer.fit()
+    trainer.logger = build_logger(cfg, run_dir) if rank == 0 else None
+    try:
+        summary = trainer.fit()
+    finally:
+        if trainer.logger is not None:
+            trainer.logger.close()
     summary["status"] = "finished"
     summary["world_size"] = world_size
     summary["snapshot"] = writer.last_entry["file"] if getattr(writer, "last_entry", None) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -92,3 +93,17 @@ def test_cfg_job_prints_composed_config(workdir):
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.launch.mode == "standalone" and cfg.snapshot.keep_last == 3
     assert not (workdir / "outputs").exists()
+
+
+def test_tensorboard_logger_writes_the_same_scalars_as_metrics_jsonl(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run_cli(["launch=local", "logger=tensorboard", "trainer.total_epochs=3", *FAST], workdir)
+    assert res.returncode == 0, res.output
+    run_dir = workdir / "outputs" / "default"  # the logger does not change what the run is
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert losses == pytest.approx([r["loss"] for r in metrics(run_dir)], rel=1e-6)
+    assert "lr" in events.Tags()["scalars"] and "samples_per_s" in events.Tags()["scalars"]

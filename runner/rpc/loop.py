@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from runner import rng
+from runner import faults, rng
 from runner import snapshot as snap
+from runner.loggers import build_logger
 from runner.logs import MetricsWriter
 from runner.sampler import ResumableDistributedSampler
 from runner.snapshot import SnapshotManager, load_path
@@ -50,6 +50,7 @@ class RpcTrainLoop:
         self.manager = SnapshotManager(run_dir / cfg.snapshot.dir, cfg.snapshot.keep_last, cfg.snapshot.milestone_every)
         self.writer = SnapshotWriter(self.manager, OmegaConf.to_container(cfg, resolve=True), getattr(cfg.snapshot, "async"))
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl")
+        self.logger = build_logger(cfg, run_dir) if lead else None
         self.stop = StopRequest()
         self.epoch = self.global_step = self.samples_in_epoch = 0
         self.loss_sum, self.loss_count = 0.0, 0
@@ -61,22 +62,13 @@ class RpcTrainLoop:
     def save(self, end_of_epoch: bool = False) -> None:
         if not self.lead:
             return
-        state = {
-            snap.FORMAT_KEY: snap.FORMAT_VERSION,
-            snap.MODEL_KEY: self.model_state(),
-            snap.OPTIMIZER_KEY: self.optimizer_state(),
-            snap.SCHEDULER_KEY: None,
-            snap.TRAIN_STATE_KEY: {"epoch": self.epoch, "global_step": self.global_step,
-                                   "samples_in_epoch": self.samples_in_epoch,
-                                   "epoch_loss_per_rank": [[self.loss_sum, self.loss_count]]},
-            snap.SAMPLER_KEY: {"epoch": self.epoch, "start": self.samples_in_epoch, "seed": self.sampler.seed,
-                               "shuffle": self.sampler.shuffle},
-            snap.RNG_KEY: [rng.capture(), *self.extra_rng()],
-            snap.CONFIG_KEY: OmegaConf.to_container(self.cfg, resolve=True),
-            snap.TORCH_VERSION_KEY: str(torch.__version__),
-            snap.WORLD_SIZE_KEY: int(os.environ.get("WORLD_SIZE", "1")),
-            snap.METRICS_KEY: list(self.history),
-        }
+        state = snap.make_state(
+            model=self.model_state(), optimizer=self.optimizer_state(), scheduler=None,
+            train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
+                         "epoch_loss_per_rank": [[self.loss_sum, self.loss_count]]},
+            sampler={"epoch": self.epoch, "start": self.samples_in_epoch, "seed": self.sampler.seed, "shuffle": self.sampler.shuffle},
+            rng=[rng.capture(), *self.extra_rng()], config=OmegaConf.to_container(self.cfg, resolve=True),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")), metrics=self.history)
         self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
         self.last_saved_step = self.global_step
 
@@ -113,8 +105,8 @@ class RpcTrainLoop:
         steps_per_epoch = math.ceil(self.sampler.epoch_length() / self.num_shards / t.batch_size)
         bar = tqdm(total=t.total_epochs * steps_per_epoch, initial=min(self.global_step, t.total_epochs * steps_per_epoch),
                    disable=not (t.progress and self.lead), unit="step", mininterval=0.5, desc="rpc")
-        crash = int(t.crash_at_step) if (t.crash_at_step and int(os.environ.get("RANK", 0)) == t.crash_rank
-                                         and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0") else None
+        rank = int(os.environ.get("RANK", "0"))
+        crash = faults.crash_step(t, rank)
         started, trained, step_seconds = time.perf_counter(), 0, []
         try:
             while self.epoch < t.total_epochs:
@@ -135,9 +127,7 @@ class RpcTrainLoop:
                     epoch_samples += n * self.num_shards
                     bar.update()
                     if self.global_step == crash:
-                        log.warning("crash_at_step=%d: killing this worker with SIGKILL (fault injection)", crash)
-                        logging.shutdown()
-                        os.kill(os.getpid(), signal.SIGKILL)
+                        faults.crash_now(crash, rank)
                     self.writer.check()
                     if self.stop.should_stop(self.global_step):
                         self.save()
@@ -150,6 +140,8 @@ class RpcTrainLoop:
         finally:
             bar.close()
             self.stop.restore()
+            if self.logger is not None:
+                self.logger.close()
         if self.last_saved_step != self.global_step:
             self.save(end_of_epoch=True)
         self.writer.wait()
@@ -175,6 +167,8 @@ class RpcTrainLoop:
         self.history.append(record)
         if self.lead:
             self.metrics.append(record)
+            if self.logger is not None:
+                self.logger.log(record)
             log.info("epoch %d/%d step %d loss %.6g", self.epoch, self.t.total_epochs, self.global_step, loss,
                      extra={"console": not self.t.progress})
         if self.t.save_every and self.epoch % self.t.save_every == 0 and self.epoch < self.t.total_epochs:

@@ -23,7 +23,7 @@ from torch.distributed.optim import DistributedOptimizer
 
 from runner import rng
 from runner.rpc.loop import RpcTrainLoop
-from runner.rpc.stages import LocalOptimizer, ModuleShard, call_method, load_optimizer_state, optimizer_state
+from runner.rpc.stages import LocalOptimizer, ModuleShard, load_optimizer_state, optimizer_state
 
 log = logging.getLogger(__name__)
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -85,5 +85,3 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
     loop.resume()
     return loop.fit()
 
-
-__all__ = ["train", "call_method"]

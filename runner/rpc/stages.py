@@ -82,11 +82,6 @@ class ModuleShard(torch.nn.Module):
             part.load_state_dict({k[len(head):]: v for k, v in state.items() if k.startswith(head)})
 
 
-def call_method(method: str, rref: rpc.RRef, *args: Any, **kwargs: Any) -> Any:
-    """Run `rref.local_value().method(...)` on the owner (used through rpc_sync)."""
-    return getattr(rref.local_value(), method)(*args, **kwargs)
-
-
 class LocalOptimizer:
     """The optimizer class handed to DistributedOptimizer: builds the configured torch optimizer.
 
