@@ -60,26 +60,31 @@ def run(cfg: DictConfig) -> int:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
     overrides = list(hydra_cfg.overrides.task)
+    job = {"overrides": overrides, "job_num": int(hydra_cfg.job.get("num") or 0)}
     try:
         if str(run_dir) not in callbacks.VALIDATED:
             preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides))
     except UserError as err:
-        _remove_if_empty(run_dir)
         if full_errors_requested():
             raise
         report_user_error(err)
-        sweep.record_job(run_dir, overrides, "invalid config", EXIT_USER_ERROR)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep's table lists the job
+            sweep.write_status(run_dir, "invalid config", exit_code=EXIT_USER_ERROR, **job)
+        else:
+            _remove_if_empty(run_dir)
         return EXIT_USER_ERROR
     finished = _finished_entry(cfg, run_dir)
     if finished is not None:
         print(f"{_short(run_dir)}: already complete ({finished['file']}, epoch {finished['epoch']} of "
               f"{cfg.trainer.total_epochs}); nothing to run. Raise trainer.total_epochs to train on, "
               f"or pass snapshot.resume=never to start over.")
-        sweep.record_job(run_dir, overrides, "complete (skipped)", 0, {"epochs": finished["epoch"]})
+        previous = sweep.read_status(run_dir) or {}
+        sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
+                           final_loss=previous.get("final_loss"), **job)
         return 0
     from runner.logs import add_driver_log_file
 
-    _prepare_run_dir(cfg, run_dir, hydra_cfg)
+    _prepare_run_dir(cfg, run_dir, hydra_cfg, job)
     handler = add_driver_log_file(run_dir)
     try:
         code, summary = _launch_and_report(cfg, run_dir)
@@ -87,8 +92,7 @@ def run(cfg: DictConfig) -> int:
         logging.getLogger().removeHandler(handler)
         handler.close()
     status = "finished" if code == 0 else ("stopped" if code >= 128 else "failed")
-    sweep.write_status(run_dir, status, exit_code=code, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")})
-    sweep.record_job(run_dir, overrides, status, code, summary)
+    sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")})
     return code
 
 
@@ -103,18 +107,28 @@ def _finished_entry(cfg: DictConfig, run_dir: Path):
     return entry if entry is not None and entry["epoch"] >= cfg.trainer.total_epochs else None
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg) -> None:
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> None:
     from runner import launch
 
     with open_dict(cfg):
-        cfg.runtime = launch.resolve_runtime(cfg.launch)
+        cfg.runtime = launch.resolve_runtime(cfg.launch, **_parallel_share(hydra_cfg))
         resume = str(cfg.snapshot.resume)
         if resume not in ("auto", "never", "must"):
             cfg.snapshot.resume = str(Path(resume).absolute())
     if cfg.snapshot.resume == "never":
         _archive_previous_run(run_dir, cfg.snapshot.dir)
     write_run_files(run_dir, cfg, hydra_cfg)
-    sweep.write_status(run_dir, "running", exit_code=None)
+    sweep.write_status(run_dir, "running", exit_code=None, **job)
+
+
+def _parallel_share(hydra_cfg) -> dict:
+    """With hydra/launcher=joblib, jobs run side by side: each gets its share of cores and GPUs."""
+    launcher = hydra_cfg.get("launcher") or {}
+    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
+        return {}
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    parallel = (os.cpu_count() or 1) if n_jobs < 1 else n_jobs  # joblib: -1 = one per core
+    return {"parallel_jobs": parallel, "slot": int(hydra_cfg.job.get("num") or 0) % parallel}
 
 
 def _launch_and_report(cfg: DictConfig, run_dir: Path) -> tuple[int, dict]:

@@ -9,6 +9,7 @@ forwards SIGTERM/SIGINT to the workers, which snapshot and exit.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -27,20 +28,32 @@ from runner.errors import full_errors_requested
 log = logging.getLogger(__name__)
 
 
-def resolve_runtime(launch: DictConfig) -> dict[str, Any]:
-    """Backend, device and worker count for this machine, from launch.* (torchrun's semantics)."""
+def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0) -> dict[str, Any]:
+    """Backend, device and worker count for this machine, from launch.* (torchrun's semantics).
+
+    `parallel_jobs` > 1 (a joblib sweep): this job gets GPU slice `slot` (CUDA_VISIBLE_DEVICES
+    for its workers) and its share of the CPU cores."""
     cuda = torch.cuda.is_available()
+    cores = max(1, (os.cpu_count() or 1) // parallel_jobs)
+    if cuda and parallel_jobs > 1:
+        visible = _visible_gpus()
+        per_job = max(1, len(visible) // parallel_jobs)
+        share = visible[(slot * per_job) % len(visible):][:per_job]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(share)  # read by the workers this job starts
+        gpus = len(share)
+    else:
+        gpus = torch.cuda.device_count() if cuda else 0
     nproc = str(launch.nproc_per_node)
     if launch.mode == "local":
         count = 1
     elif launch.mode == "rpc":
         count = int(nproc) if nproc.isdigit() else (launch.num_stages + 1 if launch.topology == "pipeline" else 3)
         return {"backend": "gloo", "device": "cpu", "nproc_per_node": count,
-                "omp_num_threads": launch.omp_num_threads or max(1, (os.cpu_count() or 1) // count)}
+                "omp_num_threads": launch.omp_num_threads or max(1, cores // count)}
     elif nproc == "gpu" or (nproc == "auto" and cuda):
-        count = torch.cuda.device_count()
+        count = gpus
     elif nproc in ("cpu", "auto"):
-        count = os.cpu_count() or 1
+        count = cores
     else:
         count = int(nproc)
     backend = launch.backend
@@ -49,8 +62,13 @@ def resolve_runtime(launch: DictConfig) -> dict[str, Any]:
     device = "cuda" if backend == "nccl" else "cpu"
     threads = launch.omp_num_threads
     if threads is None and device == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // count)
+        threads = max(1, cores // count)
     return {"backend": backend, "device": device, "nproc_per_node": count, "omp_num_threads": threads}
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [d for d in env.split(",") if d.strip()] if env else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -123,6 +141,9 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
     runtime = cfg.runtime
     if runtime.omp_num_threads:
         os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # Inside a joblib (loky) sweep worker: children would try to start with "loky" and fail.
+        multiprocessing.set_start_method("spawn", force=True)
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
+
+from omegaconf import OmegaConf
 
 from conftest import metrics, run_cli, start_cli
 
@@ -72,3 +75,16 @@ def test_a_failing_job_does_not_stop_the_sweep(workdir):
     assert res.output.count("Error: training failed on rank 0") == 2
     lines = [l for l in res.output.splitlines() if re.match(r"\d+\s+(finished|failed)\s", l)]
     assert len(lines) == 4 and sum("failed" in l for l in lines) == 2
+
+
+def test_parallel_sweep_with_joblib_shares_the_machine(workdir):
+    res = run_cli(["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd,adam",
+                   "trainer.total_epochs=2", "trainer.progress=false"], workdir)
+    assert res.returncode == 0, res.output
+    assert "sweep: 2 jobs, 0 failed" in res.output
+    for name in ("optimizer=sgd", "optimizer=adam"):
+        run_dir = workdir / "outputs" / name
+        assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
+        runtime = OmegaConf.load(run_dir / "config.yaml").runtime
+        cores_per_job = max(1, (os.cpu_count() or 1) // 2)  # the machine's cores, shared by the 2 jobs
+        assert runtime.nproc_per_node == cores_per_job and runtime.omp_num_threads == 1
