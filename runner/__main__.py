@@ -93,7 +93,20 @@ def run(cfg: DictConfig) -> int:
         handler.close()
     status = "finished" if code == 0 else ("stopped" if code >= 128 else "failed")
     sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")})
+    if code - 128 in (signal.SIGUSR1, signal.SIGUSR2):
+        _requeue_if_preempted(code - 128)
     return code
+
+
+def _requeue_if_preempted(signum: int) -> None:
+    """A preemption notice under submitit/SLURM: the snapshot is on disk; now let submitit requeue.
+
+    The agent replaced submitit's handler while it ran and the runner restored it afterwards, so
+    calling it here does what the signal would have done (checkpoint + requeue; it exits)."""
+    handler = signal.getsignal(signum)
+    if callable(handler) and any(k.startswith("SUBMITIT_") for k in os.environ):
+        log.warning("preempted (%s): snapshot written, requeueing the job", signal.Signals(signum).name)
+        handler(signum, None)
 
 
 def _finished_entry(cfg: DictConfig, run_dir: Path):

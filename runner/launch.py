@@ -122,6 +122,7 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
         rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
         max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
         shutdown_timeout=launch.stop_timeout,
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",  # forwarded to the workers
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
     )
 
@@ -145,7 +146,8 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path) -> Optional[dict[str, Any]]:
         # Inside a joblib (loky) sweep worker: children would try to start with "loky" and fail.
         multiprocessing.set_start_method("spawn", force=True)
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                                                     signal.SIGUSR1, signal.SIGUSR2)}
     try:
         entrypoint = worker.main
         if cfg.launch.mode == "rpc":

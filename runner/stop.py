@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGTERM/SIGINT: scheduler stop, Ctrl-C. SIGUSR1/SIGUSR2: a cluster's preemption notice
+# (SLURM --signal, submitit); the driver requeues the job once the snapshot is written.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 MAX_EVERY = 1000
 
 

@@ -41,8 +41,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env=cli_env(),
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env={**cli_env(), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
