@@ -118,7 +118,7 @@ class Trainer:
                 samples_trained += self._run_epoch(bar)
         finally:
             bar.close()
-        if self.last_saved_step != self.global_step or self.snapshotter.pending():
+        if self.last_saved_step != self.global_step:  # collective: the same decision on every rank
             self.save_snapshot(end_of_epoch=True)
         self.snapshotter.wait()
         wall = time.perf_counter() - started

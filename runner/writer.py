@@ -69,9 +69,6 @@ class SnapshotWriter:
             return type(obj)(self._stage(v, path + (i,)) for i, v in enumerate(obj))
         return obj
 
-    def pending(self) -> bool:
-        return self._inflight is not None and not self._inflight.done()
-
     def check(self) -> None:
         """Raise the failure of a background write, if one has failed (cheap: called every step)."""
         if self._inflight is not None and self._inflight.done():
@@ -95,9 +92,6 @@ class NullWriter:
 
     def save(self, *args, **kwargs) -> None:
         pass
-
-    def pending(self) -> bool:
-        return False
 
     def check(self) -> None:
         pass
