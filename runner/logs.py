@@ -26,7 +26,7 @@ class _TqdmConsoleHandler(logging.StreamHandler):
     shows) go to the files only."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "console", True) is False:
+        if not _console_wanted(record):
             return
         try:
             from tqdm import tqdm
@@ -46,6 +46,10 @@ class _RankFilter(logging.Filter):
         return True
 
 
+def _console_wanted(record: logging.LogRecord) -> bool:
+    return getattr(record, "console", True) is not False
+
+
 def _not_console_only(record: logging.LogRecord) -> bool:
     """Records logged with `extra={"file": False}` (short console notes) skip the log files."""
     return getattr(record, "file", True) is not False
@@ -55,8 +59,11 @@ def rank_log_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / LOG_DIR / f"rank-{rank}.log"
 
 
-def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> None:
-    """Files for this rank and the shared train.log; console for rank 0 (unless the driver has one)."""
+def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> list[logging.Handler]:
+    """Files for this rank and the shared train.log; console for rank 0 (unless the driver has one).
+
+    Returns the handlers added, which an in-driver worker (launch=local) removes when it is done,
+    so that the next job of a sweep does not log into this run's files."""
     (Path(run_dir) / LOG_DIR).mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -66,7 +73,13 @@ def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> N
         logging.FileHandler(rank_log_path(run_dir, rank), mode="a"),
         logging.FileHandler(Path(run_dir) / TRAIN_LOG, mode="a"),
     ]
-    if not in_driver:
+    if in_driver:  # launch=local: the driver's console handler stays; it skips file-only records too
+        for old in list(root.handlers):
+            if not isinstance(old, logging.FileHandler):
+                old.addFilter(_console_wanted)
+            elif Path(old.baseFilename) == (Path(run_dir) / TRAIN_LOG).absolute():
+                root.removeHandler(old)  # the driver's own train.log handler: this rank's replaces it
+    else:
         for old in list(root.handlers):
             root.removeHandler(old)
         console = _TqdmConsoleHandler(sys.stderr)
@@ -80,6 +93,7 @@ def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> N
             handler.addFilter(_not_console_only)
         root.addHandler(handler)
     logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+    return handlers
 
 
 def add_driver_log_file(run_dir: Path) -> logging.Handler:

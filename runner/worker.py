@@ -39,7 +39,7 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
     cfg = OmegaConf.load(run_path / CONFIG_FILE)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    setup_worker_logging(run_path, rank, in_driver=in_driver)
+    log_handlers = setup_worker_logging(run_path, rank, in_driver=in_driver)
     stop: Optional[StopRequest] = None
     try:
         device = _init_distributed(cfg, local_rank)
@@ -70,6 +70,10 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
             stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if in_driver:
+            for handler in log_handlers:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
 
 
 def _init_distributed(cfg, local_rank: int) -> torch.device:

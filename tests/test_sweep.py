@@ -75,6 +75,9 @@ def test_a_failing_job_does_not_stop_the_sweep(workdir):
     assert res.output.count("Error: training failed on rank 0") == 2
     lines = [l for l in res.output.splitlines() if re.match(r"\d+\s+(finished|failed)\s", l)]
     assert len(lines) == 4 and sum("failed" in l for l in lines) == 2
+    # In-process jobs log only into their own run directory, each line once.
+    for log in (workdir / "outputs").glob("*/train.log"):
+        assert log.read_text().count("starting from scratch") == 1, log
 
 
 def test_parallel_sweep_with_joblib_shares_the_machine(workdir):
