@@ -151,13 +151,8 @@ class Trainer:
                 faults.crash_now(self.global_step, self.rank)
             if log_every and self.global_step % log_every == 0:  # collective: every rank
                 bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", loss=f"{self._epoch_mean_loss():.4g}", refresh=False)
-            self.snapshotter.check()
-            if self.stop.should_stop(self.global_step):
-                self.save_snapshot()
-                self.snapshotter.wait()
-                raise Stopped(self.stop.signal)
-            if t.save_every_steps and self.global_step % t.save_every_steps == 0 and begin + t.batch_size < len(indices):
-                self.save_snapshot()
+            after_step(self.global_step, self.stop, self.snapshotter, self.save_snapshot, t.save_every_steps,
+                       mid_epoch=begin + t.batch_size < len(indices))
         self._end_epoch(epoch_samples, time.perf_counter() - epoch_started)
         return epoch_samples
 
@@ -214,6 +209,19 @@ class Trainer:
             state = self.snapshot_state([p[0] for p in per_rank], [p[1] for p in per_rank])
             self.snapshotter.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
         self.last_saved_step = self.global_step
+
+
+def after_step(step: int, stop: StopRequest, writer, save, save_every_steps: int, mid_epoch: bool) -> None:
+    """The snapshot points after every step, shared by the DDP and RPC loops: surface a failed
+    background write, stop (snapshot, wait, raise) when asked, and snapshot every
+    `save_every_steps` inside an epoch (the end of an epoch has its own snapshot rule)."""
+    writer.check()
+    if stop.should_stop(step):
+        save()
+        writer.wait()
+        raise Stopped(stop.signal)
+    if save_every_steps and step % save_every_steps == 0 and mid_epoch:
+        save()
 
 
 def _gather_objects(obj: Any, world_size: int) -> list[Any]:

@@ -24,7 +24,8 @@ from runner.loggers import build_logger
 from runner.logs import MetricsWriter
 from runner.sampler import ResumableDistributedSampler
 from runner.snapshot import SnapshotManager, load_path
-from runner.stop import Stopped, StopRequest
+from runner.stop import StopRequest
+from runner.trainer import after_step
 from runner.writer import SnapshotWriter
 from runner.worker import peak_rss_mb
 
@@ -107,7 +108,7 @@ class RpcTrainLoop:
                    disable=not (t.progress and self.lead), unit="step", mininterval=0.5, desc="rpc")
         rank = int(os.environ.get("RANK", "0"))
         crash = faults.crash_step(t, rank)
-        started, trained, step_seconds = time.perf_counter(), 0, []
+        started, trained = time.perf_counter(), 0
         try:
             while self.epoch < t.total_epochs:
                 self.sampler.set_epoch(self.epoch)
@@ -116,9 +117,7 @@ class RpcTrainLoop:
                 epoch_started, epoch_samples = time.perf_counter(), 0
                 for begin in range(0, len(indices), t.batch_size):
                     idx = indices[begin: begin + t.batch_size]
-                    step_started = time.perf_counter()
                     loss = self.step_fn(self.inputs[idx], self.targets[idx])
-                    step_seconds.append(time.perf_counter() - step_started)
                     n = len(idx)
                     self.loss_sum += float(loss) * n
                     self.loss_count += n
@@ -128,13 +127,8 @@ class RpcTrainLoop:
                     bar.update()
                     if self.global_step == crash:
                         faults.crash_now(crash, rank)
-                    self.writer.check()
-                    if self.stop.should_stop(self.global_step):
-                        self.save()
-                        self.writer.wait()
-                        raise Stopped(self.stop.signal)
-                    if t.save_every_steps and self.global_step % t.save_every_steps == 0 and begin + t.batch_size < len(indices):
-                        self.save()
+                    after_step(self.global_step, self.stop, self.writer, self.save, t.save_every_steps,
+                               mid_epoch=begin + t.batch_size < len(indices))
                 trained += epoch_samples
                 self._end_epoch(epoch_samples, time.perf_counter() - epoch_started)
         finally:
@@ -149,7 +143,6 @@ class RpcTrainLoop:
         final = self.history[-1] if self.history else {}
         return {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": final.get("loss"),
                 "samples_per_s": trained / wall if wall > 0 else None, "train_seconds": wall,
-                "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
                 "resumed_from": self.resumed_from, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                 "peak_rss_mb": peak_rss_mb(),
                 "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None}
