@@ -149,7 +149,8 @@ def _launch_and_report(cfg: DictConfig, run_dir: Path) -> tuple[int, dict]:
     from runner.snapshot import SnapshotManager
 
     rt = cfg.runtime
-    log.info("run directory %s: %s x %d (%s), launch=%s", _short(run_dir), rt.device, rt.nproc_per_node, rt.backend, cfg.launch.mode)
+    comm = f"{rt.backend}, gradients through shared memory" if rt.get("allreduce") == "shm" else rt.backend
+    log.info("run directory %s: %s x %d (%s), launch=%s", _short(run_dir), rt.device, rt.nproc_per_node, comm, cfg.launch.mode)
     started = time.perf_counter()
     try:
         summary = launch.launch(cfg, run_dir) or {}
@@ -204,7 +205,8 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, manager) -> None:
         f"epochs        : {summary.get('epochs')} ({summary.get('steps')} steps, {summary.get('world_size')} workers)"
         + (f", resumed from {resumed['file']} at epoch {resumed['epoch']} step {resumed['step']}" if resumed else ""),
         f"final loss    : {loss:.6g}" if loss is not None else "final loss    : n/a",
-        f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a",
+        (f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a")
+        + (" (gradients through shared memory)" if summary.get("allreduce") == "shm" else ""),
         f"wall time     : {wall:.1f} s",
         f"peak memory   : driver {peak_rss_mb():.0f} MB, rank 0 {summary.get('peak_rss_mb', 0):.0f} MB",
         f"snapshot      : {_short(manager.dir / summary['snapshot'])}" if summary.get("snapshot") else "snapshot      : none written",

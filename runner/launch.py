@@ -63,7 +63,23 @@ def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0) -
     threads = launch.omp_num_threads
     if threads is None and device == "cpu":
         threads = max(1, cores // count)
-    return {"backend": backend, "device": device, "nproc_per_node": count, "omp_num_threads": threads}
+    return {"backend": backend, "device": device, "nproc_per_node": count, "omp_num_threads": threads,
+            "allreduce": gradient_allreduce(launch, device, count, cores)}
+
+
+def gradient_allreduce(launch: DictConfig, device: str, nproc: int, cores: int) -> str:
+    """"shm" when DDP's gradients go through shared memory (runner.shm_allreduce), else the backend's name.
+
+    auto picks shm for CPU workers of one machine, unless they outnumber the cores: a waiting
+    worker spins briefly, which only pays off when every worker has a core of its own."""
+    from runner.shm_allreduce import unavailable_reason
+
+    wanted = launch.get("cpu_allreduce", "auto")
+    if device != "cpu" or nproc < 2 or launch.mode != "standalone" or wanted == "gloo":
+        return "gloo" if device == "cpu" else "nccl"
+    if unavailable_reason(device, single_host=True) is not None:
+        return "gloo"  # wanted == "shm" here was refused by the preflight already
+    return "shm" if wanted == "shm" or nproc <= cores else "gloo"
 
 
 def _visible_gpus() -> list[str]:

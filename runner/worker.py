@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -64,6 +65,7 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
         log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
         log.warning("failed: %s: %s (traceback in %s)", type(err).__name__, str(err).splitlines()[0] if str(err) else "",
                     rank_log_path(run_path, rank), extra={"file": False})
+        traceback.clear_frames(err.__traceback__)  # free what the frames hold (the DDP model) before exit
         raise
     finally:
         if stop is not None:
@@ -115,6 +117,7 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
         writer = NullWriter()
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    allreduce = _use_shared_memory_allreduce(cfg, ddp_model, world_size)
     trainer = Trainer(cfg, model, ddp_model, optimizer, scheduler, dataset, loss_fn, device, writer,
                       MetricsWriter(run_dir / METRICS_FILE), stop, rank, world_size)
     loaded = _find_resume_state(cfg, manager)
@@ -131,12 +134,34 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
     finally:
         if trainer.logger is not None:
             trainer.logger.close()
+        # A DDP model holding a Python comm hook must be gone before the interpreter shuts down
+        # (destroying it during shutdown aborts the process); an exception's traceback would
+        # otherwise keep it alive through these frames.
+        trainer.ddp_model = ddp_model = None
     summary["status"] = "finished"
     summary["world_size"] = world_size
+    summary["allreduce"] = allreduce
     summary["snapshot"] = writer.last_entry["file"] if getattr(writer, "last_entry", None) else None
     summary["snapshot_stall_seconds"] = getattr(writer, "stall_seconds", [])
     summary["peak_rss_mb"] = peak_rss_mb()
     return summary
+
+
+def _use_shared_memory_allreduce(cfg, ddp_model: DDP, world_size: int) -> str:
+    """Register the shared-memory gradient all-reduce when the driver chose it; returns the path used."""
+    backend = cfg.runtime.backend
+    if cfg.runtime.get("allreduce") != "shm" or world_size < 2:
+        return backend
+    from runner.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
+
+    state = SharedMemoryAllreduce.create(timeout=600.0)
+    if state is None:
+        log.warning("too little room in /dev/shm for shared-memory gradients; averaging them with %s", backend)
+        return backend
+    ddp_model.register_comm_hook(state, shm_allreduce_hook)
+    log.info("gradients averaged through shared memory (buckets up to %d KiB; larger ones with %s)",
+             state.slot_bytes >> 10, backend, extra={"console": False})
+    return "shm"
 
 
 def _find_resume_state(cfg, manager: SnapshotManager):
