@@ -46,7 +46,7 @@ def unavailable_reason(device: str, single_host: bool) -> Optional[str]:
     if device != "cpu":
         return "the workers train on GPUs (NCCL is used)"
     if not single_host:
-        return "the workers are spread over several machines"
+        return "launch=multinode may place the workers on several machines"
     if platform.system() != "Linux" or not os.path.isdir(SHM_DIR):
         return f"it needs Linux with {SHM_DIR}"
     if platform.machine().lower() not in ("x86_64", "amd64"):

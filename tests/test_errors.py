@@ -32,6 +32,8 @@ CASES = [
     (["launch.monitor_interval=0"], "launch.monitor_interval"),
     (["launch=multinode"], "launch.rdzv_endpoint"),
     (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.nnodes=3:1"], "launch.nnodes"),
+    (["launch.cpu_allreduce=fast"], "launch.cpu_allreduce"),
+    (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"], "launch.cpu_allreduce"),
     (["snapshot.keep_last=0"], "snapshot.keep_last"),
     (["snapshot.resume=/no/such/snapshot.pt"], "snapshot.resume"),
     (["snapshot.resume=must"], "snapshot.resume"),

@@ -1,0 +1,132 @@
+"""The shared-memory gradient all-reduce: same averages as gloo, the same bits on every rank, safe
+buffer reuse under skew, big buckets through gloo, a dead peer detected fast, nothing left in /dev/shm."""
+
+import glob
+import json
+import os
+import random
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from runner import shm_allreduce
+from runner.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
+
+pytestmark = pytest.mark.skipif(shm_allreduce.unavailable_reason("cpu", True) is not None,
+                                reason=str(shm_allreduce.unavailable_reason("cpu", True)))
+WORLD = 3
+
+
+def _ranks_agree(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _worker(rank: int, store_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    report: dict = {}
+    state = SharedMemoryAllreduce.create(max_bytes=64 << 10)
+    report["slot_bytes"] = state.slot_bytes
+
+    # 1. Averages equal gloo's and are bit-identical on every rank, for sizes and dtypes, with
+    #    random skew between ranks so that fast ranks run ahead into the next buffer.
+    gen = torch.Generator().manual_seed(rank)
+    rnd = random.Random(rank)
+    worst, agree = 0.0, True
+    for call in range(60):
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[call % 3]
+        numel = (1, 3, 1000, (64 << 10) // torch.tensor([], dtype=dtype).element_size())[call % 4]
+        mine = torch.randn(numel, generator=gen).to(dtype)
+        expected = mine.double()
+        dist.all_reduce(expected)
+        expected /= WORLD
+        if rnd.random() < 0.3:
+            time.sleep(rnd.random() * 0.004)
+        got = state.allreduce_mean_(mine.clone())
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        worst = max(worst, float(((got.double() - expected).abs() / (expected.abs() + 1)).max()) / tol)
+        agree &= _ranks_agree(got)
+    report["worst_error_over_tolerance"] = worst
+    report["ranks_agree"] = agree
+
+    # 2. Through DDP: a model whose second bucket exceeds the slot goes partly through gloo;
+    #    the trained weights match plain DDP and agree across ranks.
+    weights = {}
+    for use_hook in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 160), torch.nn.Linear(160, 160), torch.nn.Linear(160, 1))
+        ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.05)
+        if use_hook:
+            ddp.register_comm_hook(SharedMemoryAllreduce.create(max_bytes=64 << 10), shm_allreduce_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        data_gen = torch.Generator().manual_seed(100 + rank)
+        for _ in range(20):
+            x, y = torch.randn(16, 8, generator=data_gen), torch.randn(16, 1, generator=data_gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+        weights[use_hook] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        report[f"ddp_agree_{use_hook}"] = _ranks_agree(weights[use_hook])
+        del ddp  # a DDP model with a Python hook must not outlive the interpreter
+    report["ddp_max_diff"] = float((weights[True] - weights[False]).abs().max())
+    report["shm_files_while_running"] = sorted(glob.glob("/dev/shm/runner-allreduce-*"))
+
+    # 3. A peer that dies: the others raise within a fraction of a second, naming it.
+    dist.barrier()
+    if rank == WORLD - 1:
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(report, f)
+        os._exit(0)
+    started = time.perf_counter()
+    try:
+        state.allreduce_mean_(torch.ones(4))
+        report["dead_peer"] = "no error"
+    except RuntimeError as err:
+        report["dead_peer"] = str(err)
+    report["dead_peer_seconds"] = time.perf_counter() - started
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(report, f)
+    os._exit(0)  # the process group is broken (a peer is gone): no orderly teardown
+
+
+def test_shared_memory_allreduce(tmp_path):
+    before = set(glob.glob("/dev/shm/runner-allreduce-*"))
+    mp.start_processes(_worker, args=(str(tmp_path), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
+    for rank, rep in enumerate(reports):
+        assert rep["slot_bytes"] == 64 << 10
+        assert rep["worst_error_over_tolerance"] < 1, rep
+        assert rep["ranks_agree"] and rep["ddp_agree_True"] and rep["ddp_agree_False"], rep
+        assert rep["ddp_max_diff"] < 1e-5, rep
+        assert not set(rep["shm_files_while_running"]) - before, "the segment is unlinked once every rank mapped it"
+        if rank < WORLD - 1:
+            assert f"rank {WORLD - 1}" in rep["dead_peer"] and "exited" in rep["dead_peer"], rep
+            assert rep["dead_peer_seconds"] < 2.0, rep
+    assert set(glob.glob("/dev/shm/runner-allreduce-*")) == before
+
+
+def test_auto_choice_follows_the_machine():
+    from omegaconf import OmegaConf
+
+    from runner.launch import gradient_allreduce
+
+    def pick(mode="standalone", wanted="auto", device="cpu", nproc=2, cores=2):
+        return gradient_allreduce(OmegaConf.create({"mode": mode, "cpu_allreduce": wanted}), device, nproc, cores)
+
+    assert pick() == "shm"
+    assert pick(nproc=4, cores=2) == "gloo"  # oversubscribed: waiting by spinning would hurt
+    assert pick(nproc=4, cores=2, wanted="shm") == "shm"  # asked for explicitly
+    assert pick(wanted="gloo") == "gloo"
+    assert pick(mode="multinode") == "gloo"
+    assert pick(device="cuda") == "nccl"
+    assert pick(nproc=1) == "gloo"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
