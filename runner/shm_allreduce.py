@@ -61,7 +61,7 @@ class SharedMemoryAllreduce:
 
     def __init__(self, memory: torch.Tensor, slot_bytes: int, timeout: float, group: Optional[dist.ProcessGroup]) -> None:
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.max_bytes = self.slot_bytes = slot_bytes
+        self.slot_bytes = slot_bytes
         self.timeout, self.group = timeout, group
         header = _header_bytes(self.world_size)
         words = memory[:header].view(torch.int64)
@@ -111,19 +111,29 @@ class SharedMemoryAllreduce:
             self._views[key] = views
         return views
 
-    def allreduce_mean_(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Average `buffer` over all ranks, in place; every rank gets the same bits."""
+    def fits(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() * tensor.element_size() <= self.slot_bytes
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) of `tensor` over all ranks, in place; every rank gets the same bits.
+        Collective; `tensor` must `fit`."""
+        flat = tensor.view(-1)
         self.seq += 1
-        slots = self._slots(buffer, self.seq & 1)
-        slots[self.rank].copy_(buffer)
+        slots = self._slots(flat, self.seq & 1)
+        slots[self.rank].copy_(flat)
         self._flags[self.rank * FLAG_STRIDE] = self.seq  # publish: after the copy (x86-64 TSO)
         for peer in self._peers:
             if self._flags[peer * FLAG_STRIDE] < self.seq:
                 self._wait_for(peer)
-        torch.add(slots[0], slots[1], out=buffer)
+        combine = torch.add if op == "sum" else torch.maximum
+        combine(slots[0], slots[1], out=flat)
         for r in range(2, self.world_size):
-            buffer.add_(slots[r])
-        return buffer.div_(self.world_size)
+            combine(flat, slots[r], out=flat)
+        return tensor
+
+    def allreduce_mean_(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Average `buffer` over all ranks, in place; every rank gets the same bits."""
+        return self.all_reduce_(buffer).div_(self.world_size)
 
     def _wait_for(self, peer: int) -> None:
         flags, index, seq = self._flags, peer * FLAG_STRIDE, self.seq
@@ -150,7 +160,7 @@ class SharedMemoryAllreduce:
 def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The comm hook: `ddp_model.register_comm_hook(SharedMemoryAllreduce(), shm_allreduce_hook)`."""
     buffer = bucket.buffer()
-    if buffer.numel() * buffer.element_size() > state.max_bytes or buffer.device.type != "cpu":
+    if not state.fits(buffer):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         return default_hooks.allreduce_hook(state.group, bucket)

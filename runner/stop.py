@@ -35,6 +35,7 @@ class StopRequest:
         self.every = 1
         self._last_check = (0, time.perf_counter())
         self._buf = torch.zeros(2, dtype=torch.int64)
+        self.shared_memory = None  # a runner.shm_allreduce.SharedMemoryAllreduce: the same agreement, ~100x cheaper
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -62,7 +63,10 @@ class StopRequest:
             proposal = max(1, min(MAX_EVERY, int(self.interval / max(per_step, 1e-9))))
         self._buf[0] = 1 if self.signal is not None else 0
         self._buf[1] = proposal
-        dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group)
+        if self.shared_memory is not None:
+            self.shared_memory.all_reduce_(self._buf, op="max")
+        else:
+            dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group)
         if self._buf[1] > 0:
             self.every = int(self._buf[1])
         self._last_check = (step, now)

@@ -46,6 +46,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.logger = None  # optional extra metrics logger (rank 0), see runner.loggers
+        self.shared_memory = None  # optional runner.shm_allreduce.SharedMemoryAllreduce for small collectives
         self.last_saved_step = -1
 
     def _device_tensors(self, dataset) -> Optional[tuple[torch.Tensor, ...]]:
@@ -170,7 +171,9 @@ class Trainer:
 
     def _global_loss(self) -> torch.Tensor:
         total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.device)])
-        if dist.is_initialized() and self.world_size > 1:
+        if self.shared_memory is not None and self.shared_memory.fits(total):
+            self.shared_memory.all_reduce_(total)
+        elif dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(total)
         return total
 

@@ -117,9 +117,10 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
         writer = NullWriter()
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    allreduce = _use_shared_memory_allreduce(cfg, ddp_model, world_size)
+    shared_memory = _shared_memory_allreduce(cfg, ddp_model, world_size)
     trainer = Trainer(cfg, model, ddp_model, optimizer, scheduler, dataset, loss_fn, device, writer,
                       MetricsWriter(run_dir / METRICS_FILE), stop, rank, world_size)
+    trainer.shared_memory = stop.shared_memory = shared_memory
     loaded = _find_resume_state(cfg, manager)
     if loaded is not None:
         entry, state = loaded
@@ -140,28 +141,29 @@ def _train(cfg, run_dir: Path, rank: int, world_size: int, device: torch.device,
         trainer.ddp_model = ddp_model = None
     summary["status"] = "finished"
     summary["world_size"] = world_size
-    summary["allreduce"] = allreduce
+    summary["allreduce"] = "shm" if shared_memory is not None else cfg.runtime.backend
     summary["snapshot"] = writer.last_entry["file"] if getattr(writer, "last_entry", None) else None
     summary["snapshot_stall_seconds"] = getattr(writer, "stall_seconds", [])
     summary["peak_rss_mb"] = peak_rss_mb()
     return summary
 
 
-def _use_shared_memory_allreduce(cfg, ddp_model: DDP, world_size: int) -> str:
-    """Register the shared-memory gradient all-reduce when the driver chose it; returns the path used."""
+def _shared_memory_allreduce(cfg, ddp_model: DDP, world_size: int):
+    """When the driver chose it: gradients (a DDP comm hook), the per-epoch loss and the stop
+    agreement go through shared memory. Returns its state, or None (gloo/nccl as usual)."""
     backend = cfg.runtime.backend
     if cfg.runtime.get("allreduce") != "shm" or world_size < 2:
-        return backend
+        return None
     from runner.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
 
     state = SharedMemoryAllreduce.create(timeout=600.0)
     if state is None:
         log.warning("too little room in /dev/shm for shared-memory gradients; averaging them with %s", backend)
-        return backend
+        return None
     ddp_model.register_comm_hook(state, shm_allreduce_hook)
     log.info("gradients averaged through shared memory (buckets up to %d KiB; larger ones with %s)",
              state.slot_bytes >> 10, backend, extra={"console": False})
-    return "shm"
+    return state
 
 
 def _find_resume_state(cfg, manager: SnapshotManager):

@@ -53,6 +53,9 @@ def _worker(rank: int, store_dir: str, out_dir: str) -> None:
         worst = max(worst, float(((got.double() - expected).abs() / (expected.abs() + 1)).max()) / tol)
         agree &= _ranks_agree(got)
     report["worst_error_over_tolerance"] = worst
+    # The stop agreement (max of int64 flags) and the epoch loss (sum of float64) use it too.
+    report["max"] = state.all_reduce_(torch.tensor([rank, 10 - rank], dtype=torch.int64), op="max").tolist()
+    report["sum"] = state.all_reduce_(torch.tensor([[0.5 * rank], [1.0]], dtype=torch.float64)).flatten().tolist()
     report["ranks_agree"] = agree
 
     # 2. Through DDP: a model whose second bucket exceeds the slot goes partly through gloo;
@@ -104,6 +107,7 @@ def test_shared_memory_allreduce(tmp_path):
         assert rep["worst_error_over_tolerance"] < 1, rep
         assert rep["ranks_agree"] and rep["ddp_agree_True"] and rep["ddp_agree_False"], rep
         assert rep["ddp_max_diff"] < 1e-5, rep
+        assert rep["max"] == [WORLD - 1, 10] and rep["sum"] == [0.5 * sum(range(WORLD)), WORLD], rep
         assert not set(rep["shm_files_while_running"]) - before, "the segment is unlinked once every rank mapped it"
         if rank < WORLD - 1:
             assert f"rank {WORLD - 1}" in rep["dead_peer"] and "exited" in rep["dead_peer"], rep
