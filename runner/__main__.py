@@ -140,7 +140,9 @@ def _parallel_share(hydra_cfg) -> dict:
     if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
         return {}
     n_jobs = int(launcher.get("n_jobs") or 1)
-    parallel = (os.cpu_count() or 1) if n_jobs < 1 else n_jobs  # joblib: -1 = one per core
+    from runner.launch import usable_cores
+
+    parallel = usable_cores() if n_jobs < 1 else n_jobs  # joblib: -1 = one per core
     return {"parallel_jobs": parallel, "slot": int(hydra_cfg.job.get("num") or 0) % parallel}
 
 

@@ -34,7 +34,7 @@ def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0) -
     `parallel_jobs` > 1 (a joblib sweep): this job gets GPU slice `slot` (CUDA_VISIBLE_DEVICES
     for its workers) and its share of the CPU cores."""
     cuda = torch.cuda.is_available()
-    cores = max(1, (os.cpu_count() or 1) // parallel_jobs)
+    cores = max(1, usable_cores() // parallel_jobs)
     if cuda and parallel_jobs > 1:
         visible = _visible_gpus()
         per_job = max(1, len(visible) // parallel_jobs)
@@ -80,6 +80,14 @@ def gradient_allreduce(launch: DictConfig, device: str, nproc: int, cores: int) 
     if unavailable_reason(device, single_host=True) is not None:
         return "gloo"  # wanted == "shm" here was refused by the preflight already
     return "shm" if wanted == "shm" or nproc <= cores else "gloo"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _visible_gpus() -> list[str]:
