@@ -17,8 +17,9 @@ in program order, which x86-64 guarantees (TSO); elsewhere the hook is not used.
 
 Waiting spins for a moment (the peers are usually microseconds apart), then yields the CPU, then
 sleeps, checking that every peer process is still alive: a peer that crashed makes this rank fail
-within ~0.1 s instead of spinning until the elastic agent kills it. Buckets larger than
-`max_bytes` go through gloo as usual.
+within ~0.1 s instead of spinning until the elastic agent kills it. Buckets larger than a slot
+(4 MiB unless /dev/shm is small) go through gloo as usual. The trainer also sends its two other
+small collectives through here: the per-epoch loss and the stop agreement.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as real objects.
@@ -117,6 +118,8 @@ class SharedMemoryAllreduce:
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or max) of `tensor` over all ranks, in place; every rank gets the same bits.
         Collective; `tensor` must `fit`."""
+        if self.world_size == 1:
+            return tensor
         flat = tensor.view(-1)
         self.seq += 1
         slots = self._slots(flat, self.seq & 1)
@@ -158,7 +161,7 @@ class SharedMemoryAllreduce:
 
 
 def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """The comm hook: `ddp_model.register_comm_hook(SharedMemoryAllreduce(), shm_allreduce_hook)`."""
+    """The comm hook: `ddp_model.register_comm_hook(SharedMemoryAllreduce.create(), shm_allreduce_hook)`."""
     buffer = bucket.buffer()
     if not state.fits(buffer):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
