@@ -9,6 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, latest_snapshot, manifest, metrics, run_cli
+from runner.shm_allreduce import unavailable_reason
+
+SHM_WORKS = unavailable_reason("cpu", single_host=True) is None
 
 
 def test_two_workers_train_regression_resume_and_extend(workdir):
@@ -18,6 +21,7 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
     run_dir = workdir / "outputs" / "model=linear,optimizer.lr=0.05"
     assert "run directory : outputs/model=linear,optimizer.lr=0.05" in res.stdout
     assert "2 workers" in res.stdout and "final loss" in res.stdout and "samples/s" in res.stdout
+    assert ("(gradients through shared memory)" in res.stdout) == SHM_WORKS  # launch.cpu_allreduce=auto
 
     # metrics.jsonl: one line per epoch with the documented fields, loss at the noise floor.
     rows = metrics(run_dir)
@@ -40,6 +44,7 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
     assert (run_dir / ".hydra" / "overrides.yaml").exists()
     resolved = OmegaConf.load(run_dir / "config.yaml")
     assert resolved.model.in_features == 2 and resolved.runtime.backend == "gloo"
+    assert resolved.runtime.allreduce == ("shm" if SHM_WORKS else "gloo")
     log = (run_dir / "train.log").read_text()
     assert "[rank 0]" in log and "[rank 1]" in log
     assert (run_dir / "logs" / "rank-1.log").exists()
@@ -51,9 +56,11 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
     assert "rank 0" not in again.output and len(metrics(run_dir)) == 20
     assert torch.equal(latest_snapshot(run_dir)["model"]["weight"], state["model"]["weight"])
 
-    # More epochs continue the same run directory from epoch 20.
-    more = run_cli([*args, "trainer.total_epochs=22"], workdir)
+    # More epochs continue the same run directory from epoch 20 (here with gloo's all-reduce:
+    # how gradients travel does not define the run).
+    more = run_cli([*args, "trainer.total_epochs=22", "launch.cpu_allreduce=gloo"], workdir)
     assert more.returncode == 0, more.output
+    assert "shared memory" not in more.output
     assert "resumed from snapshot-000000640.pt at epoch 20 step 640" in more.output
     assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, 23))
     assert manifest(run_dir)["snapshots"][-1]["step"] == 22 * 32
