@@ -13,18 +13,19 @@ sequence number; once every peer has published it, each rank sums all slots in r
 every rank computes bit-identical gradients) and divides by the world size. Two buffers
 alternate: a rank can only start writing call n+2 after every peer published n+1, i.e. after
 every peer finished reading call n. Publishing after the copy relies on stores becoming visible
-in program order, which x86-64 guarantees (TSO); elsewhere the hook is not used.
+in program order, which x86-64 guarantees (TSO); elsewhere the hook is not used. Buckets larger
+than a slot (4 MiB, less when /dev/shm is small) go through in slot-sized chunks.
 
 Waiting spins for a moment (the peers are usually microseconds apart), then yields the CPU, then
 sleeps, checking that every peer process is still alive: a peer that crashed makes this rank fail
-within ~0.1 s instead of spinning until the elastic agent kills it. Buckets larger than a slot
-(4 MiB unless /dev/shm is small) go through gloo as usual. The trainer also sends its two other
-small collectives through here: the per-epoch loss and the stop agreement.
+within ~0.1 s instead of spinning until the elastic agent kills it. The trainer also sends its
+two other small collectives through here: the per-epoch loss and the stop agreement.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations as real objects.
 import os
 import platform
+import threading
 import time
 import uuid
 from typing import Optional
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 SHM_DIR = "/dev/shm"
-DEFAULT_MAX_BYTES = 4 << 20  # per bucket; larger buckets use gloo
+DEFAULT_MAX_BYTES = 4 << 20  # per slot; larger tensors go through in chunks
 MIN_SLOT_BYTES = 64 << 10
 FLAG_STRIDE = 8  # int64s per rank's flag: one 64-byte cache line each, no false sharing
 SPIN_SECONDS = 0.001
@@ -71,6 +72,7 @@ class SharedMemoryAllreduce:
         self._data = memory[header:]
         self._views: dict[tuple, list[torch.Tensor]] = {}
         self.seq = 0
+        self._fence = threading.Lock()
         self._pids[self.rank * FLAG_STRIDE] = os.getpid()
         dist.barrier(group)  # every pid is written before anyone waits on a peer
         self._peers = [p for p in range(self.world_size) if p != self.rank]
@@ -113,18 +115,28 @@ class SharedMemoryAllreduce:
         return views
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() * tensor.element_size() <= self.slot_bytes
+        return tensor.device.type == "cpu" and tensor.is_contiguous()
 
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or max) of `tensor` over all ranks, in place; every rank gets the same bits.
-        Collective; `tensor` must `fit`."""
+        Collective; `tensor` must `fit`. Tensors larger than a slot go through in slot-sized chunks."""
         if self.world_size == 1:
             return tensor
         flat = tensor.view(-1)
+        per_chunk = max(1, self.slot_bytes // flat.element_size())
+        for start in range(0, flat.numel(), per_chunk):
+            self._reduce_chunk(flat[start: start + per_chunk], op)
+        return tensor
+
+    def _reduce_chunk(self, flat: torch.Tensor, op: str) -> None:
         self.seq += 1
         slots = self._slots(flat, self.seq & 1)
         slots[self.rank].copy_(flat)
-        self._flags[self.rank * FLAG_STRIDE] = self.seq  # publish: after the copy (x86-64 TSO)
+        # Publish only after the copy is visible: a lock operation is a LOCK-prefixed instruction,
+        # which also drains write-combining buffers (should the copy use non-temporal stores),
+        # and x86-64 keeps the flag's store after it (TSO).
+        with self._fence:
+            self._flags[self.rank * FLAG_STRIDE] = self.seq
         for peer in self._peers:
             if self._flags[peer * FLAG_STRIDE] < self.seq:
                 self._wait_for(peer)
@@ -132,7 +144,6 @@ class SharedMemoryAllreduce:
         combine(slots[0], slots[1], out=flat)
         for r in range(2, self.world_size):
             combine(flat, slots[r], out=flat)
-        return tensor
 
     def allreduce_mean_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Average `buffer` over all ranks, in place; every rank gets the same bits."""
@@ -163,7 +174,7 @@ class SharedMemoryAllreduce:
 def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The comm hook: `ddp_model.register_comm_hook(SharedMemoryAllreduce.create(), shm_allreduce_hook)`."""
     buffer = bucket.buffer()
-    if not state.fits(buffer):
+    if not state.fits(buffer):  # not a CPU tensor: the backend's own all-reduce
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         return default_hooks.allreduce_hook(state.group, bucket)

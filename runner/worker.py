@@ -161,8 +161,8 @@ def _shared_memory_allreduce(cfg, ddp_model: DDP, world_size: int):
         log.warning("too little room in /dev/shm for shared-memory gradients; averaging them with %s", backend)
         return None
     ddp_model.register_comm_hook(state, shm_allreduce_hook)
-    log.info("gradients averaged through shared memory (buckets up to %d KiB; larger ones with %s)",
-             state.slot_bytes >> 10, backend, extra={"console": False})
+    log.info("gradients averaged through shared memory (in chunks of up to %d KiB)", state.slot_bytes >> 10,
+             extra={"console": False})
     return state
 
 
