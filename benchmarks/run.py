@@ -108,6 +108,21 @@ def bench_crash(reps: int, tmp: Path) -> list[tuple]:
             ("  extra wall time of the crash", "", f"{extra:.2f} s", None)]
 
 
+def bench_allreduce(reps: int, tmp: Path) -> list[tuple]:
+    """One all-reduce between 2 local workers: gloo over TCP vs the runner's shared memory."""
+    runs = []
+    for _ in range(reps):
+        _, out = run([*TORCHRUN, str(ROOT / "benchmarks" / "allreduce.py")], tmp, "runner")
+        runs.append({r["bytes"]: r for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))})
+    rows = []
+    for nbytes in runs[0]:
+        gloo = statistics.median(r[nbytes]["gloo_ms"] for r in runs)
+        shm = statistics.median(r[nbytes]["shm_ms"] for r in runs)
+        size = f"{nbytes} B" if nbytes < 1024 else f"{nbytes >> 10} KB" if nbytes < 1 << 20 else f"{nbytes >> 20} MB"
+        rows.append((f"all-reduce of {size}, 2 workers: gloo vs shared memory", f"{gloo:.3f} ms", f"{shm:.3f} ms", shm / gloo))
+    return rows
+
+
 def _state_of(nbytes: int) -> dict:
     """A snapshot-shaped state: model weights + Adam moments (3 equal parts) + small metadata."""
     n = nbytes // 4 // 3 // 4
@@ -170,14 +185,16 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["training", "snapshots", "crash"],
-                        help="sections: training (throughput, startup, memory), snapshots, crash")
+    parser.add_argument("--only", nargs="*", default=["training", "allreduce", "snapshots", "crash"],
+                        help="sections: training (throughput, startup, memory), allreduce, snapshots, crash")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-", dir=os.environ.get("BENCH_DIR")))
     rows: list[tuple] = []
     try:
         if "training" in args.only:
             rows += bench_training(args.reps, tmp)
+        if "allreduce" in args.only:
+            rows += bench_allreduce(args.reps, tmp)
         if "snapshots" in args.only:
             rows += bench_snapshots(args.reps, tmp)
         if "crash" in args.only:
