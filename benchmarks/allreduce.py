@@ -7,7 +7,6 @@ after checking that both give the same sums).
 """
 
 import json
-import os
 import statistics
 import time
 
@@ -46,7 +45,6 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
     dist.barrier()
-    del shm
     dist.destroy_process_group()
 
 

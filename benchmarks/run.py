@@ -139,46 +139,51 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
     out = []
     for label, nbytes in [("10 MB", 10 * 2**20), ("500 MB", 500 * 2**20)]:
         state = _state_of(nbytes)
-        plain, plain_sync, durable = [], [], []
-        torch.save(state, tmp / "warmup.pt")  # the first write into fresh page cache is slower for anyone
-        (tmp / "warmup.pt").unlink()
-        # Every timed write starts with no dirty pages pending (os.sync), so the kernel's writeback
-        # throttling hits none of them by chance.
-        for i in range(reps):
-            path = tmp / "plain.pt"
-            os.sync()
-            t = time.perf_counter()
-            torch.save(state, path)
-            plain.append(time.perf_counter() - t)
-            os.sync()
-            t = time.perf_counter()
-            with open(path, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            plain_sync.append(time.perf_counter() - t)
-            path.unlink()
-            mgr = SnapshotManager(tmp / "snaps", keep_last=1)
-            os.sync()
-            t = time.perf_counter()
-            mgr.save(state, step=i, epoch=0)
-            durable.append(time.perf_counter() - t)
         sync_writer = SnapshotWriter(SnapshotManager(tmp / "sync", keep_last=1), asynchronous=False)
         async_writer = SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True)
-        for writer in (sync_writer, async_writer):
-            for i in range(reps + 1):
+        durable_mgr = SnapshotManager(tmp / "snaps", keep_last=1)
+        times: dict[str, list[float]] = {"plain": [], "plain_fsync": [], "durable": []}
+
+        def plain(path: Path, fsync: bool) -> float:
+            started = time.perf_counter()
+            torch.save(state, str(path))  # a path, as people write it (a file object is slower)
+            if fsync:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            seconds = time.perf_counter() - started
+            path.unlink()
+            return seconds
+
+        def durable(step: int) -> float:
+            started = time.perf_counter()
+            durable_mgr.save(state, step=step, epoch=0)
+            return time.perf_counter() - started
+
+        # The measures alternate within each repetition, in a rotating order, so that the disk's
+        # and the host's moods land on all of them alike (on a VM whose freed memory goes back to
+        # the host, the same 500 MB torch.save takes 0.2 s or 0.9 s depending on what was freed
+        # just before). Each timed write starts with no dirty pages pending (os.sync). Repetition
+        # 0 is a warm-up (first writes into fresh page cache; staging buffers allocated).
+        measures = ("plain", "sync", "async", "plain_fsync", "durable")
+        for i in range(reps + 1):
+            for measure in measures[i % len(measures):] + measures[:i % len(measures)]:
                 os.sync()
-                writer.save(state, step=i, epoch=0)
-                writer.wait()  # measure the stall alone, not the wait for the previous write
-        stall_sync = sync_writer.stall_seconds[1:]
-        stall_async = async_writer.stall_seconds[1:]  # the first call allocates the staging buffers
-        p, ps, d, ss = (statistics.median(x) for x in (plain, plain_sync, durable, stall_sync))
+                if measure in ("sync", "async"):
+                    writer = sync_writer if measure == "sync" else async_writer
+                    writer.save(state, step=i, epoch=0)
+                    writer.wait()  # the stall alone is recorded by the writer, not this wait
+                    continue
+                seconds = plain(tmp / "plain.pt", measure == "plain_fsync") if measure.startswith("plain") else durable(i)
+                if i:
+                    times[measure].append(seconds)
+        stall_sync, stall_async = sync_writer.stall_seconds[1:], async_writer.stall_seconds[1:]
+        p, ps, d, ss, sa = (statistics.median(x) for x in (times["plain"], times["plain_fsync"], times["durable"],
+                                                           stall_sync, stall_async))
         out.append((f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p))
         out.append((f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync", f"{ps:.3f} s", f"{d:.3f} s", d / ps))
-        out.append((f"snapshot {label}: training blocked, async vs sync", f"{statistics.median(stall_sync):.3f} s sync",
-                    f"{statistics.median(stall_async):.4f} s async", statistics.median(stall_async) / statistics.median(stall_sync)))
-        for d in ("snaps", "sync", "async"):
-            shutil.rmtree(tmp / d, ignore_errors=True)
+        out.append((f"snapshot {label}: training blocked, async vs sync", f"{ss:.3f} s sync", f"{sa:.4f} s async", sa / ss))
+        for folder in ("snaps", "sync", "async"):
+            shutil.rmtree(tmp / folder, ignore_errors=True)
     return out
 
 
