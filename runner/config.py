@@ -56,8 +56,8 @@ class LaunchConfig:
     rdzv_id: Optional[str] = None  # multinode: job id shared by all nodes
     rdzv_timeout: int = 900  # seconds to wait for all nodes to join
     omp_num_threads: Optional[int] = None  # threads per CPU worker; default: cores / workers
-    # How CPU workers on one machine average gradients: shm (through shared memory, a few
-    # microseconds) | gloo (over local TCP, ~0.5 ms per all-reduce) | auto (shm where it works).
+    # How CPU workers on one machine average gradients: shm (through shared memory: microseconds)
+    # | gloo (over local TCP: a fraction of a millisecond per call) | auto (shm where it works).
     cpu_allreduce: str = "auto"
     topology: str = "pipeline"  # launch=rpc: pipeline | parameter_server
     num_stages: int = 2  # launch=rpc, pipeline: stages the nn.Sequential model is cut into

@@ -32,6 +32,7 @@ from runner.writer import NullWriter, SnapshotWriter
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank waiting longer than this for its peers fails
 
 
 def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
@@ -87,7 +88,7 @@ def _init_distributed(cfg, local_rank: int) -> torch.device:
         device = torch.device("cpu")
     if cfg.runtime.omp_num_threads:
         torch.set_num_threads(int(cfg.runtime.omp_num_threads))
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
+    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     return device
 
@@ -156,7 +157,7 @@ def _shared_memory_allreduce(cfg, ddp_model: DDP, world_size: int):
         return None
     from runner.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
 
-    state = SharedMemoryAllreduce.create(timeout=600.0)
+    state = SharedMemoryAllreduce.create(timeout=COLLECTIVE_TIMEOUT.total_seconds())
     if state is None:
         log.warning("too little room in /dev/shm for shared-memory gradients; averaging them with %s", backend)
         return None
