@@ -166,9 +166,9 @@ class SharedMemoryAllreduce:
             if now > next_check:
                 next_check = now + LIVENESS_EVERY
                 if not _alive(self._peer_pids[peer]):
-                    raise RuntimeError(f"rank {peer} (pid {self._peer_pids[peer]}) exited during the gradient all-reduce")
+                    raise RuntimeError(f"rank {peer} (pid {self._peer_pids[peer]}) exited while this rank waited for it in a shared-memory all-reduce")
                 if now - started > self.timeout:
-                    raise TimeoutError(f"rank {peer} did not reach the gradient all-reduce within {self.timeout:.0f} s")
+                    raise TimeoutError(f"rank {peer} did not reach a shared-memory all-reduce within {self.timeout:.0f} s")
 
 
 def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
