@@ -2,8 +2,8 @@
 
 Why: gloo's all-reduce goes over TCP, and each message is several thread hand-offs (gloo's work
 queue, its socket loop, the waiting caller). On a small CPU model that latency, not the compute,
-sets the step time: about 0.5 ms per all-reduce of a few floats on a 2-core VM, the same again as
-the forward and backward together. Workers on one host can swap gradients through memory instead.
+sets the step time: 0.3-0.7 ms per all-reduce of a few floats on a 2-core VM, more than the
+forward and backward together. Workers on one host can swap gradients through memory instead.
 Gloo itself gained such a path upstream (intra-node SHM all-reduce), and DeepSpeed and vLLM ship
 one for CPUs; the PyTorch wheels do not include gloo's yet, so this module is a DDP comm hook.
 
@@ -13,7 +13,8 @@ sequence number; once every peer has published it, each rank sums all slots in r
 every rank computes bit-identical gradients) and divides by the world size. Two buffers
 alternate: a rank can only start writing call n+2 after every peer published n+1, i.e. after
 every peer finished reading call n. Publishing after the copy relies on stores becoming visible
-in program order, which x86-64 guarantees (TSO); elsewhere the hook is not used. Buckets larger
+in program order, which x86-64 guarantees (TSO; a lock operation in between also drains
+write-combining buffers); elsewhere the hook is not used. Buckets larger
 than a slot (4 MiB, less when /dev/shm is small) go through in slot-sized chunks.
 
 Waiting spins for a moment (the peers are usually microseconds apart), then yields the CPU, then
