@@ -45,10 +45,10 @@ def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] 
 def check_machine(cfg: DictConfig) -> None:
     launch = cfg.launch
     if launch.cpu_allreduce == "shm" and launch.mode in ("standalone", "multinode"):
+        from runner.launch import resolve_runtime
         from runner.shm_allreduce import unavailable_reason
 
-        gpu = launch.backend == "nccl" or (launch.backend == "auto" and torch.cuda.is_available() and str(launch.nproc_per_node) != "cpu")
-        reason = unavailable_reason("cuda" if gpu else "cpu", single_host=launch.mode == "standalone")
+        reason = unavailable_reason(resolve_runtime(launch)["device"], single_host=launch.mode == "standalone")
         if reason:
             raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: {reason}",
                             "auto | gloo", "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
