@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from runner.shm_allreduce import SharedMemoryAllreduce
+from runner.train.shm_allreduce import SharedMemoryAllreduce
 
 SIZES = (12, 256 << 10, 4 << 20, 25 << 20)  # 3 floats (the seed's gradients), ..., DDP's default bucket
 

@@ -134,7 +134,7 @@ def _state_of(nbytes: int) -> dict:
 
 def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
     from runner.snapshot import SnapshotManager
-    from runner.writer import SnapshotWriter
+    from runner.snapshot.writer import SnapshotWriter
 
     out = []
     for label, nbytes in [("10 MB", 10 * 2**20), ("500 MB", 500 * 2**20)]:

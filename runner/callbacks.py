@@ -1,7 +1,8 @@
 """Hydra callback that validates a single run before Hydra creates its output directory.
 
 Hydra calls `on_run_start` after composing the config and before `run_job` makes the run
-directory, so a rejected command leaves nothing behind.
+directory, so a rejected command leaves nothing behind. (Sweep jobs are validated by the task
+itself, which writes their status for the sweep's table.)
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
-
-VALIDATED: set[str] = set()  # run directories that passed preflight in this process
 
 
 class PreflightCallback(Callback):
@@ -32,4 +31,3 @@ class PreflightCallback(Callback):
                 raise
             report_user_error(err)
             raise SystemExit(EXIT_USER_ERROR) from None
-        VALIDATED.add(str(run_dir))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-EXIT_OK = 0
 EXIT_TRAINING_FAILED = 1
 EXIT_USER_ERROR = 2
 

@@ -6,12 +6,9 @@ to the console at INFO, the other ranks only warnings, so the terminal stays rea
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 TRAIN_LOG = "train.log"
 LOG_DIR = "logs"
@@ -109,20 +106,3 @@ def tail(path: Path, lines: int = 10) -> list[str]:
         return Path(path).read_text(errors="replace").splitlines()[-lines:]
     except FileNotFoundError:
         return []
-
-
-class MetricsWriter:
-    """`metrics.jsonl`: one JSON object per epoch, appended and flushed at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
-        """Replace the file with `records` (on resume: drop epochs that will be redone)."""
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra._internal.utils import _locate
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import check_ranges
+from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeWord, Topology, check_ranges, parse_nproc, resume_path
 from runner.errors import UserError
 from runner.rundir import identity, identity_diff
 from runner.snapshot import SnapshotError, SnapshotManager
@@ -43,22 +42,21 @@ def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] 
 
 
 def check_machine(cfg: DictConfig) -> None:
-    launch = cfg.launch
-    if launch.cpu_allreduce == "shm" and launch.mode in ("standalone", "multinode"):
-        from runner.launch import resolve_runtime
-        from runner.shm_allreduce import unavailable_reason
+    from runner.launch.runtime import resolve_runtime
 
-        reason = unavailable_reason(resolve_runtime(launch)["device"], single_host=launch.mode == "standalone")
-        if reason:
-            raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: {reason}",
-                            "auto | gloo", "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
+    launch = cfg.launch
+    nproc = parse_nproc(launch.nproc_per_node)
     if not torch.cuda.is_available():
-        if str(launch.nproc_per_node) == "gpu":
+        if nproc == NprocWord.gpu:
             raise UserError("launch.nproc_per_node", "gpu", "no CUDA device is visible on this machine",
                             "auto | cpu | a positive integer", "use launch.nproc_per_node=auto (or check CUDA_VISIBLE_DEVICES)")
-        if launch.backend == "nccl":
+        if launch.backend == Backend.nccl:
             raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
+    runtime = resolve_runtime(launch)
+    if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and runtime.nproc_per_node > 1:
+        raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: {runtime.allreduce_reason}",
+                        "auto | gloo", "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
 
 
 def _source(group: str, choices: dict[str, str], overrides: tuple) -> str:
@@ -70,8 +68,8 @@ def _source(group: str, choices: dict[str, str], overrides: tuple) -> str:
 def _locate_target(key: str, node: DictConfig, where: str) -> Any:
     target = node.get("_target_")
     try:
-        return _locate(str(target))
-    except Exception as err:  # ImportError, AttributeError, ValueError from _locate
+        return get_object(str(target))
+    except Exception as err:  # ImportError, AttributeError, ValueError from get_object
         reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
         raise UserError(f"{key}._target_", target, f"cannot be imported (set in {where}): {reason}",
                         "a dotted path to an importable class or function, e.g. torch.nn.Linear",
@@ -126,7 +124,7 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if not isinstance(model, torch.nn.Module):
         raise UserError("model._target_", cfg.model._target_, f"builds a {type(model).__name__}, not a torch.nn.Module",
                         "a class or function returning torch.nn.Module")
-    if cfg.launch.mode == "rpc" and cfg.launch.topology == "pipeline":
+    if cfg.launch.mode == LaunchMode.rpc and cfg.launch.topology == Topology.pipeline:
         stages = cfg.launch.num_stages
         if not isinstance(model, torch.nn.Sequential) or len(model) < stages:
             raise UserError("launch.num_stages", stages, f"a pipeline cuts an nn.Sequential into stages; {cfg.model._target_} "
@@ -138,7 +136,7 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
         raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters")
     # Optimizer and scheduler are checked by signature and value, not built: building any torch
     # optimizer imports torch._dynamo, ~1 s of startup the workers pay anyway.
-    opt_cls = _locate(str(cfg.optimizer._target_))
+    opt_cls = get_object(str(cfg.optimizer._target_))
     opt_kwargs = _kwargs(cfg.optimizer)
     _bind("optimizer", cfg.optimizer, where["optimizer"], opt_cls, [params], opt_kwargs)
     for name in ("lr", "momentum", "weight_decay", "eps", "dampening", "alpha"):
@@ -150,7 +148,7 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise UserError("optimizer.betas", betas, f"must be two numbers in [0, 1) (from {where['optimizer']})", "[beta1, beta2], e.g. [0.9, 0.999]")
     if scheduler:
-        _bind("scheduler", scheduler, where["scheduler"], _locate(str(scheduler._target_)), [object()], _kwargs(scheduler))
+        _bind("scheduler", scheduler, where["scheduler"], get_object(str(scheduler._target_)), [object()], _kwargs(scheduler))
     try:
         instantiate(cfg.trainer.loss)
     except Exception as err:
@@ -200,7 +198,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     snap = cfg.snapshot
     resume = str(snap.resume)
     manager = SnapshotManager(run_dir / snap.dir)
-    if resume == "never":
+    if resume == ResumeWord.never:
         return  # the driver archives what is there; nothing to check
     try:
         entries = manager.entries()
@@ -225,9 +223,10 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
                             "at least one snapshot that matches its manifest",
                             "restore the files, or snapshot.resume=never to start over (the invalid files are archived, not deleted)")
         return
-    if resume == "must":
+    if resume == ResumeWord.must:
         raise UserError("snapshot.resume", "must", f"no snapshot in {manager.dir} to resume from",
-                        "auto | never | must | a snapshot file path", "use snapshot.resume=auto to start fresh when there is none")
-    if resume != "auto" and not Path(resume).is_file():
-        raise UserError("snapshot.resume", resume, "no such snapshot file", "auto | never | must | path to an existing snapshot-*.pt",
+                        f"{ResumeWord.words()} | a snapshot file path", "use snapshot.resume=auto to start fresh when there is none")
+    path = resume_path(resume)
+    if path is not None and not path.is_file():
+        raise UserError("snapshot.resume", resume, "no such snapshot file", f"{ResumeWord.words()} | path to an existing snapshot-*.pt",
                         "check the path (relative paths start from the current directory)")

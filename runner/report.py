@@ -16,24 +16,28 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from runner.sweep import read_status
+from runner.tables import format_table
+from runner.train.metrics import METRICS_FILE, read_number
 
 
 def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).rglob("metrics.jsonl") if "archive" not in p.parts)
+    return sorted(p.parent for p in Path(root).rglob(METRICS_FILE) if "archive" not in p.parts)
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    for row in rows:  # a diverged epoch's loss is written as "nan"/"inf" (or null by other writers)
+        row["loss"] = read_number(row.get("loss"))
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     total = None
     if (run_dir / "config.yaml").exists():
         total = OmegaConf.load(run_dir / "config.yaml").trainer.total_epochs
     status = (read_status(run_dir) or {}).get("status") or ("finished" if rows and rows[-1]["epoch"] == total else "partial")
-    losses = [r["loss"] for r in rows]
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
     return {"dir": run_dir, "overrides": overrides, "rows": rows, "status": status,
             "epochs": rows[-1]["epoch"] if rows else 0, "total_epochs": total,
-            "final_loss": losses[-1] if losses else None, "best_loss": min(losses) if losses else None,
+            "final_loss": losses[-1] if losses else None, "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
             "wall": sum(r.get("epoch_seconds") or 0 for r in rows)}
 
 
@@ -48,11 +52,9 @@ def differing_overrides(runs: list[dict]) -> list[str]:
 def table(runs: list[dict]) -> str:
     labels = differing_overrides(runs)
     header = ("run", "overrides", "final loss", "best loss", "epochs", "train s", "status")
-    body = [(r["dir"].name, label, _num(r["final_loss"]), _num(r["best_loss"]),
+    return format_table(header, [(r["dir"].name, label, _num(r["final_loss"]), _num(r["best_loss"]),
              f"{r['epochs']}/{r['total_epochs'] if r['total_epochs'] is not None else '?'}", f"{r['wall']:.1f}", r["status"])
-            for r, label in zip(runs, labels)]
-    widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body])
+            for r, label in zip(runs, labels)])
 
 
 def _num(x: Optional[float]) -> str:

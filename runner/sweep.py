@@ -1,11 +1,11 @@
 """Per-job status for single runs and sweeps, and the table printed at the end of `--multirun`.
 
-Every job writes `status.json` into its run directory (running, finished, failed, stopped,
-invalid config; `skipped` when a re-run found it complete), which `python -m runner.report` reads later. In a sweep, the
-status also carries the sweep's id and the job's number, so the end-of-sweep table can be built
-from the files, whichever process ran the job (the basic launcher runs jobs in the driver,
-hydra/launcher=joblib in worker processes). A failed job does not stop the others; the command
-exits 1 if any failed.
+Every job writes `status.json` into its run directory (running, finished, failed, diverged,
+stopped, invalid config; `skipped` when a re-run found it complete), which `python -m runner.report`
+reads later. In a sweep, the status also carries the sweep's id and the job's number, so the
+end-of-sweep table is built from the files, whichever process ran the job (the basic launcher runs
+jobs in the driver, hydra/launcher=joblib in worker processes). A failed job does not stop the
+others; the command exits 1 if any failed.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 
+from runner.fileio import atomic_write
+from runner.tables import format_table
+
 STATUS_FILE = "status.json"
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"  # set by the driver for the sweep; inherited by launcher workers
-SWEEP_JOBS: list[dict[str, Any]] = []  # the jobs of the sweep that just ended, in job order
+SWEEP_DIR_ENV = "RUNNER_SWEEP_DIR"  # where the sweep's run directories are, for the driver's exit code
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> dict[str, Any]:
@@ -29,9 +32,7 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> dict[str, Any]:
     if os.environ.get(SWEEP_ID_ENV):
         record["sweep_id"] = os.environ[SWEEP_ID_ENV]
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run_dir / STATUS_FILE)
+    atomic_write(run_dir / STATUS_FILE, json.dumps(record, indent=1), durable=False)
     return record
 
 
@@ -51,29 +52,35 @@ def sweep_jobs(root: Path, sweep_id: str) -> list[dict[str, Any]]:
     return sorted(jobs, key=lambda j: j.get("job_num", 0))
 
 
-def any_failed() -> bool:
-    return any(job.get("exit_code") not in (0, None) for job in SWEEP_JOBS)
+def _failed(job: dict[str, Any]) -> bool:
+    return job.get("exit_code") not in (0, None)
+
+
+def ended_sweep_failed() -> bool:
+    """Whether a job of the sweep this process just ran failed (False when it ran no sweep)."""
+    sweep_id, sweep_dir = os.environ.get(SWEEP_ID_ENV), os.environ.get(SWEEP_DIR_ENV)
+    return bool(sweep_id and sweep_dir) and any(_failed(j) for j in sweep_jobs(Path(sweep_dir), sweep_id))
 
 
 def format_jobs(jobs: list[dict[str, Any]]) -> str:
-    header = ("#", "status", "epochs", "final loss", "overrides")
-    rows = [(str(j.get("job_num", i)), j["status"] + (" (skipped)" if j.get("skipped") else ""), str(j["epochs"] if j.get("epochs") is not None else "-"),
-             f"{j['final_loss']:.4g}" if j.get("final_loss") is not None else "-", " ".join(j.get("overrides") or []) or "(defaults)")
+    rows = [(str(j.get("job_num", i)), j["status"] + (" (skipped)" if j.get("skipped") else ""),
+             str(j["epochs"] if j.get("epochs") is not None else "-"),
+             f"{j['final_loss']:.4g}" if isinstance(j.get("final_loss"), (int, float)) else "-",
+             " ".join(j.get("overrides") or []) or "(defaults)")
             for i, j in enumerate(jobs)]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    return format_table(("#", "status", "epochs", "final loss", "overrides"), rows)
 
 
 class SweepReport(Callback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex
+        os.environ[SWEEP_DIR_ENV] = str(Path(str(config.hydra.sweep.dir)).absolute())
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        SWEEP_JOBS[:] = sweep_jobs(sweep_dir, os.environ.get(SWEEP_ID_ENV, ""))
-        if not SWEEP_JOBS:
+        jobs = sweep_jobs(sweep_dir, os.environ.get(SWEEP_ID_ENV, ""))
+        if not jobs:
             return
-        failed = sum(job.get("exit_code") not in (0, None) for job in SWEEP_JOBS)
-        print(f"\nsweep: {len(SWEEP_JOBS)} jobs, {failed} failed (run directories under {sweep_dir}/)")
-        print(format_jobs(SWEEP_JOBS))
+        print(f"\nsweep: {len(jobs)} jobs, {sum(map(_failed, jobs))} failed (run directories under {sweep_dir}/)")
+        print(format_jobs(jobs))
         print(f"details: python -m runner.report {sweep_dir}")

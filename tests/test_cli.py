@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, latest_snapshot, manifest, metrics, run_cli
-from runner.shm_allreduce import unavailable_reason
+from runner.train.shm_allreduce import unavailable_reason
 
 SHM_WORKS = unavailable_reason("cpu", single_host=True) is None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli, start_cli
-from runner.launch import _free_port
+from runner.launch.elastic import _free_port
 
 TASK = ["trainer.total_epochs=4", "trainer.save_every_steps=20", "trainer.progress=false", "model=mlp"]
 

@@ -1,5 +1,6 @@
 """The shared-memory gradient all-reduce: same averages as gloo, the same bits on every rank, safe
-buffer reuse under skew, big buckets in chunks, a dead peer detected fast, nothing left in /dev/shm."""
+buffer reuse under skew, big buckets in chunks, a dead peer detected fast, nothing left in /dev/shm,
+mismatched calls across ranks reported on every rank instead of summed."""
 
 import glob
 import json
@@ -13,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runner import shm_allreduce
-from runner.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
+from runner.train import shm_allreduce
+from runner.train.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
 
 pytestmark = pytest.mark.skipif(shm_allreduce.unavailable_reason("cpu", True) is not None,
                                 reason=str(shm_allreduce.unavailable_reason("cpu", True)))
@@ -114,6 +115,66 @@ def test_shared_memory_allreduce(tmp_path):
             assert f"rank {WORLD - 1}" in rep["dead_peer"] and "exited" in rep["dead_peer"], rep
             assert rep["dead_peer_seconds"] < 2.0, rep
     assert set(glob.glob("/dev/shm/runner-allreduce-*")) == before
+
+
+# Each case: (rank 0's call, rank 1's call) as (numel, dtype, op); every case must raise on both ranks.
+SLOT = 64 << 10
+MISMATCHES = {
+    "size": ((8, torch.float32, "sum"), (4, torch.float32, "sum")),
+    "dtype": ((8, torch.float32, "sum"), (8, torch.float64, "sum")),
+    "op": ((8, torch.float32, "sum"), (8, torch.float32, "max")),
+    # The first chunks are alike (a full slot each); the whole tensors' sizes tell them apart.
+    "chunked_size": ((2 * SLOT // 4 + 7, torch.float32, "sum"), (2 * SLOT // 4, torch.float32, "sum")),
+}
+
+
+def _mismatch_worker(rank: int, store_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    report: dict = {}
+    for case, calls in MISMATCHES.items():
+        state = SharedMemoryAllreduce.create(max_bytes=SLOT)  # a fresh one: a mismatch leaves it unusable
+        matched = state.all_reduce_(torch.full((5,), 1.0 + rank))  # a matching call first: it just works
+        numel, dtype, op = calls[rank]
+        try:
+            state.all_reduce_(torch.ones(numel, dtype=dtype), op=op)
+            report[case] = "no error"
+        except RuntimeError as err:
+            report[case] = str(err)
+        report[f"{case}_matched"] = matched.tolist()
+        del state
+    dist.barrier()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def test_mismatched_calls_raise_on_every_rank(tmp_path):
+    mp.start_processes(_mismatch_worker, args=(str(tmp_path), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    expected = {
+        "size": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 4 float32 elements (sum)",
+        "dtype": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 8 float64 elements (sum)",
+        "op": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 8 float32 elements (max)",
+        "chunked_size": (f"rank 0 reduces {2 * SLOT // 4 + 7} float32 elements (sum), a chunk of {SLOT // 4} of them, "
+                         f"rank 1 reduces {2 * SLOT // 4} float32 elements (sum), a chunk of {SLOT // 4} of them"),
+    }
+    for rank, rep in enumerate(reports):
+        for case, calls in expected.items():
+            message = rep[case]
+            assert message.startswith("shared-memory all-reduce mismatch at call 2: "), (rank, case, message)
+            assert calls in message and "same order" in message, (rank, case, message)
+            assert rep[f"{case}_matched"] == [3.0] * 5, (rank, case, rep)
+
+
+def test_too_little_room_in_dev_shm_is_a_reason(monkeypatch):
+    class Tiny:  # 1 MiB free: a quarter of it cannot hold two ranks' double buffers of 64 KiB slots
+        f_bavail, f_frsize = 256, 4096
+
+    if shm_allreduce.unavailable_reason("cpu", True) is None:
+        monkeypatch.setattr(shm_allreduce.os, "statvfs", lambda path: Tiny())
+        assert shm_allreduce.unavailable_reason("cpu", True) == "too little free room in /dev/shm (1 MiB free)"
+    assert shm_allreduce.unavailable_reason("cuda", True) == "the workers train on GPUs (NCCL is used)"
 
 
 def test_auto_choice_follows_the_machine():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from runner import rng
+from runner.train import rng
 from runner.data import RegressionDataset
 from runner.rundir import identity, identity_diff, run_dir_name
-from runner.sampler import ResumableDistributedSampler
+from runner.train.sampler import ResumableDistributedSampler
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -7,7 +7,7 @@ import torch
 
 from runner import snapshot as snap
 from runner.snapshot import SnapshotManager
-from runner.writer import SnapshotWriter
+from runner.snapshot.writer import SnapshotWriter
 
 
 class FailingManager(SnapshotManager):

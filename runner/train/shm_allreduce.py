@@ -15,7 +15,17 @@ alternate: a rank can only start writing call n+2 after every peer published n+1
 every peer finished reading call n. Publishing after the copy relies on stores becoming visible
 in program order, which x86-64 guarantees (TSO; a lock operation in between also drains
 write-combining buffers); elsewhere the hook is not used. Buckets larger
-than a slot (4 MiB, less when /dev/shm is small) go through in slot-sized chunks.
+than a slot (4 MiB, less when /dev/shm is small) go through in slot-sized chunks; each chunk is
+a call of its own (it has its own sequence number).
+
+Every rank must make the same calls in the same order. That is checked, not trusted: with its
+sequence number each rank publishes what it reduces (the chunk's and the whole tensor's element
+counts, the dtype, the op), written before the sequence number so that a peer which sees the
+number also sees the description (the same TSO reasoning as for the data). A rank that finds a
+peer's description different from its own raises a RuntimeError naming both calls, on both sides,
+instead of summing mismatched bytes. Descriptions alternate between two places by call parity,
+like the buffers: a peer that sees call n published can be at most at call n+1, so the
+description of call n stays in place until every rank has read it.
 
 Waiting spins for a moment (the peers are usually microseconds apart), then yields the CPU, then
 sleeps, checking that every peer process is still alive: a peer that crashed makes this rank fail
@@ -38,6 +48,12 @@ SHM_DIR = "/dev/shm"
 DEFAULT_MAX_BYTES = 4 << 20  # per slot; larger tensors go through in chunks
 MIN_SLOT_BYTES = 64 << 10
 FLAG_STRIDE = 8  # int64s per rank's flag: one 64-byte cache line each, no false sharing
+# A rank's flag line: [sequence number, then per call parity p: words 1+2p (the whole tensor's
+# element count) and 2+2p (the chunk's element count << 16 | dtype code << 8 | op code)].
+_OPS = ("sum", "max")
+# Codes for every dtype this torch knows, in a fixed order (the ranks share one torch build); 0: none.
+_DTYPES = tuple(sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str))
+assert len(_DTYPES) < 255
 SPIN_SECONDS = 0.001
 YIELD_SECONDS = 0.02
 SLEEP_SECONDS = 0.0002
@@ -54,6 +70,9 @@ def unavailable_reason(device: str, single_host: bool) -> Optional[str]:
         return f"it needs Linux with {SHM_DIR}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "it relies on x86-64's store ordering"
+    if not _fit_slot_bytes(DEFAULT_MAX_BYTES, 2):  # even the smallest segment (two ranks) would not fit
+        stat = os.statvfs(SHM_DIR)
+        return f"too little free room in {SHM_DIR} ({stat.f_bavail * stat.f_frsize >> 20} MiB free)"
     return None
 
 
@@ -71,12 +90,14 @@ class SharedMemoryAllreduce:
         self._flags = words[: FLAG_STRIDE * self.world_size].numpy()
         self._pids = words[FLAG_STRIDE * self.world_size:].numpy()
         self._data = memory[header:]
-        self._views: dict[tuple, list[torch.Tensor]] = {}
+        # (dtype, numel, parity) -> (the ranks' slot views, the chunk's description word without the op)
+        self._views: dict[tuple, tuple[list[torch.Tensor], int]] = {}
         self.seq = 0
         self._fence = threading.Lock()
         self._pids[self.rank * FLAG_STRIDE] = os.getpid()
         dist.barrier(group)  # every pid is written before anyone waits on a peer
         self._peers = [p for p in range(self.world_size) if p != self.rank]
+        self._peer_lines = [(p, p * FLAG_STRIDE) for p in self._peers]
         self._peer_pids = {p: int(self._pids[p * FLAG_STRIDE]) for p in self._peers}
 
     @classmethod
@@ -104,16 +125,16 @@ class SharedMemoryAllreduce:
                 os.unlink(path)
         return cls(memory, slot_bytes, timeout, group)
 
-    def _slots(self, buffer: torch.Tensor, parity: int) -> list[torch.Tensor]:
+    def _slots(self, buffer: torch.Tensor, parity: int) -> tuple[list[torch.Tensor], int]:
         key = (buffer.dtype, buffer.numel(), parity)
-        views = self._views.get(key)
-        if views is None:
+        entry = self._views.get(key)
+        if entry is None:
             nbytes = buffer.numel() * buffer.element_size()
             start = parity * self.world_size * self.slot_bytes
             views = [self._data[start + r * self.slot_bytes: start + r * self.slot_bytes + nbytes].view(buffer.dtype)
                      for r in range(self.world_size)]
-            self._views[key] = views
-        return views
+            entry = self._views[key] = (views, buffer.numel() << 16 | (_DTYPES.index(buffer.dtype) + 1) << 8)
+        return entry
 
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.is_contiguous()
@@ -123,28 +144,52 @@ class SharedMemoryAllreduce:
         Collective; `tensor` must `fit`. Tensors larger than a slot go through in slot-sized chunks."""
         if self.world_size == 1:
             return tensor
+        if op == "sum":
+            op_code, combine = 0, torch.add
+        elif op == "max":
+            op_code, combine = 1, torch.maximum
+        else:
+            raise ValueError(f"op must be 'sum' or 'max', not {op!r}")
         flat = tensor.view(-1)
+        total = flat.numel()
         per_chunk = max(1, self.slot_bytes // flat.element_size())
-        for start in range(0, flat.numel(), per_chunk):
-            self._reduce_chunk(flat[start: start + per_chunk], op)
+        # An empty tensor still makes one (empty) call, so that it is matched against the peers' calls.
+        for start in range(0, max(total, 1), per_chunk):
+            self._reduce_chunk(flat[start: start + per_chunk], total, op_code, combine)
         return tensor
 
-    def _reduce_chunk(self, flat: torch.Tensor, op: str) -> None:
+    def _reduce_chunk(self, flat: torch.Tensor, total: int, op_code: int, combine) -> None:
         self.seq += 1
-        slots = self._slots(flat, self.seq & 1)
+        parity = self.seq & 1
+        slots, shape_word = self._slots(flat, parity)
         slots[self.rank].copy_(flat)
-        # Publish only after the copy is visible: a lock operation is a LOCK-prefixed instruction,
-        # which also drains write-combining buffers (should the copy use non-temporal stores),
-        # and x86-64 keeps the flag's store after it (TSO).
+        # Describe the call, then publish. Publish only after the copy and the description are
+        # visible: a lock operation is a LOCK-prefixed instruction, which also drains
+        # write-combining buffers (should the copy use non-temporal stores), and x86-64 keeps the
+        # flag's store after the earlier ones (TSO).
+        flags, word = self._flags, shape_word | op_code
+        own = self.rank * FLAG_STRIDE + 1 + 2 * parity
+        flags[own] = total
+        flags[own + 1] = word
         with self._fence:
-            self._flags[self.rank * FLAG_STRIDE] = self.seq
-        for peer in self._peers:
-            if self._flags[peer * FLAG_STRIDE] < self.seq:
+            flags[self.rank * FLAG_STRIDE] = self.seq
+        for peer, line in self._peer_lines:
+            if flags[line] < self.seq:
                 self._wait_for(peer)
-        combine = torch.add if op == "sum" else torch.maximum
+            # x86-64 does not reorder loads: having seen the sequence number, this reads the
+            # description written before it (the peer cannot overwrite it before this rank's next call).
+            described = line + 1 + 2 * parity
+            if flags[described] != total or flags[described + 1] != word:
+                self._mismatch(peer, int(flags[described]), int(flags[described + 1]), total, word)
         combine(slots[0], slots[1], out=flat)
         for r in range(2, self.world_size):
             combine(flat, slots[r], out=flat)
+
+    def _mismatch(self, peer: int, peer_total: int, peer_word: int, total: int, word: int) -> None:
+        calls = {self.rank: _describe(total, word), peer: _describe(peer_total, peer_word)}
+        named = ", ".join(f"rank {r} reduces {calls[r]}" for r in sorted(calls))
+        raise RuntimeError(f"shared-memory all-reduce mismatch at call {self.seq}: {named}; "
+                           "every rank must make the same collective calls in the same order")
 
     def allreduce_mean_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Average `buffer` over all ranks, in place; every rank gets the same bits."""
@@ -182,6 +227,15 @@ def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) ->
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(state.allreduce_mean_(buffer))
     return future
+
+
+def _describe(total: int, word: int) -> str:
+    """A call as published in a flag line, in words: "1024 float32 elements (sum)"."""
+    chunk, dtype_code, op_code = word >> 16, word >> 8 & 0xFF, word & 0xFF
+    dtype = str(_DTYPES[dtype_code - 1]).removeprefix("torch.") if 0 < dtype_code <= len(_DTYPES) else f"dtype #{dtype_code}"
+    op = _OPS[op_code] if op_code < len(_OPS) else f"op #{op_code}"
+    text = f"{total} {dtype} elements ({op})"
+    return text if chunk == total else f"{text}, a chunk of {chunk} of them"
 
 
 def _alive(pid: int) -> bool:

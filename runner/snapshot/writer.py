@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from runner.snapshot import SnapshotManager
+from runner.snapshot.manager import SnapshotManager
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,11 @@ into the plain model.
 from __future__ import annotations
 
 import threading
-from typing import Any
-
 import torch
 import torch.distributed.rpc as rpc
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.distributed.optim import DistributedOptimizer
 
 
 def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
@@ -65,6 +64,9 @@ class ModuleShard(torch.nn.Module):
                     x = part(x)
         return x
 
+    def parameters_finite(self) -> bool:
+        return all(bool(p.isfinite().all()) for p in self.parameters())
+
     def parameter_rrefs(self) -> list[rpc.RRef]:
         return [rpc.RRef(p) for p in self.parameters()]
 
@@ -91,15 +93,39 @@ class LocalOptimizer:
     so its state_dict goes into snapshots like in DDP mode.
     """
 
-    def __new__(cls, params, target: str, **kwargs: Any):
-        from hydra._internal.utils import _locate
-
-        return _locate(target)(params, **kwargs)
+    def __new__(cls, params, optimizer_cfg: dict):
+        return instantiate(OmegaConf.create(optimizer_cfg))(params)  # conf/optimizer entries are _partial_
 
 
-def optimizer_state(optim_rref: rpc.RRef) -> dict:
+def _optimizer_state(optim_rref: rpc.RRef) -> dict:
     return optim_rref.local_value().optim.state_dict()
 
 
-def load_optimizer_state(optim_rref: rpc.RRef, state: dict) -> None:
+def _load_optimizer_state(optim_rref: rpc.RRef, state: dict) -> None:
     optim_rref.local_value().optim.load_state_dict(state)
+
+
+def _learning_rate(optim_rref: rpc.RRef) -> float:
+    return float(optim_rref.local_value().optim.param_groups[0]["lr"])
+
+
+class RemoteOptimizer:
+    """A DistributedOptimizer over `param_rrefs`, built from the optimizer config on each owner,
+    with the state_dict / load_state_dict / learning rate the loop's snapshots and metrics need."""
+
+    def __init__(self, param_rrefs: list, optimizer_cfg: dict) -> None:
+        self.optimizer = DistributedOptimizer(LocalOptimizer, param_rrefs, optimizer_cfg=optimizer_cfg)
+
+    def step(self, context_id: int) -> None:
+        self.optimizer.step(context_id)
+
+    def state_dict(self) -> dict:
+        return {"per_owner": [rpc.rpc_sync(o.owner(), _optimizer_state, args=(o,)) for o in self.optimizer.remote_optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizer.remote_optimizers, state["per_owner"]):
+            rpc.rpc_sync(o.owner(), _load_optimizer_state, args=(o, s))
+
+    def learning_rate(self) -> float:
+        first = self.optimizer.remote_optimizers[0]
+        return rpc.rpc_sync(first.owner(), _learning_rate, args=(first,))

@@ -1,0 +1,371 @@
+"""`python -m runner <overrides>`: compose, validate, lock and prepare the run directory, launch, report.
+
+The driver never trains (except with launch=local, where it is the only worker): it checks the
+config before any worker starts, decides the runtime once, writes the resolved config for the
+workers, hands them to the elastic agent, then prints a summary or the failing rank's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from runner import sweep
+from runner.config import LaunchMode, ResumeWord, register_schema, resume_path
+from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
+from runner.rundir import run_dir_name, write_run_files
+from runner.system import peak_rss_mb
+
+log = logging.getLogger("runner")
+
+
+def _run_dir_name_resolver(name, overrides) -> str:
+    items = list(overrides) if isinstance(overrides, (list, ListConfig)) else []
+    return run_dir_name(name, items)
+
+
+register_schema()
+OmegaConf.register_new_resolver("run_dir_name", _run_dir_name_resolver, replace=True)
+
+
+class Driver:
+    """One command: Hydra runs `task` once (or once per sweep job); `main` turns the outcome into
+    the process's exit code."""
+
+    def __init__(self) -> None:
+        self.task_started = False
+
+    def task(self, cfg: DictConfig) -> int:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        self.task_started = True
+        try:
+            code = run(cfg)
+        except SignalException as err:  # a stop signal outside the agent's watch: still a stop, never "next job"
+            code = _report_stopped(Path(HydraConfig.get().runtime.output_dir), int(err.sigval), cfg)
+        if code and (HydraConfig.get().mode == RunMode.RUN or code >= 128):
+            raise SystemExit(code)  # a single run's exit code; in a sweep, a stop (Ctrl-C, SIGTERM) ends the sweep
+        return code  # in a sweep, a failed job is reported and the next one starts
+
+    def main(self) -> None:
+        """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
+        try:
+            hydra.main(version_base="1.3", config_path="pkg://runner.conf", config_name="config")(self.task)()
+        except SystemExit as exit_:
+            if exit_.code == 1 and not self.task_started:
+                raise SystemExit(EXIT_USER_ERROR) from None
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        else:
+            code = EXIT_TRAINING_FAILED if sweep.ended_sweep_failed() else 0
+        if self.task_started and not full_errors_requested():
+            _exit_now(code)
+        raise SystemExit(code)
+
+
+def run(cfg: DictConfig) -> int:
+    """One job: validate (unless the preflight callback did), lock, prepare, launch, report. Returns an exit code."""
+    from runner import preflight
+    from runner.lock import RunDirLock
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
+    overrides = list(hydra_cfg.overrides.task)
+    job = {"overrides": overrides, "job_num": int(hydra_cfg.job.get("num") or 0)}
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    lock = RunDirLock(run_dir, shared=cfg.launch.mode == LaunchMode.multinode)
+    try:
+        if multirun or "preflight" not in (hydra_cfg.get("callbacks") or {}):  # single runs: validated before Hydra made the directory
+            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides))
+        lock.acquire()
+    except UserError as err:
+        if full_errors_requested():
+            raise
+        report_user_error(err)
+        if multirun:  # the sweep's table lists the job
+            sweep.write_status(run_dir, "invalid config", exit_code=EXIT_USER_ERROR, **job)
+        else:
+            _remove_if_empty(run_dir)
+        return EXIT_USER_ERROR
+    try:
+        return _run_locked(cfg, run_dir, hydra_cfg, job)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
+    finished = _finished_entry(cfg, run_dir)
+    if finished is not None:
+        print(f"{_short(run_dir)}: already complete ({finished['file']}, epoch {finished['epoch']} of "
+              f"{cfg.trainer.total_epochs}); nothing to run. Raise trainer.total_epochs to train on, "
+              f"or pass snapshot.resume=never to start over.")
+        previous = sweep.read_status(run_dir) or {}
+        sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
+                           final_loss=previous.get("final_loss"), **job)
+        return 0
+    from runner.logs import add_driver_log_file
+
+    runtime = _prepare_run_dir(cfg, run_dir, hydra_cfg, job)
+    handler = add_driver_log_file(run_dir)
+    try:
+        code, summary = _launch_and_report(cfg, run_dir, runtime)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    status = summary.get("status") if summary.get("status") == "diverged" else \
+        ("finished" if code == 0 else ("stopped" if code >= 128 else "failed"))
+    sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")})
+    if code - 128 in (signal.SIGUSR1, signal.SIGUSR2):
+        _requeue_if_preempted(code - 128)
+    return code
+
+
+def _requeue_if_preempted(signum: int) -> None:
+    """A preemption notice under submitit/SLURM: the snapshot is on disk; now let submitit requeue.
+
+    The agent replaced submitit's handler while it ran and the runner restored it afterwards, so
+    calling it here does what the signal would have done (checkpoint + requeue; it exits)."""
+    handler = signal.getsignal(signum)
+    if callable(handler) and any(k.startswith("SUBMITIT_") for k in os.environ):
+        log.warning("preempted (%s): snapshot written, requeueing the job", signal.Signals(signum).name)
+        handler(signum, None)
+
+
+def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
+    """The run's newest snapshot if it loads and already covers trainer.total_epochs (re-invoking does nothing)."""
+    from runner.snapshot import SnapshotManager
+
+    if cfg.snapshot.resume == ResumeWord.never:
+        return None
+    manager = SnapshotManager(run_dir / cfg.snapshot.dir)
+    entry, _ = manager.newest_loadable_entry() if manager.manifest_path.exists() else (None, [])
+    return entry if entry is not None and entry["epoch"] >= cfg.trainer.total_epochs else None
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict):
+    from runner.launch import resolve_runtime
+
+    runtime = resolve_runtime(cfg.launch, **_parallel_share(hydra_cfg))
+    with open_dict(cfg):
+        cfg.runtime = runtime.as_dict()
+        path = resume_path(cfg.snapshot.resume)
+        if path is not None:
+            cfg.snapshot.resume = str(path.absolute())
+    if cfg.snapshot.resume == ResumeWord.never:
+        _archive_previous_run(run_dir, cfg.snapshot.dir)
+    write_run_files(run_dir, cfg, hydra_cfg)
+    sweep.write_status(run_dir, "running", exit_code=None, **job)
+    return runtime
+
+
+def _parallel_share(hydra_cfg) -> dict:
+    """With hydra/launcher=joblib, jobs run side by side: each gets its share of cores and GPUs."""
+    launcher = hydra_cfg.get("launcher") or {}
+    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
+        return {}
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    from runner.system import usable_cores
+
+    parallel = usable_cores() if n_jobs < 1 else n_jobs  # joblib: -1 = one per core
+    return {"parallel_jobs": parallel, "slot": int(hydra_cfg.job.get("num") or 0) % parallel}
+
+
+def _launch_and_report(cfg: DictConfig, run_dir: Path, runtime) -> tuple[int, dict]:
+    from runner.launch import launch
+    from runner.train.session import stop_marker
+
+    log.info("run directory %s: %s, launch=%s", _short(run_dir), runtime.describe(), cfg.launch.mode)
+    stop_marker(run_dir).unlink(missing_ok=True)
+    started = time.perf_counter()
+    try:
+        summary = launch(cfg, run_dir, runtime) or {}
+    except UserError as err:  # raised inside launch=local
+        report_user_error(err)
+        return EXIT_USER_ERROR, {}
+    except BaseException as err:
+        return _report_failure(err, cfg, run_dir), {}
+    if summary.get("status") == "diverged":
+        return _report_diverged(summary, cfg, run_dir), summary
+    _print_summary(run_dir, summary, time.perf_counter() - started, cfg)
+    return 0, summary
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    try:
+        run_dir.rmdir()  # only succeeds when Hydra created it empty for this rejected job
+    except OSError:
+        pass
+
+
+def _archive_previous_run(run_dir: Path, snapshot_dir: str) -> None:
+    """snapshot.resume=never: start over, but keep (never delete) the previous snapshots and metrics."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (snapshot_dir, "metrics.jsonl"):
+        src = run_dir / name
+        if src.exists():
+            dst = run_dir / "archive" / stamp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            moved.append(str(dst))
+    if moved:
+        log.info("snapshot.resume=never: previous snapshots and metrics moved to %s", _short(run_dir / "archive" / stamp))
+
+
+def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -> None:
+    if not summary:
+        print(f"done: this node's workers finished; rank 0's node reports the summary ({_short(run_dir)})")
+        return
+    loss = summary.get("final_loss")
+    sps = summary.get("samples_per_s")
+    resumed = summary.get("resumed_from")
+    snapshot = summary.get("snapshot")
+    lines = [
+        f"run directory : {_short(run_dir)}",
+        f"epochs        : {summary.get('epochs')} ({summary.get('steps')} steps, {summary.get('world_size')} workers)"
+        + (f", resumed from {resumed['file']} at epoch {resumed['epoch']} step {resumed['step']}" if resumed else ""),
+        f"final loss    : {loss:.6g}" if loss is not None else "final loss    : n/a",
+        (f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a")
+        + (" (gradients through shared memory)" if summary.get("allreduce") == "shm" else ""),
+        f"wall time     : {wall:.1f} s",
+        f"peak memory   : driver {peak_rss_mb():.0f} MB, rank 0 {summary.get('peak_rss_mb', 0):.0f} MB",
+        f"snapshot      : {_short(run_dir / cfg.snapshot.dir / snapshot)}" if snapshot else "snapshot      : none written",
+    ]
+    if summary.get("skipped_steps"):
+        lines.insert(3, f"skipped steps : {summary['skipped_steps']} (non-finite gradients, trainer.on_nonfinite=skip)")
+    print("\n".join(lines))
+
+
+def _newest_snapshot(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
+    from runner.snapshot import SnapshotError, SnapshotManager
+
+    try:
+        return SnapshotManager(run_dir / cfg.snapshot.dir).newest_valid_entry()[0]
+    except SnapshotError:
+        return None
+
+
+def _resume_point(cfg: Optional[DictConfig], run_dir: Path) -> str:
+    entry = _newest_snapshot(cfg, run_dir) if cfg is not None else None
+    if entry is None:
+        return "there is no snapshot yet: it starts from scratch"
+    return f"it resumes from {entry['file']} (epoch {entry['epoch']}, step {entry['step']})"
+
+
+def _report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None) -> int:
+    """Say what is on disk: the stop's own snapshot only when the workers wrote it."""
+    import json
+
+    from runner.train.session import stop_marker
+
+    name = signal.Signals(signum).name if signum else "a signal"
+    try:
+        written = json.loads(stop_marker(run_dir).read_text())
+    except (OSError, ValueError):
+        written = None
+    if written:
+        print(f"Stopped by {name}: a snapshot of the last step ({written['file']}, step {written['step']}) is in "
+              f"{_short(run_dir)}; run the same command again to resume.", file=sys.stderr)
+    else:
+        timeout = f" within launch.stop_timeout={cfg.launch.stop_timeout} s" if cfg is not None else ""
+        print(f"Stopped by {name}: the workers did not write a snapshot after the signal (they did not reach a step "
+              f"boundary{timeout}); run the same command again: {_resume_point(cfg, run_dir)}.", file=sys.stderr)
+    return 128 + (signum or 15)
+
+
+def _report_diverged(summary: dict, cfg: DictConfig, run_dir: Path) -> int:
+    last = summary.get("last_snapshot")
+    kept = f"the last finite snapshot is {last}" if last else f"no snapshot of this attempt was written; {_resume_point(cfg, run_dir)}"
+    print(f"Error: training diverged: {summary.get('what')} is not finite at step {summary.get('step')} "
+          f"(trainer.on_nonfinite=stop); {kept}.\n"
+          f"  fix: lower optimizer.lr (now {cfg.optimizer.get('lr', '?')}), or pass trainer.on_nonfinite=skip to skip "
+          f"such steps; snapshot.resume=never starts over", file=sys.stderr)
+    return EXIT_TRAINING_FAILED
+
+
+def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
+    """Training failed: the failing rank, its exception and the tail of its log, not agent noise."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from runner.logs import TRAIN_LOG, rank_log_path, tail
+    from runner.train.stop import Stopped
+
+    if isinstance(err, Stopped):  # launch=local: the driver itself was the worker
+        return _report_stopped(run_dir, err.signum, cfg)
+    if isinstance(err, (SignalException, KeyboardInterrupt)):
+        signum = getattr(err, "sigval", None)
+        return _report_stopped(run_dir, int(signum) if signum is not None else signal.SIGINT, cfg)
+    if full_errors_requested():
+        import traceback
+
+        traceback.print_exception(err)
+    rank = 0
+    if isinstance(err, ChildFailedError):
+        rank, failure = err.get_first_failure()
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", str(message))
+        text = str(message).strip().splitlines()
+        what = text[0] if text else f"exit code {failure.exitcode}"
+        if failure.exitcode < 0 and "Signal" not in what:
+            what = f"killed by signal {-failure.exitcode}"
+    elif isinstance(err, OSError) and err.strerror:
+        what = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    else:
+        what = f"{type(err).__name__}: {err}"
+    full = _disk_full(run_dir)
+    if full and "No space left on device" not in what:
+        what = f"No space left on device: {full} (then: {what})"
+    restarts = cfg.launch.max_restarts
+    log_path = rank_log_path(run_dir, rank)
+    lines = [f"Error: training failed on rank {rank}" + (f" (after {restarts} restarts)" if restarts and cfg.launch.mode != LaunchMode.local else "")
+             + f": {what}"]
+    last = [line for line in tail(log_path, 60) if line.strip()][-8:]
+    if last:
+        lines.append(f"  last lines of {_short(log_path)}:")
+        lines += [f"    {line[:300]}" for line in last]
+    lines.append(f"  full logs: {_short(log_path)} (all ranks: {_short(run_dir / TRAIN_LOG)})")
+    print("\n".join(lines), file=sys.stderr)
+    return EXIT_TRAINING_FAILED
+
+
+def _disk_full(run_dir: Path) -> Optional[str]:
+    """The run directory's filesystem when it has (almost) no room left: the likeliest cause of a
+    failure whose own report could not be written (torch's error file is empty on a full disk)."""
+    try:
+        return f"the filesystem of {_short(run_dir)} has {shutil.disk_usage(run_dir).free >> 10} KiB free" \
+            if shutil.disk_usage(run_dir).free < (1 << 20) else None
+    except OSError:
+        return None
+
+
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown of torch and the elastic agent (~0.4 s).
+
+    Safe here: every job has finished, every snapshot was awaited, and logs are flushed below."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    Driver().main()

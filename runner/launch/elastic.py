@@ -1,0 +1,119 @@
+"""Start the workers: torch's elastic agent (torchrun's engine) called from Python, or in-process.
+
+The driver hands `runner.train.worker.main` (or the RPC roles' entry point) to `elastic_launch`
+with the runtime decided in `runner.launch.runtime`. The agent sets RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR/PORT, restarts the worker group when a worker dies, and forwards SIGTERM/SIGINT to the
+workers, which snapshot and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from runner.config import LaunchMode, parse_nnodes
+from runner.errors import full_errors_requested
+from runner.launch.runtime import Runtime
+
+log = logging.getLogger(__name__)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def launch(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:
+    """Run the job to completion; returns rank 0's summary. Raises the agent's errors."""
+    if cfg.launch.mode == LaunchMode.local:
+        return _launch_in_process(run_dir)
+    return _launch_elastic(cfg, run_dir, runtime)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_in_process(run_dir: Path) -> dict[str, Any]:
+    """launch=local: this very process is rank 0 of 1, so breakpoints and debuggers just work."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from runner.train import worker
+
+    try:
+        return worker.main(str(run_dir), in_driver=True)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    launch = cfg.launch
+    if launch.mode == LaunchMode.multinode:
+        min_nodes, max_nodes = parse_nnodes(launch.nnodes)
+        endpoint = launch.rdzv_endpoint
+        run_id = launch.rdzv_id or run_dir.name
+        rdzv_configs: dict[str, Any] = {"timeout": launch.rdzv_timeout}
+        if launch.node_rank is not None:
+            rdzv_configs["rank"] = launch.node_rank
+    else:  # standalone: torchrun --standalone, a private rendezvous on a free local port
+        min_nodes = max_nodes = 1
+        endpoint = "localhost:0"
+        run_id = str(uuid.uuid4())
+        rdzv_configs = {"timeout": launch.rdzv_timeout}
+    return LaunchConfig(
+        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id,
+        rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
+        max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
+        shutdown_timeout=launch.stop_timeout,
+        signals_to_handle=",".join(s.name for s in FORWARDED_SIGNALS),  # forwarded to the workers
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+    )
+
+
+def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:
+    from torch.distributed.launcher.api import elastic_launch
+
+    # multiprocessing's resource tracker (a helper process) warns about the agent's semaphores at
+    # exit; it inherits warning filters from sys.warnoptions.
+    if "ignore::UserWarning:multiprocessing.resource_tracker" not in sys.warnoptions:
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
+    # (a known upstream problem); a store of their own makes restarts reliable.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    if not full_errors_requested():  # the driver reports failures itself, in a few lines
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if runtime.cuda_visible_devices is not None:  # this job's share of the GPUs, read by its workers
+        os.environ["CUDA_VISIBLE_DEVICES"] = runtime.cuda_visible_devices
+    if runtime.omp_num_threads:
+        os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # Inside a joblib (loky) sweep worker: children would try to start with "loky" and fail.
+        multiprocessing.set_start_method("spawn", force=True)
+    config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
+    handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    try:
+        if cfg.launch.mode == LaunchMode.rpc:
+            from runner.train.rpc.worker import main as entrypoint
+        else:
+            from runner.train.worker import main as entrypoint
+        results = elastic_launch(config, entrypoint)(str(run_dir))
+    finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return next((r for _, r in sorted(results.items()) if r), None) if results else None

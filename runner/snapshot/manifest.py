@@ -1,0 +1,128 @@
+"""The manifest's schema: which entries may be trusted, opened or deleted at all.
+
+The manifest lives in the run directory, so whoever can write there can write it. An entry is only
+ever allowed to name one of our own files directly inside the snapshot directory
+(snapshot-<digits>.pt); an entry that breaks the schema is reported and dropped, so it is never
+opened, never trusted as "the newest version" and never deleted by retention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from runner.snapshot.format import SnapshotError
+
+FILE_PATTERN = re.compile(r"snapshot-[0-9]+\.pt")  # [0-9], not \d: no other scripts' digits
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+REQUIRED_COUNTS = ("step", "epoch", "size")
+
+
+def parse_manifest(data: Union[bytes, str], origin: Union[Path, str]) -> dict[str, Any]:
+    """The parsed manifest; SnapshotError (one line, naming `origin`) for anything that is not one."""
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise SnapshotError(f"{origin} is not a valid manifest (not JSON: {_one_line(err)})") from None
+    check_top_level(manifest, origin)
+    return manifest
+
+
+def check_top_level(manifest: Any, origin: Union[Path, str]) -> None:
+    """Refuse a manifest whose shape is wrong as a whole: nothing in it can be trusted."""
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"{origin} is not a valid manifest (top level is {_kind(manifest)}, not an object)")
+    if "snapshots" not in manifest:
+        raise SnapshotError(f"{origin} is not a valid manifest (no 'snapshots' list)")
+    if not isinstance(manifest["snapshots"], list):
+        raise SnapshotError(f"{origin} is not a valid manifest ('snapshots' is {_kind(manifest['snapshots'])}, not a list)")
+
+
+def validate_manifest(manifest: Any, origin: Union[Path, str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(valid entries in manifest order, one problem per invalid entry).
+
+    SnapshotError when the top level is wrong; a bad entry is only reported, so one tampered or
+    damaged entry does not hide the good versions beside it. A second entry naming a file already
+    named is invalid too: retention deletes by file name, so two entries must never share one."""
+    check_top_level(manifest, origin)
+    valid, problems, seen = [], [], set()
+    for index, entry in enumerate(manifest["snapshots"]):
+        problem = entry_problem(entry)
+        if problem is None and entry["file"] in seen:
+            problem = "another entry already names this file"
+        if problem is not None:
+            problems.append(f"{origin}: ignoring entry {index} ({describe(entry)}): {problem}")
+            continue
+        seen.add(entry["file"])
+        valid.append(entry)
+    return valid, problems
+
+
+def entry_problem(entry: Any) -> Optional[str]:
+    """Why `entry` breaks the schema, or None when it may be used."""
+    if not isinstance(entry, dict):
+        return f"an entry must be an object, not {_kind(entry)}"
+    problem = file_name_problem(entry.get("file"))
+    if problem is not None:
+        return problem
+    for key in REQUIRED_COUNTS:
+        if not _is_count(entry.get(key)):
+            return f"{key!r} must be an integer >= 0, not {_shown(entry.get(key))}"
+    sha = entry.get("sha256")
+    if not (isinstance(sha, str) and SHA256_PATTERN.fullmatch(sha)):
+        return f"'sha256' must be 64 lowercase hex digits, not {_shown(sha)}"
+    return _optional_problem(entry)
+
+
+def file_name_problem(name: Any) -> Optional[str]:
+    """Why `name` may not be opened or deleted inside the snapshot directory, or None.
+
+    Only a bare name of our own pattern passes, so no entry can reach outside the directory
+    (`../x`, `/etc/x`, `a/b`, NUL tricks) or name a file the runner did not write."""
+    if not isinstance(name, str):
+        return f"'file' must be a file name, not {_shown(name)}"
+    if "\x00" in name or "/" in name or "\\" in name or name in (".", "..") or Path(name).is_absolute():
+        return f"'file' must be a plain file name inside the snapshot directory, not {_shown(name)}"
+    if not FILE_PATTERN.fullmatch(name):
+        return f"'file' must look like snapshot-<step>.pt, not {_shown(name)}"
+    return None
+
+
+def describe(entry: Any) -> str:
+    """A short name for an entry in a warning: its file when it has one."""
+    if isinstance(entry, dict) and "file" in entry:
+        return f"file {_shown(entry['file'])}"
+    return _shown(entry)
+
+
+def _optional_problem(entry: dict[str, Any]) -> Optional[str]:
+    if "milestone" in entry and not isinstance(entry["milestone"], bool):
+        return f"'milestone' must be true or false, not {_shown(entry['milestone'])}"
+    if "created" in entry and not isinstance(entry["created"], str):
+        return f"'created' must be a string, not {_shown(entry['created'])}"
+    seconds = entry.get("commit_seconds", 0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return f"'commit_seconds' must be a number, not {_shown(seconds)}"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """repr, cut short: a warning must stay one readable line whatever the manifest holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -1,0 +1,50 @@
+"""The seam between the training loop and an engine (DDP today, RPC topologies, FSDP next).
+
+The loop owns everything a user sees and everything that must survive a restart besides the
+trained objects: position, loss bookkeeping, snapshot policy, stop, resume, metrics, summary. An
+engine owns how one optimizer step runs and how the model, optimizer and scheduler (and the RNG of
+the processes it drives) are captured and restored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+import torch
+
+from runner.train.collectives import Collectives
+
+
+class Engine(Protocol):
+    collectives: Collectives  # connects the data-parallel ranks that run this loop
+    device: torch.device  # where batches go
+    allreduce: str  # how gradients are averaged (recorded in snapshots: it fixes the summation order)
+    processes: int  # processes of the job (recorded in snapshots)
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        """One optimizer step; the loss (detached, not synced to the host), or None when the step
+        was skipped because its gradients were not finite (trainer.on_nonfinite=skip)."""
+
+    def learning_rate(self) -> float:
+        ...
+
+    def end_epoch(self) -> None:
+        """Per-epoch work of the trained objects (the learning-rate scheduler)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"model": ..., "optimizer": ..., "scheduler": ...}: plain containers and tensors."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    def parameters_finite(self) -> bool:
+        """Every weight is finite (checked before a snapshot is written; one host sync)."""
+
+    def capture_rng(self) -> list[dict]:
+        """RNG states of the processes this rank drives (itself first)."""
+
+    def restore_rng(self, states: list[dict]) -> None:
+        ...
+
+    def close(self) -> None:
+        ...

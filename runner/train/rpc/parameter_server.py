@@ -1,0 +1,116 @@
+"""Parameter-server topology: one worker owns the model, several trainers share it.
+
+Each trainer takes its own shard of every epoch (a DistributedSampler over the trainers), runs the
+forward pass on the server through an RRef inside its own distributed autograd context, and steps
+the shared parameters with its own DistributedOptimizer. The local optimizers on the server share
+one lock, so concurrent steps from different trainers are applied one at a time. Trainers meet on
+the server to sum their losses (the loop's only collective here), and the first trainer writes the
+snapshots. Updates are asynchronous, so a resume continues the data order but is not bitwise exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Optional
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+from omegaconf import DictConfig, OmegaConf
+
+from runner.train import rng
+from runner.train.collectives import CallbackCollectives
+from runner.train.rpc.stages import ModuleShard, RemoteOptimizer
+
+log = logging.getLogger(__name__)
+SERVER = "ps"
+
+
+class SumBarrier:
+    """All trainers wait here and each gets the element-wise sum of what all of them brought."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.cond = threading.Condition()
+        self.round, self.arrived, self.total = 0, 0, None
+        self.result: dict[int, list[float]] = {}
+
+    def arrive(self, values: list[float]) -> list[float]:
+        with self.cond:
+            my_round = self.round
+            self.total = list(values) if self.total is None else [a + b for a, b in zip(self.total, values)]
+            self.arrived += 1
+            if self.arrived == self.parties:
+                self.result[my_round] = self.total
+                self.round, self.arrived, self.total = self.round + 1, 0, None
+                self.cond.notify_all()
+            else:
+                self.cond.wait_for(lambda: self.round > my_round)
+            return self.result[my_round]
+
+
+class _Server:
+    """What lives in the server process; trainers reach it only through the functions below,
+    which RPC runs on the server (RPC calls a function by name, hence one process-wide instance)."""
+
+    lock = threading.Lock()
+    model: Optional[ModuleShard] = None
+    barrier: Optional[SumBarrier] = None
+
+
+def get_model(model_cfg: dict, seed: int, trainers: int) -> rpc.RRef:
+    """On the server: the one shared model (built on first call) as an RRef."""
+    with _Server.lock:
+        if _Server.model is None:
+            _Server.model = ModuleShard(model_cfg, seed, shared=trainers > 1)
+            _Server.barrier = SumBarrier(trainers)
+    return rpc.RRef(_Server.model)
+
+
+def sum_over_trainers(values: list[float]) -> list[float]:
+    return _Server.barrier.arrive(values)
+
+
+class ParameterServerEngine:
+    """One trainer's side: `trainer` is its index among the `trainers` (0 writes snapshots)."""
+
+    allreduce = "rpc"
+
+    def __init__(self, cfg: DictConfig, loss_fn: Any, trainer: int, trainers: int, processes: int) -> None:
+        self.collectives = CallbackCollectives(trainer, trainers, lambda v: rpc.rpc_sync(SERVER, sum_over_trainers, args=(v,)))
+        self.device, self.processes, self.loss_fn = torch.device("cpu"), processes, loss_fn
+        self.model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
+        self.optimizer = RemoteOptimizer(self.model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True))
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with dist_autograd.context() as context_id:
+            loss = self.loss_fn(self.model.rpc_sync().forward(rpc.RRef(batch[0])), batch[1])
+            dist_autograd.backward(context_id, [loss])
+            self.optimizer.step(context_id)
+        return loss.detach()
+
+    def learning_rate(self) -> float:
+        return self.optimizer.learning_rate()
+
+    def end_epoch(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.rpc_sync().full_state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.rpc_sync().load_full_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def parameters_finite(self) -> bool:
+        return self.model.rpc_sync().parameters_finite()
+
+    def capture_rng(self) -> list[dict]:
+        return [rng.capture()]
+
+    def restore_rng(self, states: list[dict]) -> None:
+        rng.restore(states[0])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,110 @@
+"""What runs inside each DDP worker process: set up, build from config, resume, hand to the loop.
+
+The elastic agent starts `main(run_dir)` in every worker with RANK, LOCAL_RANK and WORLD_SIZE in
+the environment; `launch=local` calls it in the driver's own process. The config comes from the
+run directory's config.yaml, written (resolved and validated) by the driver, and the runtime
+(backend, device, threads, all-reduce) is the record the driver decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import OnNonFinite
+from runner.launch.runtime import Runtime
+from runner.logs import rank_log_path, setup_worker_logging
+from runner.rundir import CONFIG_FILE
+from runner.train import rng
+from runner.train.collectives import ProcessGroupCollectives
+from runner.train.ddp import DDPEngine
+from runner.train.session import run_reported, train
+
+log = logging.getLogger(__name__)
+
+
+def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
+    """Train as one rank of the job; rank 0 returns the run's summary."""
+    run_path = Path(run_dir)
+    cfg = OmegaConf.load(run_path / CONFIG_FILE)
+    runtime = Runtime.from_config(cfg.runtime)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    log_handlers = setup_worker_logging(run_path, rank, in_driver=in_driver)
+    try:
+        device = _init_distributed(runtime, local_rank, float(cfg.launch.collective_timeout))
+        log.info("rank %d of %d up: %s, pid %d, host %s", rank, world_size, device, os.getpid(), socket.gethostname(),
+                 extra={"console": False})
+        if os.environ.get("RUNNER_PROFILE"):  # cProfile of each rank, written next to its log
+            import cProfile
+
+            profiler = cProfile.Profile()
+            summary = run_reported(lambda: profiler.runcall(_train, cfg, runtime, run_path, rank, device), run_path, rank)
+            profiler.dump_stats(run_path / "logs" / f"profile-rank-{rank}.out")
+        else:
+            summary = run_reported(lambda: _train(cfg, runtime, run_path, rank, device), run_path, rank)
+        return summary if rank == 0 else None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if in_driver:
+            for handler in log_handlers:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+
+def _init_distributed(runtime: Runtime, local_rank: int, timeout_s: float) -> torch.device:
+    if runtime.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if runtime.omp_num_threads:
+        torch.set_num_threads(int(runtime.omp_num_threads))
+    dist.init_process_group(backend=runtime.backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def _collectives(runtime: Runtime, timeout_s: float):
+    """Small collectives on the CPU (a gloo group beside NCCL), through shared memory when the
+    gradients go that way. Returns (collectives, shared-memory state or None)."""
+    group = dist.new_group(backend="gloo") if runtime.backend == "nccl" else None
+    shared_memory = None
+    if runtime.allreduce == "shm" and dist.get_world_size() > 1:
+        from runner.train.shm_allreduce import SharedMemoryAllreduce
+
+        shared_memory = SharedMemoryAllreduce.create(timeout=timeout_s)
+        if shared_memory is None:  # the driver checked the room; another job took it since
+            raise RuntimeError("shared-memory all-reduce: /dev/shm has no room left for its buffers; "
+                               "pass launch.cpu_allreduce=gloo, or free /dev/shm")
+        log.info("gradients averaged through shared memory (in chunks of up to %d KiB)", shared_memory.slot_bytes >> 10,
+                 extra={"console": False})
+    return ProcessGroupCollectives(group, shared_memory), shared_memory
+
+
+def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: torch.device) -> dict[str, Any]:
+    t = cfg.trainer
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    rng.seed_everything(t.seed)  # identical model init on every rank
+    dataset = instantiate(cfg.dataset)
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    loss_fn = instantiate(t.loss)
+    rng.seed_everything(t.seed + rank)  # per-rank streams (dropout, augmentation)
+
+    collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
+    engine = DDPEngine(model, optimizer, scheduler, loss_fn, device, collectives, runtime.allreduce, shared_memory,
+                       skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip)
+    return train(cfg, run_dir, engine, dataset)
