@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeWord, Topology, check_ranges, parse_nproc, resume_path
 from runner.errors import UserError
-from runner.rundir import identity, identity_diff
+from runner.rundir import check_name, existing_ancestor, identity, identity_diff
 from runner.snapshot import SnapshotError, SnapshotManager
 
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -35,6 +35,7 @@ TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": 
 def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = ()) -> None:
     """`choices`: the config file picked per group (Hydra's runtime.choices); `overrides`: the command line."""
     check_ranges(cfg)
+    check_name(cfg.get("name"), run_dir.parent)
     check_machine(cfg)
     param_bytes = check_objects(cfg, choices or {}, tuple(overrides))
     check_run_dir(run_dir, param_bytes)
@@ -170,15 +171,8 @@ def _bind(key: str, node: DictConfig, where: str, target: Any, args: list, kwarg
         pass  # no introspectable signature
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_run_dir(run_dir: Path, param_bytes: int) -> None:
-    base = _existing_ancestor(run_dir)
+    base = existing_ancestor(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError("hydra.run.dir", run_dir, "exists and is not a directory", "a directory path",
                         "pass another hydra.run.dir=... or name=...")
@@ -202,6 +196,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         return  # the driver archives what is there; nothing to check
     try:
         entries = manager.entries()
+        entry, problems = manager.newest_valid_entry()
     except SnapshotError as err:
         raise UserError("snapshot.resume", resume, f"the run directory's manifest is unreadable: {err}",
                         "a readable manifest.json", "snapshot.resume=never starts over (old files are archived, not deleted)") from None
@@ -215,13 +210,13 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
                 more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
                 raise UserError("snapshot.resume", resume,
                                 f"{run_dir} holds snapshots of a different run; differing keys: {shown}{more}",
-                                "resuming only a run with the same model, dataset, optimizer, scheduler, loss and seed",
+                                "resuming only a run with the same model, dataset, optimizer, scheduler, loss, seed and batch size",
                                 "snapshot.resume=never starts over here (old snapshots are archived), or pass name=<new name> for a new run directory")
-        entry, problems = manager.newest_valid_entry()
-        if entry is None:
-            raise UserError("snapshot.resume", resume, "every snapshot in the run directory is invalid: " + "; ".join(problems),
-                            "at least one snapshot that matches its manifest",
-                            "restore the files, or snapshot.resume=never to start over (the invalid files are archived, not deleted)")
+    if entry is None and problems:  # versions are listed but none can be used: never a silent fresh start
+        raise UserError("snapshot.resume", resume, "every snapshot in the run directory is invalid: " + "; ".join(problems),
+                        "at least one snapshot that matches its manifest",
+                        "restore the files, or snapshot.resume=never to start over (the invalid files are archived, not deleted)")
+    if entries or problems:
         return
     if resume == ResumeWord.must:
         raise UserError("snapshot.resume", "must", f"no snapshot in {manager.dir} to resume from",

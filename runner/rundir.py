@@ -9,6 +9,7 @@ out of the name: re-running with `trainer.total_epochs=100` continues the same r
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -22,7 +23,11 @@ NON_DEFINING_KEYS = (
     "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank",
 )
 # What a snapshot's config must share with the current one for a resume to make sense.
-IDENTITY_KEYS = ("dataset", "model", "optimizer", "scheduler", "trainer.loss", "trainer.seed", "trainer.shuffle")
+# trainer.batch_size changes the data order and the steps (and names the run directory like these).
+IDENTITY_KEYS = ("dataset", "model", "optimizer", "scheduler", "trainer.loss", "trainer.seed", "trainer.shuffle",
+                 "trainer.batch_size")
+# Identity keys added after runs were already written: a snapshot without them still resumes.
+LATER_IDENTITY_KEYS = ("trainer.batch_size",)
 MAX_NAME = 80
 CONFIG_FILE = "config.yaml"
 
@@ -58,6 +63,33 @@ def run_dir_name(name: Optional[str], overrides: Iterable[str]) -> str:
     return text
 
 
+def check_name(name: Optional[str], parent: Path) -> None:
+    """`name=` must leave a usable folder name once cleaned (not empty, not `.`/`..`, not longer than
+    the filesystem allows); raises UserError before anything is created."""
+    from runner.errors import UserError
+
+    if name is None:
+        return
+    cleaned = _sanitize(str(name))
+    if not cleaned:
+        raise UserError("name", name, "leaves no folder name once cleaned (letters, digits and ._=,+@- are kept; "
+                        "leading and trailing dots are dropped)", "a name with at least one letter or digit", "e.g. name=baseline")
+    try:
+        limit = os.pathconf(existing_ancestor(parent), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(cleaned.encode()) > limit:
+        raise UserError("name", f"{cleaned[:40]}... ({len(cleaned)} characters)", f"is longer than this filesystem allows ({limit} bytes)",
+                        f"a name of at most {limit} bytes", "pass a shorter name=...")
+
+
+def existing_ancestor(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _sanitize(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+@-]", "_", text).strip(".")
 
@@ -90,7 +122,8 @@ def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = set(old) | (set(new) - set(LATER_IDENTITY_KEYS))
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def write_run_files(run_dir: Path, cfg: DictConfig, hydra_cfg: Optional[DictConfig]) -> Path:

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Small, fast settings shared by the end-to-end tests (2 CPU workers).
-FAST = ["trainer.progress=false"]
+# What the end-to-end tests assert on is pinned, so they pass on any machine (1 core, many cores,
+# a GPU): 2 CPU workers on gloo, no progress bar. None of these keys names the run directory.
+WORKERS = ["launch.nproc_per_node=2", "launch.backend=gloo"]
+FAST = ["trainer.progress=false", *WORKERS]
 
 
 @dataclass
@@ -46,9 +48,14 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _no_constants(name: str):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
 def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl, parsed strictly (NaN or Infinity would fail)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line, parse_constant=_no_constants) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def manifest(run_dir: Path) -> dict:
@@ -64,6 +71,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def snapshot_state(**model) -> dict:
+    """The smallest complete snapshot (the parts every runner snapshot has) around `model`'s tensors."""
+    from runner.snapshot import make_state
+
+    return make_state(model=model, optimizer={}, scheduler=None, train_state={}, rng=[], config={}, world_size=1,
+                      allreduce="gloo", metrics=[])
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import WORKERS, run_cli
 
 EXISTING = "existing"  # a finished run prepared by the fixture, for the resume mistakes
 
@@ -33,6 +33,14 @@ CASES = [
     (["launch=multinode"], "launch.rdzv_endpoint"),
     (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.nnodes=3:1"], "launch.nnodes"),
     (["launch.cpu_allreduce=fast"], "launch.cpu_allreduce"),
+    (["launch.collective_timeout=0"], "launch.collective_timeout"),
+    (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
+    (["launch.topology=ring"], "launch.topology"),
+    (["name=.."], "name"),  # would be outputs/ itself
+    (["name=..."], "name"),
+    (["name=" + "x" * 300], "name"),  # longer than a file name may be
+    ([f"name={EXISTING}", "trainer.batch_size=16"], "trainer.batch_size"),  # batch size defines the run
+    (["snapshot.dir=../elsewhere"], "snapshot.dir"),
     (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"], "launch.cpu_allreduce"),
     (["snapshot.keep_last=0"], "snapshot.keep_last"),
     (["snapshot.resume=/no/such/snapshot.pt"], "snapshot.resume"),
@@ -65,6 +73,7 @@ def project(tmp_path_factory):
     return cwd
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_clear_message_and_change_nothing(project):
     before = tree_state(project)
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -80,6 +89,7 @@ def test_bad_inputs_get_one_clear_message_and_change_nothing(project):
     assert tree_state(project) == before  # no run directory, snapshot or log created or touched
 
 
+@pytest.mark.slow
 def test_every_snapshot_invalid_is_reported_not_restarted(project, tmp_path):
     import shutil
 
@@ -101,9 +111,10 @@ def test_every_snapshot_invalid_is_reported_not_restarted(project, tmp_path):
     assert len(archived) == 1 and archived[0].stat().st_size == 100
 
 
+@pytest.mark.slow
 def test_training_failure_names_rank_error_and_log(workdir):
     # A model whose input size does not match the data fails inside the workers, on every attempt.
-    res = run_cli(["model.in_features=3", "launch.max_restarts=1", "trainer.progress=false"], workdir)
+    res = run_cli(["model.in_features=3", "launch.max_restarts=1", "trainer.progress=false", *WORKERS], workdir)
     assert res.returncode == 1, res.output
     assert "Error: training failed on rank" in res.stderr and "RuntimeError" in res.stderr
     assert "mat1 and mat2 shapes cannot be multiplied" in res.stderr

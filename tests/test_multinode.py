@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli, start_cli
 from runner.launch.elastic import _free_port
 
-TASK = ["trainer.total_epochs=4", "trainer.save_every_steps=20", "trainer.progress=false", "model=mlp"]
+pytestmark = pytest.mark.slow
+TASK = ["trainer.total_epochs=4", "trainer.save_every_steps=20", "trainer.progress=false", "model=mlp", "launch.backend=gloo"]
 
 
 def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import FAST, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli
 
+pytestmark = pytest.mark.slow
 # 4096 samples / (2 workers x 32) = 64 steps per epoch; snapshots every 20 steps, mid-epoch.
 RUN = ["model=mlp", "model.dropout=0.1", "dataset.size=4096", "trainer.total_epochs=6",
        "trainer.save_every_steps=20", *FAST]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli
 from runner.models import MLP
 
+pytestmark = pytest.mark.slow
 # 512 samples / batch 32 = 16 steps per epoch; a snapshot every 8 steps, Adam so optimizer state matters.
 TASK = ["model=mlp", "model.hidden_size=16", "dataset.size=512", "trainer.total_epochs=2", "optimizer=adam",
         "optimizer.lr=0.01", "trainer.save_every_steps=5", "trainer.progress=false"]

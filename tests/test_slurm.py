@@ -9,14 +9,17 @@ from __future__ import annotations
 import subprocess
 import time
 
-from conftest import metrics, start_cli
+import pytest
+
+from conftest import WORKERS, metrics, start_cli
 
 from runner.sweep import read_status
 
 
+@pytest.mark.slow
 def test_preempted_job_snapshots_requeues_and_resumes(workdir):
     args = ["--multirun", "hydra/launcher=submitit_local", "name=preempt", "model=mlp", "dataset.size=65536",
-            "trainer.total_epochs=6", "trainer.progress=false"]
+            "trainer.total_epochs=6", "trainer.progress=false", *WORKERS]
     run_dir = workdir / "outputs" / "preempt"
     # SLURM jobs are usually given SIGUSR1 (`--signal=USR1@120`); tell submitit so.
     proc = start_cli(args, workdir, env={"SUBMITIT_PREEMPT_SIGNAL": "USR1"})

@@ -156,26 +156,26 @@ def add_entries(mgr: SnapshotManager, *entries: dict) -> None:
     mgr.manifest_path.write_text(json.dumps(manifest))
 
 
-def test_entries_naming_files_outside_the_directory_are_never_deleted_or_loaded(tmp_path, caplog):
+@pytest.mark.parametrize("step", [0, 10**6], ids=["older-so-retention-prunes-it", "newest-and-final"])
+def test_entries_naming_files_outside_the_directory_are_never_deleted_or_loaded(tmp_path, step, caplog):
     run = tmp_path / "run"
     mgr = SnapshotManager(run, keep_last=1)
     mgr.save(make_state(1), step=1, epoch=0)
     relative_victim, absolute_victim = tmp_path / "victim.txt", tmp_path / "elsewhere" / "victim.bin"
     absolute_victim.parent.mkdir()
     relative_victim.write_bytes(b"precious")
-    absolute_victim.write_bytes(torch.zeros(1).numpy().tobytes() + b"also precious")
-    add_entries(mgr, fake_entry("../victim.txt", relative_victim.read_bytes()),
-                fake_entry(str(absolute_victim), absolute_victim.read_bytes(), step=10**6 + 1))
+    absolute_victim.write_bytes(b"also precious")
+    add_entries(mgr, fake_entry("../victim.txt", b"precious", step=step),
+                fake_entry(str(absolute_victim), b"also precious", step=step))
     with caplog.at_level(logging.WARNING):
-        assert [e["step"] for e in mgr.entries()] == [1]  # the listed files are never trusted
         entry, state = mgr.load_latest()
-        assert entry["step"] == 1 and state["step"] == 1
-        assert mgr.newest_valid_entry()[0]["step"] == 1 and mgr.newest_loadable_entry()[0]["step"] == 1
-    assert "../victim.txt" in caplog.text and str(absolute_victim) in caplog.text  # the warning names them
-    for step in (2, 3, 4):
-        mgr.save(make_state(step), step=step, epoch=0)
+        valid, loadable = mgr.newest_valid_entry()[0], mgr.newest_loadable_entry()[0]
+    for step_ in (2, 3, 4):
+        mgr.save(make_state(step_), step=step_, epoch=0)
     assert relative_victim.read_bytes() == b"precious"
-    assert absolute_victim.read_bytes().endswith(b"also precious")
+    assert absolute_victim.read_bytes() == b"also precious"
+    assert entry["step"] == valid["step"] == loadable["step"] == 1 and state["step"] == 1  # never "already complete"
+    assert "../victim.txt" in caplog.text and str(absolute_victim) in caplog.text  # the warning names them
     assert [e["file"] for e in json.loads(mgr.manifest_path.read_text())["snapshots"]] == ["snapshot-000000004.pt"]
     assert mgr.load_latest()[0]["step"] == 4
 

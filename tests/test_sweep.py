@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time
 
 from omegaconf import OmegaConf
 
-from conftest import metrics, run_cli, start_cli
+import pytest
+
+from conftest import WORKERS, metrics, run_cli, start_cli
 
 from runner import report
+from runner.system import usable_cores
 
-SWEEP = ["--multirun", "optimizer=sgd,adam", "optimizer.lr=0.05,0.01", "trainer.total_epochs=2", "trainer.progress=false"]
+pytestmark = pytest.mark.slow
+SWEEP = ["--multirun", "optimizer=sgd,adam", "optimizer.lr=0.05,0.01", "trainer.total_epochs=2", "trainer.progress=false", *WORKERS]
 JOB_DIRS = ["optimizer.lr=0.05,optimizer=sgd", "optimizer.lr=0.01,optimizer=sgd",
             "optimizer.lr=0.05,optimizer=adam", "optimizer.lr=0.01,optimizer=adam"]
 
@@ -82,12 +85,12 @@ def test_a_failing_job_does_not_stop_the_sweep(workdir):
 
 def test_parallel_sweep_with_joblib_shares_the_machine(workdir):
     res = run_cli(["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd,adam",
-                   "trainer.total_epochs=2", "trainer.progress=false"], workdir)
+                   "trainer.total_epochs=2", "trainer.progress=false", "launch.nproc_per_node=cpu", "launch.backend=gloo"], workdir)
     assert res.returncode == 0, res.output
     assert "sweep: 2 jobs, 0 failed" in res.output
     for name in ("optimizer=sgd", "optimizer=adam"):
         run_dir = workdir / "outputs" / name
         assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
         runtime = OmegaConf.load(run_dir / "config.yaml").runtime
-        cores_per_job = max(1, (os.cpu_count() or 1) // 2)  # the machine's cores, shared by the 2 jobs
+        cores_per_job = max(1, usable_cores() // 2)  # the cores this process may use, shared by the 2 jobs
         assert runtime.nproc_per_node == cores_per_job and runtime.omp_num_threads == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner import snapshot as snap
+from conftest import snapshot_state
 from runner.snapshot import SnapshotManager
 from runner.snapshot.writer import SnapshotWriter
 
@@ -18,7 +18,7 @@ class FailingManager(SnapshotManager):
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_failed_background_write_surfaces_at_the_next_check(tmp_path, asynchronous):
     writer = SnapshotWriter(FailingManager(tmp_path), asynchronous=asynchronous)
-    writer.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, "w": torch.ones(3)}, step=1, epoch=0)
+    writer.save(snapshot_state(w=torch.ones(3)), step=1, epoch=0)
     with pytest.raises(RuntimeError, match="writing a snapshot failed: OSError: No space left on device"):
         writer.wait()
     assert not list(tmp_path.glob("snapshot-*.pt"))  # nothing counts as written
@@ -30,11 +30,11 @@ def test_async_snapshot_is_a_copy_taken_at_save_time(tmp_path):
     weights = torch.zeros(1000)
     for step in (1, 2):
         weights.fill_(step)
-        writer.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, "w": weights}, step=step, epoch=0)
+        writer.save(snapshot_state(w=weights), step=step, epoch=0)
         weights.fill_(-1)  # training goes on and changes the live tensor
     writer.wait()
     entries = SnapshotManager(tmp_path).entries()
     for entry in entries:
         state = SnapshotManager(tmp_path).load_entry(entry)
-        assert torch.equal(state["w"], torch.full((1000,), float(entry["step"])))
+        assert torch.equal(state["model"]["w"], torch.full((1000,), float(entry["step"])))
     assert [e["step"] for e in entries] == [1, 2]

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -59,7 +60,9 @@ def _launch_in_process(run_dir: Path) -> dict[str, Any]:
                 os.environ[key] = value
 
 
-def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
+def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str):
+    """torchrun's settings. `log_dir` receives the workers' error reports: kept off the run
+    directory, so that a full disk there cannot also truncate the report of what went wrong."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -82,7 +85,7 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int):
         max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
         shutdown_timeout=launch.stop_timeout,
         signals_to_handle=",".join(s.name for s in FORWARDED_SIGNALS),  # forwarded to the workers
-        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "logs" / "elastic")),
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
 
 
@@ -105,9 +108,10 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
     if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
         # Inside a joblib (loky) sweep worker: children would try to start with "loky" and fail.
         multiprocessing.set_start_method("spawn", force=True)
-    config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node))
     handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    error_reports = tempfile.TemporaryDirectory(prefix="runner-elastic-")
     try:
+        config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), error_reports.name)
         if cfg.launch.mode == LaunchMode.rpc:
             from runner.train.rpc.worker import main as entrypoint
         else:
@@ -116,4 +120,5 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        error_reports.cleanup()
     return next((r for _, r in sorted(results.items()) if r), None) if results else None

@@ -1,21 +1,52 @@
+"""Versioned, atomic, verified snapshots of one run: the manifest and the files it lists.
+
+Layout of a snapshot directory:
+
+    snapshot-000000120.pt   one version per global step (zero padded so names sort)
+    manifest.json           every complete version: file, step, epoch, size, sha256, time
+
+A version counts only once its manifest entry exists, and the entry is written after the file has
+been fsync'ed and renamed into place; the manifest itself is replaced atomically. A crash at any
+moment therefore leaves either the old set of versions or the new one. Loads check the size and
+the sha256 before unpickling, and unpickle with `weights_only=True`, so a torn, corrupted or
+malicious file is reported and skipped, never loaded.
+
+The manifest is checked against its schema (manifest.py) on every read: an entry that names
+anything but one of our own files in this directory is dropped with a warning, and a file that is
+not a regular file (a symlink, say) is never followed and never deleted.
+"""
+
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from runner.fileio import atomic_write
+from runner.fileio import atomic_write, temporary_path
 from runner.snapshot.format import FORMAT_VERSION, SnapshotError, load_bytes
+from runner.snapshot.manifest import describe, entry_problem, file_name_problem, parse_manifest, validate_manifest
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # no links, no FIFO hang
+
+
+def _out_of_space(directory: Path) -> bool:
+    """The filesystem has (next to) no room left: what a failed write there most likely means."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < (1 << 20)
 
 
 def snapshot_name(step: int) -> str:
@@ -23,6 +54,7 @@ def snapshot_name(step: int) -> str:
 
 
 def _sha256_of_file(path: Path, chunk: int = 16 * 2**20) -> tuple[str, int]:
+    """Hash what is actually in the file (read back from the page cache), not what we meant to write."""
     digest, size = hashlib.sha256(), 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
@@ -34,57 +66,86 @@ def _sha256_of_file(path: Path, chunk: int = 16 * 2**20) -> tuple[str, int]:
 
 
 class SnapshotManager:
+    """Writes, lists, verifies and prunes the snapshot versions of one run.
+
+    Only one process (rank 0) writes; any process may read.
+    """
+
     def __init__(self, directory: Path | str, keep_last: int = 3, milestone_every: int = 0) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.milestone_every = milestone_every
 
+    # ---- manifest -------------------------------------------------------------------------
     @property
     def manifest_path(self) -> Path:
         return self.dir / MANIFEST
 
     def read_manifest(self) -> dict[str, Any]:
+        """The manifest (top level checked, entries not yet), or an empty one when none was written yet."""
         try:
-            text = self.manifest_path.read_text()
+            data = self.manifest_path.read_bytes()
         except FileNotFoundError:
             return {"format_version": FORMAT_VERSION, "snapshots": []}
-        try:
-            manifest = json.loads(text)
-            if not isinstance(manifest.get("snapshots"), list):
-                raise ValueError("no 'snapshots' list")
-        except ValueError as err:
-            raise SnapshotError(f"{self.manifest_path} is not a valid manifest ({err})") from err
-        return manifest
+        except OSError as err:
+            raise SnapshotError(f"{self.manifest_path} cannot be read ({err.strerror or err})") from None
+        return parse_manifest(data, self.manifest_path)
 
     def entries(self) -> list[dict[str, Any]]:
-        return sorted(self.read_manifest()["snapshots"], key=lambda e: e["step"])
+        """Complete versions that pass the manifest's schema, oldest first; the others are warned about."""
+        return self._checked_entries(self.read_manifest())[0]
+
+    def _checked_entries(self, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+        """(valid entries sorted by step, problems of the invalid ones), each problem logged once per read."""
+        valid, problems = validate_manifest(manifest, self.manifest_path)
+        for problem in problems:
+            log.warning("%s", problem)
+        return sorted(valid, key=lambda e: e["step"]), problems
 
     def stored_config(self) -> Optional[dict]:
-        return self.read_manifest().get("config")
+        """The resolved config of the run that wrote the newest version."""
+        config = self.read_manifest().get("config")
+        if config is not None and not isinstance(config, dict):
+            log.warning("%s: ignoring its 'config', which is not an object", self.manifest_path)
+            return None
+        return config
 
+    # ---- writing --------------------------------------------------------------------------
     def save(self, state: dict[str, Any], step: int, epoch: int, config: Optional[dict] = None,
              end_of_epoch: bool = False) -> dict[str, Any]:
+        """Write one version atomically, record it in the manifest, then apply retention."""
         return self.commit(self.write(state, step), step, epoch, config, end_of_epoch)
 
     def write(self, state: dict[str, Any], step: int) -> Path:
+        """Serialise `state` to a temporary file; it is not a version until `commit`.
+
+        This is the only part that must read the live training state, so it is the only part a
+        synchronous snapshot makes the training loop wait for."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{snapshot_name(step)}.tmp-{os.getpid()}"
+        tmp = temporary_path(self.dir / snapshot_name(step))
         try:
             torch.save(state, str(tmp))
-        except BaseException:
+        except BaseException as err:
+            full = _out_of_space(self.dir)
             tmp.unlink(missing_ok=True)
+            if full and not isinstance(err, OSError):  # torch reports a full disk as "unexpected pos ..."
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from err
             raise
         return tmp
 
     def commit(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None,
                end_of_epoch: bool = False) -> dict[str, Any]:
+        """Hash and fsync the temporary file, rename it into place, then list it in the manifest.
+
+        Only the manifest entry makes the version count, so a crash anywhere in here leaves the
+        previous versions as they were."""
         started = time.perf_counter()
         name = snapshot_name(step)
         try:
             sha256, size = _sha256_of_file(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
+            os.replace(tmp, self.dir / name)  # the manifest's directory fsync below persists this rename
         finally:
             tmp.unlink(missing_ok=True)
         entry = {
@@ -98,45 +159,119 @@ class SnapshotManager:
             "commit_seconds": round(time.perf_counter() - started, 4),
         }
         manifest = self.read_manifest()
-        kept = [e for e in manifest["snapshots"] if e["step"] != entry["step"]] + [entry]
-        kept.sort(key=lambda e: e["step"])
+        kept = [e for e in self._trusted_entries(manifest) if e["step"] != entry["step"] and e["file"] != name]
+        kept = sorted(kept + [entry], key=lambda e: e["step"])
         kept, dropped = self._retain(kept)
         manifest.update(format_version=FORMAT_VERSION, snapshots=kept)
         if config is not None:
             manifest["config"] = config
         atomic_write(self.manifest_path, json.dumps(manifest, indent=1))
-        for old in dropped:
-            (self.dir / old["file"]).unlink(missing_ok=True)
+        for old in dropped:  # only after the manifest no longer lists them
+            self._delete_version(old["file"])
         return entry
 
+    def _trusted_entries(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        """The entries a rewritten manifest may keep: schema-valid, and not naming a symlink or
+        other non-regular file. The rest are dropped from the manifest, but what they name is
+        left alone: a bogus entry must not make retention delete anything (nor, with a huge
+        step, count as the newest version and push the real ones out)."""
+        trusted = []
+        for entry in self._checked_entries(manifest)[0]:
+            problem = self._file_type_problem(self.dir / entry["file"])
+            if problem is not None:
+                log.warning("%s: dropping entry (%s) without touching its file: %s", self.manifest_path, describe(entry), problem)
+                continue
+            trusted.append(entry)
+        return trusted
+
+    @staticmethod
+    def _file_type_problem(path: Path) -> Optional[str]:
+        """Why `path` (not followed if a link) is not a regular file; None if it is one or is missing."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(mode):
+            return f"{path} is a symlink (never followed)"
+        if not stat.S_ISREG(mode):
+            return f"{path} is not a regular file"
+        return None
+
+    def _delete_version(self, name: str) -> None:
+        """Delete one pruned version: only a regular file of ours, directly inside the snapshot directory."""
+        problem = file_name_problem(name)
+        path = self.dir / name
+        if problem is None:
+            problem = self._file_type_problem(path)
+        if problem is None and path.resolve().parent != self.dir.resolve():
+            problem = f"{path} resolves outside {self.dir}"
+        if problem is not None:
+            log.warning("retention: not deleting %r: %s", name, problem)
+            return
+        path.unlink(missing_ok=True)
+
     def _retain(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Keep the newest `keep_last` versions, plus every milestone."""
         older = entries[: max(len(entries) - self.keep_last, 0)]
         drop = {e["file"] for e in older if not e.get("milestone")}
         return [e for e in entries if e["file"] not in drop], [e for e in entries if e["file"] in drop]
 
     def remove_stale_temporaries(self) -> None:
+        """Delete half-written files left by a writer that was killed."""
         if self.dir.is_dir():
             for tmp in self.dir.glob(".*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
 
+    # ---- reading --------------------------------------------------------------------------
     def verify(self, entry: dict[str, Any]) -> bytes:
+        """The file's bytes if they match the manifest entry; SnapshotError saying why otherwise.
+
+        The entry is checked against the schema first, since callers may pass any dict, and the
+        file is opened only if it is a regular file directly in this directory."""
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise SnapshotError(f"manifest entry ({describe(entry)}) in {self.dir} is invalid: {problem}")
         path = self.dir / entry["file"]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise SnapshotError(f"{path} is missing") from None
-        if len(data) != entry["size"]:
-            raise SnapshotError(f"{path} has {len(data)} bytes, the manifest says {entry['size']} (truncated or torn)")
+        data = self._read_regular_file(path, entry["size"])
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
+        return data
+
+    def _read_regular_file(self, path: Path, size: int) -> bytes:
+        """Its bytes, refusing links and special files, and never reading far past `size`."""
+        problem = self._file_type_problem(path)
+        if problem is not None:
+            raise SnapshotError(problem)
+        try:
+            fd = os.open(path, _OPEN_FLAGS)  # O_NOFOLLOW: a link swapped in after the lstat is refused too
+        except FileNotFoundError:
+            raise SnapshotError(f"{path} is missing") from None
+        except OSError as err:
+            raise SnapshotError(f"{path} cannot be opened ({err.strerror or err})") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(f"{path} is not a regular file")
+            if st.st_size != size:
+                raise SnapshotError(f"{path} has {st.st_size} bytes, the manifest says {size} (truncated or torn)")
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise SnapshotError(f"{path} has {len(data)} bytes, the manifest says {size} (truncated or torn)")
         return data
 
     def load_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
         return load_bytes(self.verify(entry), self.dir / entry["file"])
 
     def load_latest(self) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-        problems = []
-        for entry in reversed(self.entries()):
+        """(entry, state) of the newest valid version; None when there is none at all.
+
+        Invalid versions (and entries that break the schema) are skipped with a warning; if every
+        version is invalid, SnapshotError lists them all rather than letting training start over
+        silently.
+        """
+        entries, problems = self._checked_entries(self.read_manifest())
+        for entry in reversed(entries):
             try:
                 state = self.load_entry(entry)
             except SnapshotError as err:
@@ -149,25 +284,35 @@ class SnapshotManager:
         return None
 
     def newest_valid_entry(self) -> tuple[Optional[dict[str, Any]], list[str]]:
-        problems = []
-        for entry in reversed(self.entries()):
+        """The newest entry whose bytes verify (without unpickling) and the problems met on the way."""
+        return self._newest_entry(self.verify)
+
+    def newest_loadable_entry(self) -> tuple[Optional[dict[str, Any]], list[str]]:
+        """The newest entry whose bytes verify and load as a runner snapshot, and the problems met.
+
+        What "this run is already complete" must rest on: bytes that merely match the manifest
+        may be anything (a plain tensor, a file of another program), so they are unpickled
+        (safely) too."""
+        return self._newest_entry(self.load_entry)
+
+    def _newest_entry(self, check) -> tuple[Optional[dict[str, Any]], list[str]]:
+        entries, problems = self._checked_entries(self.read_manifest())
+        for entry in reversed(entries):
             try:
-                self.verify(entry)
+                check(entry)
             except SnapshotError as err:
                 problems.append(str(err))
                 continue
             return entry, problems
         return None, problems
 
-    # stand-in so the new tests run against the old code: verify only, as the old code would have
-    newest_loadable_entry = newest_valid_entry
-
 
 def load_path(path: Path | str) -> dict[str, Any]:
+    """Load a snapshot named by the user; verified against its manifest when one lies beside it."""
     path = Path(path)
     manager = SnapshotManager(path.parent)
     for entry in manager.entries() if manager.manifest_path.exists() else []:
         if entry["file"] == path.name:
             return manager.load_entry(entry)
-    log.warning("%s is not listed in a manifest; loading it without a checksum", path)
+    log.warning("%s is not (validly) listed in a manifest; loading it without a checksum", path)
     return load_bytes(path.read_bytes(), path)

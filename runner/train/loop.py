@@ -65,6 +65,7 @@ class TrainLoop:
         self.history = list(state[snap.METRICS_KEY])
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
+        self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
         self.resumed_from = {"file": entry.get("file"), "epoch": self.epoch, "step": self.global_step,
                              "samples_in_epoch": self.samples_in_epoch}
 
@@ -80,6 +81,21 @@ class TrainLoop:
                     saved, self.engine.processes)
         rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
         return None
+
+    def _check_allreduce(self, saved: Optional[str]) -> None:
+        """The gradient all-reduce fixes the summation order; another one can round differently
+        (with a world size that is not a power of two, where averaging before or after the sum differs)."""
+        if saved is None or saved == self.engine.allreduce or not self.lead:
+            return
+        world = self.world_size
+        if world & (world - 1):
+            log.warning("the snapshot's gradients were averaged by %s, this run uses %s: with %d workers the two round "
+                        "differently, so results will not be bitwise equal to an uninterrupted run (pass "
+                        "launch.cpu_allreduce=%s to keep it)", saved, self.engine.allreduce, world,
+                        saved if saved in ("shm", "gloo") else "auto")
+        else:
+            log.info("gradients averaged by %s (the snapshot's run used %s; with %d workers both give the same bits)",
+                     self.engine.allreduce, saved, world, extra={"console": False})
 
     # ---- loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
