@@ -33,6 +33,19 @@ class _TqdmConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that cannot be written (full disk, lost permission) says so once, in one line,
+    instead of printing a traceback for every record; the real error surfaces on its own."""
+
+    _reported = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self._reported:
+            self._reported = True
+            err = sys.exc_info()[1]
+            sys.stderr.write(f"cannot write the log file {self.baseFilename} ({err}); its further records are dropped\n")
+
+
 class _RankFilter(logging.Filter):
     def __init__(self, rank: str) -> None:
         super().__init__()
@@ -67,8 +80,8 @@ def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> l
     rank_filter = _RankFilter(str(rank))
     formatter = logging.Formatter(FORMAT, DATEFMT)
     handlers: list[logging.Handler] = [
-        logging.FileHandler(rank_log_path(run_dir, rank), mode="a"),
-        logging.FileHandler(Path(run_dir) / TRAIN_LOG, mode="a"),
+        _LogFile(rank_log_path(run_dir, rank), mode="a"),
+        _LogFile(Path(run_dir) / TRAIN_LOG, mode="a"),
     ]
     if in_driver:  # launch=local: the driver's console handler stays; it skips file-only records too
         for old in list(root.handlers):
@@ -94,7 +107,7 @@ def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> l
 
 
 def add_driver_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(Path(run_dir) / TRAIN_LOG, mode="a")
+    handler = _LogFile(Path(run_dir) / TRAIN_LOG, mode="a")
     handler.addFilter(_RankFilter("driver"))
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     logging.getLogger().addHandler(handler)

@@ -209,6 +209,7 @@ class TrainLoop:
         if math.isfinite(value):
             return True
         if self.on_nonfinite == OnNonFinite.stop:
+            self.writer.wait()  # the last (finite) snapshot is committed before the run ends
             raise Diverged(self.global_step, what, self.writer.last_entry)
         if self.lead:
             log.warning("%s is not finite (%s) at step %d; trainer.on_nonfinite=%s: going on", what, value,
