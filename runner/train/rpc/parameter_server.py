@@ -15,12 +15,11 @@ import threading
 from typing import Any, Optional
 
 import torch
-import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from omegaconf import DictConfig, OmegaConf
 
-from runner.train import rng
 from runner.train.collectives import CallbackCollectives
+from runner.train.rpc.engine import RpcEngine
 from runner.train.rpc.stages import ModuleShard, RemoteOptimizer
 
 log = logging.getLogger(__name__)
@@ -72,45 +71,15 @@ def sum_over_trainers(values: list[float]) -> list[float]:
     return _Server.barrier.arrive(values)
 
 
-class ParameterServerEngine:
+class ParameterServerEngine(RpcEngine):
     """One trainer's side: `trainer` is its index among the `trainers` (0 writes snapshots)."""
-
-    allreduce = "rpc"
 
     def __init__(self, cfg: DictConfig, loss_fn: Any, trainer: int, trainers: int, processes: int) -> None:
         self.collectives = CallbackCollectives(trainer, trainers, lambda v: rpc.rpc_sync(SERVER, sum_over_trainers, args=(v,)))
-        self.device, self.processes, self.loss_fn = torch.device("cpu"), processes, loss_fn
-        self.model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
-        self.optimizer = RemoteOptimizer(self.model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True))
+        self.processes, self.loss_fn = processes, loss_fn
+        model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
+        self.shards = [model]
+        self.optimizer = RemoteOptimizer(model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True))
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        with dist_autograd.context() as context_id:
-            loss = self.loss_fn(self.model.rpc_sync().forward(rpc.RRef(batch[0])), batch[1])
-            dist_autograd.backward(context_id, [loss])
-            self.optimizer.step(context_id)
-        return loss.detach()
-
-    def learning_rate(self) -> float:
-        return self.optimizer.learning_rate()
-
-    def end_epoch(self) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.rpc_sync().full_state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.rpc_sync().load_full_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def parameters_finite(self) -> bool:
-        return self.model.rpc_sync().parameters_finite()
-
-    def capture_rng(self) -> list[dict]:
-        return [rng.capture()]
-
-    def restore_rng(self, states: list[dict]) -> None:
-        rng.restore(states[0])
-
-    def close(self) -> None:
-        pass
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shards[0].rpc_sync().forward(rpc.RRef(x))

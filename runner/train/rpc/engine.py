@@ -1,0 +1,65 @@
+"""What the RPC topologies share as engines of the training loop: the model lives in
+`ModuleShard`s on other processes (RRefs), gradients flow back through distributed autograd,
+and a DistributedOptimizer steps the parameters where they live."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+
+from runner.train import rng
+from runner.train.rpc.stages import RemoteOptimizer
+
+ALLREDUCE = "rpc"  # recorded in snapshots: gradients travel through distributed autograd
+
+
+class RpcEngine:
+    """Subclasses set `shards` (RRefs to ModuleShard, in model order), `optimizer`, `loss_fn`,
+    `collectives` and `processes`, and define `forward(x) -> output`."""
+
+    allreduce = ALLREDUCE
+    device = torch.device("cpu")
+    shards: list[rpc.RRef]
+    optimizer: RemoteOptimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        with dist_autograd.context() as context_id:
+            loss = self.loss_fn(self.forward(batch[0]), batch[1])
+            dist_autograd.backward(context_id, [loss])
+            self.optimizer.step(context_id)
+        return loss.detach()
+
+    def learning_rate(self) -> float:
+        return self.optimizer.learning_rate()
+
+    def end_epoch(self) -> None:
+        pass  # schedulers are refused with launch=rpc (preflight)
+
+    def state_dict(self) -> dict[str, Any]:
+        model: dict[str, torch.Tensor] = {}
+        for shard in self.shards:
+            model.update(shard.rpc_sync().full_state_dict())
+        return {"model": model, "optimizer": self.optimizer.state_dict(), "scheduler": None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for shard in self.shards:
+            shard.rpc_sync().load_full_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def parameters_finite(self) -> bool:
+        return all(shard.rpc_sync().parameters_finite() for shard in self.shards)
+
+    def capture_rng(self) -> list[dict]:
+        return [rng.capture()]
+
+    def restore_rng(self, states: list[dict]) -> None:
+        rng.restore(states[0])
+
+    def close(self) -> None:
+        pass
