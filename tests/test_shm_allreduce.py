@@ -180,18 +180,21 @@ def test_too_little_room_in_dev_shm_is_a_reason(monkeypatch):
 def test_auto_choice_follows_the_machine():
     from omegaconf import OmegaConf
 
-    from runner.launch import gradient_allreduce
+    from runner.launch.runtime import gradient_allreduce
 
     def pick(mode="standalone", wanted="auto", device="cpu", nproc=2, cores=2):
-        return gradient_allreduce(OmegaConf.create({"mode": mode, "cpu_allreduce": wanted}), device, nproc, cores)
+        return gradient_allreduce(OmegaConf.create({"mode": mode, "cpu_allreduce": wanted}), device, nproc, cores)[0]
 
-    assert pick() == "shm"
+    works = shm_allreduce.unavailable_reason("cpu", single_host=True) is None
+    assert pick() == ("shm" if works else "gloo")
     assert pick(nproc=4, cores=2) == "gloo"  # oversubscribed: waiting by spinning would hurt
-    assert pick(nproc=4, cores=2, wanted="shm") == "shm"  # asked for explicitly
+    assert pick(nproc=4, cores=2, wanted="shm") == ("shm" if works else "gloo")  # asked for explicitly
     assert pick(wanted="gloo") == "gloo"
     assert pick(mode="multinode") == "gloo"
     assert pick(device="cuda") == "nccl"
     assert pick(nproc=1) == "gloo"
+    reason = gradient_allreduce(OmegaConf.create({"mode": "multinode", "cpu_allreduce": "shm"}), "cpu", 2, 2)[1]
+    assert "several machines" in reason  # the reason the preflight shows when shm was asked for
 
 
 if __name__ == "__main__":
