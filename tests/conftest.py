@@ -15,7 +15,8 @@ import torch
 # What the end-to-end tests assert on is pinned, so they pass on any machine (1 core, many cores,
 # a GPU): 2 CPU workers on gloo, no progress bar. None of these keys names the run directory.
 WORKERS = ["launch.nproc_per_node=2", "launch.backend=gloo"]
-FAST = ["trainer.progress=false", *WORKERS]
+QUIET = ["trainer.progress=false"]  # for launch=local, which always runs one process
+FAST = [*QUIET, *WORKERS]
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, latest_snapshot, manifest, metrics, run_cli
+from conftest import FAST, QUIET, latest_snapshot, manifest, metrics, run_cli
 from runner.config import LaunchConfig
 from runner.launch.runtime import resolve_runtime
 
@@ -73,7 +73,7 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
 
 
 def test_local_mode_trains_in_one_process(workdir):
-    res = run_cli(["launch=local", "optimizer.lr=0.05", *FAST], workdir)
+    res = run_cli(["launch=local", "optimizer.lr=0.05", *QUIET], workdir)
     assert res.returncode == 0, res.output
     assert "1 workers" in res.stdout
     run_dir = workdir / "outputs" / "optimizer.lr=0.05"  # launch.* does not name the run
@@ -87,7 +87,7 @@ def test_local_mode_trains_in_one_process(workdir):
 
 def test_swapping_optimizer_and_model_needs_no_code(workdir):
     res = run_cli(["launch=local", "optimizer=adam", "model=mlp", "model.hidden_size=16", "scheduler=cosine",
-                   "trainer.total_epochs=5", *FAST], workdir)
+                   "trainer.total_epochs=5", *QUIET], workdir)
     assert res.returncode == 0, res.output
     run_dir = next((workdir / "outputs").iterdir())
     rows = metrics(run_dir)
@@ -111,7 +111,7 @@ def test_cfg_job_prints_composed_config(workdir):
 def test_tensorboard_logger_writes_the_same_scalars_as_metrics_jsonl(workdir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = run_cli(["launch=local", "logger=tensorboard", "trainer.total_epochs=3", *FAST], workdir)
+    res = run_cli(["launch=local", "logger=tensorboard", "trainer.total_epochs=3", *QUIET], workdir)
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "default"  # the logger does not change what the run is
     events = EventAccumulator(str(run_dir / "tensorboard"))
