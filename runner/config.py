@@ -9,7 +9,7 @@ files in conf/ hold only what an entry changes. Ranges that a type cannot expres
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -142,6 +142,31 @@ class RunnerConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logger: Any = None  # optional metrics logger beside metrics.jsonl (conf/logger/)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the driver decided for this machine (runner.launch.runtime); not a user key: the
+    driver writes it into the run's config.yaml as `runtime:` and the workers read it back."""
+
+    backend: str  # gloo | nccl (the process group's backend)
+    device: str  # cpu | cuda
+    nproc_per_node: int  # worker processes on this node
+    omp_num_threads: Optional[int]  # threads per CPU worker (None: torch's default on CUDA)
+    allreduce: str  # how gradients are averaged: shm | gloo | nccl | rpc
+    allreduce_reason: str  # why that one (shown when the user asked for another)
+    cuda_visible_devices: Optional[str] = None  # this job's GPUs when sweep jobs share the machine
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, node: DictConfig) -> "Runtime":
+        return cls(**{k: node[k] for k in cls.__dataclass_fields__ if k in node})
+
+    def describe(self) -> str:
+        comm = f"{self.backend}, gradients through shared memory" if self.allreduce == "shm" else self.backend
+        return f"{self.device} x {self.nproc_per_node} ({comm})"
 
 
 def register_schema() -> None:

@@ -55,7 +55,9 @@ def check_machine(cfg: DictConfig) -> None:
             raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
     runtime = resolve_runtime(launch)
-    if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and runtime.nproc_per_node > 1:
+    # Refused unless shm was moot (one worker on one machine: nothing to average).
+    moot = launch.mode != LaunchMode.multinode and runtime.nproc_per_node < 2
+    if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and not moot:
         raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: {runtime.allreduce_reason}",
                         "auto | gloo", "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
 

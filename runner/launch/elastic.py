@@ -21,9 +21,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from runner.config import LaunchMode, parse_nnodes
+from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
-from runner.launch.runtime import Runtime
 
 log = logging.getLogger(__name__)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)

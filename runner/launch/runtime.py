@@ -1,42 +1,20 @@
 """The runtime decision: backend, device, worker count, threads and gradient all-reduce, made once.
 
-The driver calls `resolve_runtime` once per job; the record goes into the run's config.yaml
-(`runtime:`), the workers read it back with `Runtime.from_config`, and the summary reports it.
+The driver calls `resolve_runtime` once per job; the record (runner.config.Runtime) goes into the
+run's config.yaml (`runtime:`), the workers read it back with `Runtime.from_config`, and the
+summary reports it.
 Nothing else decides these, so what the console says is what the workers do.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import DictConfig
 
-from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, Topology, parse_nproc
+from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, Runtime, Topology, parse_nproc
 from runner.system import usable_cores
-
-
-@dataclass(frozen=True)
-class Runtime:
-    backend: str  # gloo | nccl (the process group's backend)
-    device: str  # cpu | cuda
-    nproc_per_node: int  # worker processes on this node
-    omp_num_threads: Optional[int]  # threads per CPU worker (None: torch's default on CUDA)
-    allreduce: str  # how gradients are averaged: shm | gloo | nccl | rpc
-    allreduce_reason: str  # why that one (shown when the user asked for another)
-    cuda_visible_devices: Optional[str] = None  # this job's GPUs when sweep jobs share the machine
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_config(cls, node: DictConfig) -> "Runtime":
-        return cls(**{k: node[k] for k in cls.__dataclass_fields__ if k in node})
-
-    def describe(self) -> str:
-        comm = f"{self.backend}, gradients through shared memory" if self.allreduce == "shm" else self.backend
-        return f"{self.device} x {self.nproc_per_node} ({comm})"
 
 
 def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0,
@@ -89,10 +67,10 @@ def gradient_allreduce(launch: DictConfig, device: str, nproc: int, cores: int) 
     backend = "gloo" if device == "cpu" else "nccl"
     if device != "cpu":
         return backend, "the workers train on GPUs (NCCL is used)"
+    if launch.mode == LaunchMode.multinode:
+        return backend, "launch=multinode may place the workers on several machines"
     if nproc < 2:
         return backend, "a single worker has nothing to average"
-    if launch.mode != LaunchMode.standalone:
-        return backend, f"launch={launch.mode} may place the workers on several machines"
     if wanted == CpuAllreduce.gloo:
         return backend, "launch.cpu_allreduce=gloo"
     reason = unavailable_reason(device, single_host=True)

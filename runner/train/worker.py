@@ -20,8 +20,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import OnNonFinite
-from runner.launch.runtime import Runtime
+from runner.config import OnNonFinite, Runtime
 from runner.logs import rank_log_path, setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng

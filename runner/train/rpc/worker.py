@@ -19,8 +19,7 @@ import torch.distributed.rpc as rpc
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import Topology
-from runner.launch.runtime import Runtime
+from runner.config import Runtime, Topology
 from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
