@@ -76,7 +76,7 @@ class Driver:
 def run(cfg: DictConfig) -> int:
     """One job: validate (unless the preflight callback did), lock, prepare, launch, report. Returns an exit code."""
     from runner import preflight
-    from runner.lock import RunDirLock
+    from runner.lock import RunDirInUse, RunDirLock
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).absolute()
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> int:
         if full_errors_requested():
             raise
         report_user_error(err)
-        if multirun:  # the sweep's table lists the job
+        if multirun and not isinstance(err, RunDirInUse):  # the sweep's table lists the job (never in another's directory)
             sweep.write_status(run_dir, "invalid config", exit_code=EXIT_USER_ERROR, **job)
         else:
             _remove_if_empty(run_dir)
@@ -249,7 +249,7 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -
         f"snapshot      : {_short(run_dir / cfg.snapshot.dir / snapshot)}" if snapshot else "snapshot      : none written",
     ]
     if summary.get("skipped_steps"):
-        lines.insert(3, f"skipped steps : {summary['skipped_steps']} (non-finite gradients, trainer.on_nonfinite=skip)")
+        lines.insert(3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)")
     print("\n".join(lines))
 
 
@@ -269,7 +269,7 @@ def _resume_point(cfg: Optional[DictConfig], run_dir: Path) -> str:
     return f"it resumes from {entry['file']} (epoch {entry['epoch']}, step {entry['step']})"
 
 
-def _report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None) -> int:
+def _report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None, aborted: bool = False) -> int:
     """Say what is on disk: the stop's own snapshot only when the workers wrote it."""
     import json
 
@@ -280,9 +280,15 @@ def _report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None) -> 
         written = json.loads(stop_marker(run_dir).read_text())
     except (OSError, ValueError):
         written = None
-    if written:
+    if written and written.get("file"):
         print(f"Stopped by {name}: a snapshot of the last step ({written['file']}, step {written['step']}) is in "
               f"{_short(run_dir)}; run the same command again to resume.", file=sys.stderr)
+    elif written:
+        print(f"Stopped by {name} at step {written['step']} without a snapshot of it (its weights are not finite); "
+              f"run the same command again: {_resume_point(cfg, run_dir)}.", file=sys.stderr)
+    elif aborted:
+        print(f"Aborted by a second {name}: no snapshot of the last step was written; run the same command again: "
+              f"{_resume_point(cfg, run_dir)}.", file=sys.stderr)
     else:
         timeout = f" within launch.stop_timeout={cfg.launch.stop_timeout} s" if cfg is not None else ""
         print(f"Stopped by {name}: the workers did not write a snapshot after the signal (they did not reach a step "
@@ -310,9 +316,10 @@ def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
 
     if isinstance(err, Stopped):  # launch=local: the driver itself was the worker
         return _report_stopped(run_dir, err.signum, cfg)
-    if isinstance(err, (SignalException, KeyboardInterrupt)):
-        signum = getattr(err, "sigval", None)
-        return _report_stopped(run_dir, int(signum) if signum is not None else signal.SIGINT, cfg)
+    if isinstance(err, SignalException):
+        return _report_stopped(run_dir, int(err.sigval), cfg)
+    if isinstance(err, KeyboardInterrupt):  # launch=local: a second signal while the first was being handled
+        return _report_stopped(run_dir, signal.SIGINT, cfg, aborted=True)
     if full_errors_requested():
         import traceback
 

@@ -258,6 +258,9 @@ def check_rpc(cfg: DictConfig) -> None:
                  "a parameter server needs itself and at least one trainer", "auto | an integer >= 2")
     _require(l.backend in (Backend.auto, Backend.gloo), "launch.backend", l.backend, "launch=rpc trains on the CPU through TensorPipe",
              "auto | gloo", "use launch.backend=auto")
+    _require(cfg.trainer.on_nonfinite != OnNonFinite.skip, "trainer.on_nonfinite", "skip",
+             "launch=rpc cannot skip a step (the optimizer steps where the parameters live)", "stop | warn",
+             "use trainer.on_nonfinite=stop")
     _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
              "scheduler=none", "add scheduler=none")
     _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,

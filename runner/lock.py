@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +20,11 @@ from typing import Optional
 from runner.errors import UserError
 
 LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
+
+
+class RunDirInUse(UserError):
+    """Another driver holds the run directory."""
 
 
 class RunDirLock:
@@ -27,22 +34,34 @@ class RunDirLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunDirLock":
-        """Take the lock or raise UserError naming the process that holds it."""
+        """Take the lock or raise RunDirInUse naming the process that holds it. Where the
+        filesystem cannot lock (some network filesystems), warn and go on without the guarantee."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:  # another user's lock file: flock needs no write access
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise UserError("run directory", str(self.path.parent),
-                            f"is in use by pid {holder.get('pid', '?')} (started at {holder.get('started', '?')}); "
-                            "two runs in one directory would mix their snapshots and metrics",
-                            "one run per directory at a time",
-                            "wait for it to finish (or stop it), or pass name=<another name> for a separate run") from None
+            raise RunDirInUse("run directory", str(self.path.parent),
+                              f"is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started at "
+                              f"{holder.get('started', '?')}); two runs in one directory would mix their snapshots and metrics",
+                              "one run per directory at a time",
+                              "wait for it to finish (or stop it), or pass name=<another name> for a separate run") from None
+        except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
+            os.close(fd)
+            log.warning("cannot lock %s (%s): running without the one-driver-per-directory guarantee", self.path, err.strerror)
+            return self
         if not self.shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                          "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            except OSError:
+                pass  # who holds it is a courtesy for the message; the lock itself is held
         self._fd = fd
         return self
 
@@ -61,5 +80,5 @@ class RunDirLock:
 def _read_holder(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except ValueError:
+    except (OSError, ValueError):
         return {}

@@ -47,7 +47,7 @@ def test_one_driver_per_run_directory_and_a_dead_holder_never_blocks(workdir):
         wait_for(lambda: metrics(run_dir), proc=first)  # training, with snapshots of epochs done
         second = run_cli(args, workdir)
         assert second.returncode == 2, second.output
-        assert f"is in use by pid {first.pid}" in second.output and "Traceback" not in second.output
+        assert f"is in use by pid {first.pid} on " in second.output and "Traceback" not in second.output
         assert len(second.output.strip().splitlines()) <= 4, second.output
     finally:
         first.send_signal(signal.SIGKILL)  # the driver dies without any cleanup; its lock file stays
@@ -87,6 +87,7 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
                    "trainer.total_epochs=2", "trainer.progress=false"], workdir)
     assert res.returncode == 0, res.output
     assert "skipped steps : 127" in res.stdout  # every step but the first
+    assert [r["loss"] for r in metrics(workdir / "outputs" / "skipped")][1] == "nan"  # epoch 2: no step counted
     state = torch.load(next((workdir / "outputs" / "skipped" / "snapshots").glob("snapshot-*.pt")), weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
@@ -12,15 +14,16 @@ from runner.snapshot.writer import SnapshotWriter
 
 class FailingManager(SnapshotManager):
     def commit(self, *args, **kwargs):
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "manifest.json"))
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_failed_background_write_surfaces_at_the_next_check(tmp_path, asynchronous):
     writer = SnapshotWriter(FailingManager(tmp_path), asynchronous=asynchronous)
     writer.save(snapshot_state(w=torch.ones(3)), step=1, epoch=0)
-    with pytest.raises(RuntimeError, match="writing a snapshot failed: OSError: No space left on device"):
+    with pytest.raises(OSError, match=r"No space left on device \(writing a snapshot\)") as caught:
         writer.wait()
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("manifest.json")
     assert not list(tmp_path.glob("snapshot-*.pt"))  # nothing counts as written
     writer.wait()  # reported once
 

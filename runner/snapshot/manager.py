@@ -126,7 +126,7 @@ class SnapshotManager:
         try:
             torch.save(state, str(tmp))
         except BaseException as err:
-            full = _out_of_space(self.dir)
+            full = isinstance(err, Exception) and _out_of_space(self.dir)
             tmp.unlink(missing_ok=True)
             if full and not isinstance(err, OSError):  # torch reports a full disk as "unexpected pos ..."
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from err

@@ -80,6 +80,8 @@ class SnapshotWriter:
             return
         inflight, self._inflight = self._inflight, None
         err = inflight.exception()
+        if isinstance(err, OSError) and err.errno is not None:  # ENOSPC, EACCES...: reported as such, with the path
+            raise OSError(err.errno, f"{err.strerror} (writing a snapshot)", err.filename) from err
         if err is not None:
             raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
 

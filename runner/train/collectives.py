@@ -43,7 +43,8 @@ class ProcessGroupCollectives(Collectives):
             return tensor
         if self.shared_memory is not None and self.shared_memory.fits(tensor):
             return self.shared_memory.all_reduce_(tensor, op=op)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        group = None if tensor.is_cuda else self.group  # CUDA tensors on the default (NCCL) group
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
         return tensor
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,15 +62,23 @@ class ProcessGroupCollectives(Collectives):
 
 
 class CallbackCollectives(Collectives):
-    """Ranks joined by something else (an RPC service): `sum_fn` sums a list of floats over all of
-    them; there is no gather (each rank's resume state stays its own) and stop requests are local."""
+    """Ranks joined by something else (an RPC service): `reduce_fn(values, op)` reduces a list of
+    numbers over all of them ("sum" or "max"); there is no gather (each rank's resume state stays
+    its own, the lead's is saved)."""
 
-    def __init__(self, rank: int, world_size: int, sum_fn: Callable[[list[float]], list[float]]) -> None:
-        self.rank, self.world_size, self._sum_fn = rank, world_size, sum_fn
+    def __init__(self, rank: int, world_size: int, reduce_fn: Callable[[list[float], str], list[float]]) -> None:
+        self.rank, self.world_size, self._reduce_fn = rank, world_size, reduce_fn
+
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        flat = tensor.view(-1)
+        flat.copy_(torch.tensor(self._reduce_fn(flat.tolist(), op), dtype=tensor.dtype))
+        return tensor
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor.copy_(torch.tensor(self._sum_fn(tensor.tolist()), dtype=tensor.dtype))
-        return tensor
+        return self._reduce(tensor, "sum")
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, "max")
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]

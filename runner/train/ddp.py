@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class DDPEngine:
+    shared_state = False  # every rank holds (and loads) its own replica
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Any,
                  device: torch.device, collectives: Collectives, allreduce: str, shared_memory=None,
                  skip_nonfinite: bool = False) -> None:
@@ -34,14 +35,17 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.ddp_model(inputs), targets)
         loss.backward()
-        if self.skip_nonfinite and not self._gradients_finite():
-            return None  # the averaged gradients are the same on every rank: every rank skips
+        if self.skip_nonfinite and not self._step_finite(loss):
+            return None  # agreed across ranks: every rank skips
         self.optimizer.step()
         return loss.detach()
 
-    def _gradients_finite(self) -> bool:
-        norms = [torch.linalg.vector_norm(p.grad) for p in self.model.parameters() if p.grad is not None]
-        return bool(torch.stack(norms).isfinite().all()) if norms else True
+    def _step_finite(self, loss: torch.Tensor) -> bool:
+        """This step's loss on every rank and its averaged gradients are finite (a loss that overflows
+        with finite gradients would still push the weights to inf). One small collective, one sync."""
+        flags = [loss.detach().isfinite()] + [p.grad.isfinite().all() for p in self.model.parameters() if p.grad is not None]
+        bad = (~torch.stack(flags).all()).to(torch.float64).reshape(1)
+        return self.collectives.max_(bad).item() == 0
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

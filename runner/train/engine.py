@@ -20,6 +20,7 @@ class Engine(Protocol):
     device: torch.device  # where batches go
     allreduce: str  # how gradients are averaged (recorded in snapshots: it fixes the summation order)
     processes: int  # processes of the job (recorded in snapshots)
+    shared_state: bool  # one model and optimizer state for all ranks (parameter server): the lead alone loads it
 
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
         """One optimizer step; the loss (detached, not synced to the host), or None when the step

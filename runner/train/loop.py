@@ -52,7 +52,10 @@ class TrainLoop:
 
     # ---- resume -------------------------------------------------------------------------------
     def resume(self, state: dict[str, Any], entry: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state)
+        if self.lead or not self.engine.shared_state:
+            self.engine.load_state_dict(state)
+        if self.engine.shared_state:  # one model for every rank: nobody steps it before the lead has loaded it
+            self.engine.collectives.sum_(torch.zeros(1, dtype=torch.float64))
         ts = state[snap.TRAIN_STATE_KEY]
         self.epoch, self.global_step, self.samples_in_epoch = ts["epoch"], ts["global_step"], ts["samples_in_epoch"]
         # Each rank's partial loss sum of the epoch; with another world size rank 0 carries the total.
@@ -63,6 +66,7 @@ class TrainLoop:
             loss_sum, self.loss_count = [sum(col) for col in zip(*partial)] if self.rank == 0 else (0.0, 0)
         self.loss_sum.fill_(loss_sum)
         self.history = list(state[snap.METRICS_KEY])
+        self.skipped_steps = int(ts.get("skipped_steps", 0))
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
@@ -76,6 +80,11 @@ class TrainLoop:
         per_rank = len(self.engine.capture_rng())
         if saved == self.engine.processes and len(states) == per_rank * self.world_size:
             return states[self.rank * per_rank: (self.rank + 1) * per_rank]
+        if saved == self.engine.processes and len(states) == per_rank:  # only the lead's were gathered (parameter server)
+            if self.lead:
+                return states
+            rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
+            return None
         log.warning("snapshot was written by %d processes, this run has %d: the data order continues exactly, "
                     "random streams are reseeded (results will not be bitwise equal to an uninterrupted run)",
                     saved, self.engine.processes)
@@ -166,9 +175,9 @@ class TrainLoop:
         epoch has its own rule)."""
         self.writer.check()
         if self.stop.should_stop(self.global_step):
-            self.save_snapshot()
+            written = self.save_snapshot()
             self.writer.wait()
-            raise Stopped(self.stop.signal, self.writer.last_entry)
+            raise Stopped(self.stop.signal, self.writer.last_entry if written else None, self.global_step)
         every = self.t.save_every_steps
         if every and self.global_step % every == 0 and mid_epoch:
             self.save_snapshot()
@@ -176,7 +185,8 @@ class TrainLoop:
     def _epoch_mean_loss(self) -> float:
         total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.loss_sum.device)])
         self.engine.collectives.sum_(total)
-        return (total[0] / total[1].clamp(min=1)).item()
+        count = total[1].item()
+        return (total[0] / count).item() if count else math.nan  # every step skipped: there is no loss to show
 
     def _end_epoch(self, samples: int, seconds: float) -> None:
         t = self.t
@@ -217,24 +227,25 @@ class TrainLoop:
         return False
 
     # ---- snapshots ----------------------------------------------------------------------------
-    def save_snapshot(self, end_of_epoch: bool = False) -> None:
-        """Collective: every rank contributes its RNG state, partial loss and a finite-weights flag;
-        the lead writes. A snapshot of non-finite weights is never written."""
-        per_rank = self.engine.collectives.gather(
-            (self.engine.capture_rng(), [self.loss_sum.item(), self.loss_count], self.engine.parameters_finite()))
+    def save_snapshot(self, end_of_epoch: bool = False) -> bool:
+        """Collective: every rank contributes its RNG state and partial loss; the lead writes.
+        A snapshot of non-finite weights is never written. Returns whether one was written."""
         self.last_saved_step = self.global_step
-        finite = all(r[2] for r in per_rank)
-        partial_sum = sum(r[1][0] for r in per_rank)
-        if not self._check_finite(partial_sum if finite else math.nan,
+        # Decided on reduced values, so every rank decides the same (gather may only hold this rank's).
+        health = torch.tensor([0.0 if self.engine.parameters_finite() else 1.0, self.loss_sum.item()], dtype=torch.float64)
+        self.engine.collectives.sum_(health)
+        finite = health[0].item() == 0
+        if not self._check_finite(health[1].item() if finite else math.nan,
                                   "the loss so far in this epoch" if finite else "a weight of the model"):
             log.warning("snapshot of step %d not written: it would hold non-finite values", self.global_step)
-            return
-        if not self.lead:
-            return
-        state = snap.make_state(
-            **self.engine.state_dict(),
-            train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
-                         "epoch_loss_per_rank": [r[1] for r in per_rank]},
-            rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
-            allreduce=self.engine.allreduce, metrics=self.history)
-        self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
+            return False
+        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), [self.loss_sum.item(), self.loss_count]))
+        if self.lead:
+            state = snap.make_state(
+                **self.engine.state_dict(),
+                train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
+                             "epoch_loss_per_rank": [r[1] for r in per_rank], "skipped_steps": self.skipped_steps},
+                rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
+                allreduce=self.engine.allreduce, metrics=self.history)
+            self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
+        return True

@@ -97,10 +97,12 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
     except Stopped as stopped:
         # Raised, not returned: a worker that returns a value waits for the agent to read it,
         # and an agent that is shutting down on the same signal never does.
-        if stopped.snapshot is not None:
-            Path(stop_marker(run_dir)).write_text(json.dumps({"file": stopped.snapshot["file"], "step": stopped.snapshot["step"],
-                                                              "signal": stopped.signum}))
-        log.warning("%s; the snapshot of the last step is on disk", stopped)
+        written = stopped.snapshot
+        if written is not None or rank == 0 or written is None:
+            stop_marker(run_dir).write_text(json.dumps({"file": written["file"] if written else None,
+                                                        "step": stopped.step, "signal": stopped.signum}))
+        log.warning("%s at step %d; %s", stopped, stopped.step,
+                    "its snapshot is on disk" if written else "no snapshot of it was written (its weights are not finite)")
         raise
     except Diverged as diverged:
         log.error("stopping: %s (trainer.on_nonfinite=stop)", diverged)

@@ -83,10 +83,11 @@ class StopRequest:
 
 
 class Stopped(Exception):
-    """Training stopped at a step boundary on request; `snapshot` is the manifest entry written for it."""
+    """Training stopped at a step boundary on request; `snapshot` is the manifest entry written for
+    it (None when none could be: non-finite weights)."""
 
-    def __init__(self, signum: Optional[int], snapshot: Optional[dict] = None) -> None:
-        self.signum, self.snapshot = signum, snapshot
+    def __init__(self, signum: Optional[int], snapshot: Optional[dict] = None, step: int = 0) -> None:
+        self.signum, self.snapshot, self.step = signum, snapshot, step
         name = signal.Signals(signum).name if signum else "a stop request"
         super().__init__(f"stopped by {name}")
 

@@ -22,6 +22,7 @@ class RpcEngine:
 
     allreduce = ALLREDUCE
     device = torch.device("cpu")
+    shared_state = False
     shards: list[rpc.RRef]
     optimizer: RemoteOptimizer
 

@@ -4,8 +4,8 @@ Each trainer takes its own shard of every epoch (a DistributedSampler over the t
 forward pass on the server through an RRef inside its own distributed autograd context, and steps
 the shared parameters with its own DistributedOptimizer. The local optimizers on the server share
 one lock, so concurrent steps from different trainers are applied one at a time. Trainers meet on
-the server to sum their losses (the loop's only collective here), and the first trainer writes the
-snapshots. Updates are asynchronous, so a resume continues the data order but is not bitwise exact.
+the server for the loop's collectives (the summed loss, the stop agreement), and the first trainer
+writes the snapshots. Updates are asynchronous, so a resume continues the data order but is not bitwise exact.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 SERVER = "ps"
 
 
-class SumBarrier:
-    """All trainers wait here and each gets the element-wise sum of what all of them brought."""
+class ReduceBarrier:
+    """All trainers wait here and each gets the element-wise sum (or max) of what all of them brought.
+    Every trainer makes the same sequence of calls (the loop's collectives), so rounds line up."""
 
     def __init__(self, parties: int) -> None:
         self.parties = parties
@@ -35,10 +36,11 @@ class SumBarrier:
         self.round, self.arrived, self.total = 0, 0, None
         self.result: dict[int, list[float]] = {}
 
-    def arrive(self, values: list[float]) -> list[float]:
+    def arrive(self, values: list[float], op: str) -> list[float]:
+        combine = max if op == "max" else (lambda a, b: a + b)
         with self.cond:
             my_round = self.round
-            self.total = list(values) if self.total is None else [a + b for a, b in zip(self.total, values)]
+            self.total = list(values) if self.total is None else [combine(a, b) for a, b in zip(self.total, values)]
             self.arrived += 1
             if self.arrived == self.parties:
                 self.result[my_round] = self.total
@@ -55,7 +57,7 @@ class _Server:
 
     lock = threading.Lock()
     model: Optional[ModuleShard] = None
-    barrier: Optional[SumBarrier] = None
+    barrier: Optional[ReduceBarrier] = None
 
 
 def get_model(model_cfg: dict, seed: int, trainers: int) -> rpc.RRef:
@@ -63,19 +65,21 @@ def get_model(model_cfg: dict, seed: int, trainers: int) -> rpc.RRef:
     with _Server.lock:
         if _Server.model is None:
             _Server.model = ModuleShard(model_cfg, seed, shared=trainers > 1)
-            _Server.barrier = SumBarrier(trainers)
+            _Server.barrier = ReduceBarrier(trainers)
     return rpc.RRef(_Server.model)
 
 
-def sum_over_trainers(values: list[float]) -> list[float]:
-    return _Server.barrier.arrive(values)
+def reduce_over_trainers(values: list[float], op: str) -> list[float]:
+    return _Server.barrier.arrive(values, op)
 
 
 class ParameterServerEngine(RpcEngine):
     """One trainer's side: `trainer` is its index among the `trainers` (0 writes snapshots)."""
 
+    shared_state = True  # the one model on the server: the lead loads it on resume
+
     def __init__(self, cfg: DictConfig, loss_fn: Any, trainer: int, trainers: int, processes: int) -> None:
-        self.collectives = CallbackCollectives(trainer, trainers, lambda v: rpc.rpc_sync(SERVER, sum_over_trainers, args=(v,)))
+        self.collectives = CallbackCollectives(trainer, trainers, lambda v, op: rpc.rpc_sync(SERVER, reduce_over_trainers, args=(v, op)))
         self.processes, self.loss_fn = processes, loss_fn
         model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
         self.shards = [model]
