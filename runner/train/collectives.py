@@ -14,16 +14,20 @@ import torch.distributed as dist
 
 
 class Collectives:
-    """One process: every collective is the identity. Base class of the others."""
+    """One process: every collective is the identity. Base class of the others, which override
+    `_reduce` (in place, "sum" or "max") and `gather`."""
 
     rank = 0
     world_size = 1
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         return tensor
 
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, "sum")
+
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+        return self._reduce(tensor, "max")
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -47,12 +51,6 @@ class ProcessGroupCollectives(Collectives):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
         return tensor
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "sum")
-
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "max")
-
     def gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
@@ -73,12 +71,6 @@ class CallbackCollectives(Collectives):
         flat = tensor.view(-1)
         flat.copy_(torch.tensor(self._reduce_fn(flat.tolist(), op), dtype=tensor.dtype))
         return tensor
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "sum")
-
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "max")
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]

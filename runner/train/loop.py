@@ -177,7 +177,7 @@ class TrainLoop:
         if self.stop.should_stop(self.global_step):
             written = self.save_snapshot()
             self.writer.wait()
-            raise Stopped(self.stop.signal, self.writer.last_entry if written else None, self.global_step)
+            raise Stopped(self.stop.signal, self.writer.last_entry if written else None, self.global_step, self.lead)
         every = self.t.save_every_steps
         if every and self.global_step % every == 0 and mid_epoch:
             self.save_snapshot()

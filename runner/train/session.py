@@ -98,11 +98,15 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
         # Raised, not returned: a worker that returns a value waits for the agent to read it,
         # and an agent that is shutting down on the same signal never does.
         written = stopped.snapshot
-        if written is not None or rank == 0 or written is None:
+        if stopped.lead:  # the rank that writes snapshots knows whether this one was written
             stop_marker(run_dir).write_text(json.dumps({"file": written["file"] if written else None,
                                                         "step": stopped.step, "signal": stopped.signum}))
-        log.warning("%s at step %d; %s", stopped, stopped.step,
-                    "its snapshot is on disk" if written else "no snapshot of it was written (its weights are not finite)")
+        if not stopped.lead:
+            log.warning("%s at step %d", stopped, stopped.step)
+        elif written:
+            log.warning("%s at step %d; its snapshot is on disk", stopped, stopped.step)
+        else:
+            log.warning("%s at step %d; no snapshot of it was written (its weights are not finite)", stopped, stopped.step)
         raise
     except Diverged as diverged:
         log.error("stopping: %s (trainer.on_nonfinite=stop)", diverged)

@@ -86,8 +86,8 @@ class Stopped(Exception):
     """Training stopped at a step boundary on request; `snapshot` is the manifest entry written for
     it (None when none could be: non-finite weights)."""
 
-    def __init__(self, signum: Optional[int], snapshot: Optional[dict] = None, step: int = 0) -> None:
-        self.signum, self.snapshot, self.step = signum, snapshot, step
+    def __init__(self, signum: Optional[int], snapshot: Optional[dict] = None, step: int = 0, lead: bool = True) -> None:
+        self.signum, self.snapshot, self.step, self.lead = signum, snapshot, step, lead
         name = signal.Signals(signum).name if signum else "a stop request"
         super().__init__(f"stopped by {name}")
 
