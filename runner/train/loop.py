@@ -185,8 +185,8 @@ class TrainLoop:
     def _epoch_mean_loss(self) -> float:
         total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.loss_sum.device)])
         self.engine.collectives.sum_(total)
-        count = total[1].item()
-        return (total[0] / count).item() if count else math.nan  # every step skipped: there is no loss to show
+        loss_total, count = total.tolist()  # one host sync for both
+        return loss_total / count if count else math.nan  # every step skipped: there is no loss to show
 
     def _end_epoch(self, samples: int, seconds: float) -> None:
         t = self.t
