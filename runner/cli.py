@@ -106,12 +106,15 @@ def run(cfg: DictConfig) -> int:
 def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
     finished = _finished_entry(cfg, run_dir)
     if finished is not None:
-        print(f"{_short(run_dir)}: already complete ({finished['file']}, epoch {finished['epoch']} of "
-              f"{cfg.trainer.total_epochs}); nothing to run. Raise trainer.total_epochs to train on, "
-              f"or pass snapshot.resume=never to start over.")
+        why = (f"it ended early at step {finished['step']}: {finished['ended']}; pass snapshot.resume=never to start over"
+               if finished.get("ended") else
+               f"step {finished['step']} of {cfg.trainer.max_steps}; raise trainer.max_steps to train on, or pass snapshot.resume=never to start over"
+               if cfg.trainer.max_steps else
+               f"epoch {finished['epoch']} of {cfg.trainer.total_epochs}; raise trainer.total_epochs to train on, or pass snapshot.resume=never to start over")
+        print(f"{_short(run_dir)}: already complete ({finished['file']}, {why}); nothing to run.")
         previous = sweep.read_status(run_dir) or {}
         sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
-                           final_loss=previous.get("final_loss"), **job)
+                           **{k: previous[k] for k in ("final_loss", "val", "best", "monitor") if k in previous}, **job)
         return 0
     from runner.logs import add_driver_log_file
 
@@ -124,7 +127,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
         handler.close()
     status = summary.get("status") if summary.get("status") == "diverged" else \
         ("finished" if code == 0 else ("stopped" if code >= 128 else "failed"))
-    sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")})
+    sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")},
+                       **({"val": summary["val"]} if summary.get("val") else {}),
+                       **({"best": summary["best"], "monitor": summary["monitor"]} if summary.get("best") is not None else {}))
     if code - 128 in (signal.SIGUSR1, signal.SIGUSR2):
         _requeue_if_preempted(code - 128)
     return code
@@ -142,14 +147,21 @@ def _requeue_if_preempted(signum: int) -> None:
 
 
 def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
-    """The run's newest snapshot if it loads and already covers trainer.total_epochs (re-invoking does nothing)."""
+    """The run's newest snapshot if it loads and already covers trainer.total_epochs (or max_steps), or
+    training ended there for good (early stop): re-invoking does nothing."""
     from runner.snapshot import SnapshotManager
 
     if cfg.snapshot.resume == ResumeWord.never:
         return None
     manager = SnapshotManager(run_dir / cfg.snapshot.dir)
     entry, _ = manager.newest_loadable_entry() if manager.manifest_path.exists() else (None, [])
-    return entry if entry is not None and entry["epoch"] >= cfg.trainer.total_epochs else None
+    if entry is None:
+        return None
+    if entry.get("ended"):  # early stop: training is over whatever the limits say
+        return entry
+    if cfg.trainer.max_steps:
+        return entry if entry["step"] >= cfg.trainer.max_steps else None
+    return entry if entry["epoch"] >= cfg.trainer.total_epochs else None
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict):
@@ -248,9 +260,28 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -
         f"peak memory   : driver {peak_rss_mb():.0f} MB, rank 0 {summary.get('peak_rss_mb', 0):.0f} MB",
         f"snapshot      : {_short(run_dir / cfg.snapshot.dir / snapshot)}" if snapshot else "snapshot      : none written",
     ]
+    unit = next((k for k in summary if k.endswith("_per_s") and k != "samples_per_s" and summary[k]), None)
+    if unit:
+        lines[3] += f", {summary[unit]:,.0f} {unit[:-6]}/s"
+    extra = []
+    if summary.get("val"):
+        extra.append("validation    : " + _metrics_line(summary["val"]) + f" (step {summary.get('steps')})")
+    if summary.get("best") is not None:
+        extra.append(f"best          : {summary['monitor']} {summary['best']:.6g} at step {summary['best_step']}")
+    if summary.get("test"):
+        test = summary["test"]
+        extra.append("test          : " + _metrics_line({k: v for k, v in test.items() if k.startswith("test/")})
+                     + f" ({test.get('chosen_by')}, {test.get('snapshot')}; results.json)")
+    if summary.get("ended"):
+        extra.append(f"ended early   : {summary['ended']}")
+    lines[3:3] = extra
     if summary.get("skipped_steps"):
         lines.insert(3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)")
     print("\n".join(lines))
+
+
+def _metrics_line(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
 def _newest_snapshot(cfg: DictConfig, run_dir: Path) -> Optional[dict]:

@@ -70,6 +70,28 @@ class ResumeWord(Choice):
     must = "must"  # fail unless there is a snapshot to resume from
 
 
+class Precision(Choice):
+    full = "32"  # float32 everywhere
+    bf16 = "bf16"  # bfloat16 autocast for forward and loss (weights, gradients and optimizer stay float32)
+    fp16 = "fp16"  # float16 autocast with a gradient scaler (its state is in the snapshot)
+
+
+class Mode(Choice):
+    min = "min"  # lower is better (losses)
+    max = "max"  # higher is better (accuracy)
+
+
+class LoaderKind(Choice):
+    auto = "auto"  # the in-memory fast path for tensor datasets without loader options, else a DataLoader
+    tensor = "tensor"  # batches are one index_select per tensor (TensorDataset-like datasets only)
+    dataloader = "dataloader"  # a torch.utils.data.DataLoader with the data.* options
+
+
+class Interval(Choice):
+    epoch = "epoch"
+    step = "step"
+
+
 class OnNonFinite(Choice):
     stop = "stop"  # end the run (exit 1) naming the step; the last finite snapshot is kept
     skip = "skip"  # skip optimizer steps whose gradients are not finite (one host sync per step)
@@ -77,8 +99,15 @@ class OnNonFinite(Choice):
 
 
 @dataclass
+class EarlyStopConfig:
+    patience: int = 0  # validations without improvement of snapshot.monitor before the run ends; 0 = off
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+
+@dataclass
 class TrainerConfig:
     total_epochs: int = 20  # epochs to train; raise it and re-run to continue a finished run
+    max_steps: int = 0  # optimizer steps to train instead of epochs (0 = train total_epochs epochs)
     batch_size: int = 32  # samples per worker per step
     save_every: int = 0  # epochs between snapshots; 0 = only the final snapshot
     save_every_steps: int = 0  # steps between snapshots, for long epochs; 0 = off
@@ -88,11 +117,34 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     shuffle: bool = True  # shuffle the data every epoch (DistributedSampler)
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # a NaN/inf loss or weight: stop | skip | warn
-    loss: Any = field(default_factory=lambda: {"_target_": "torch.nn.MSELoss"})
+    precision: str = "32"  # 32 | bf16 | fp16 (autocast of forward and loss); a str: "32" cannot be an enum name
+    accumulate: int = 1  # micro-batches per optimizer step (gradients all-reduced on the last one only)
+    clip_grad_norm: Optional[float] = None  # clip the global gradient norm to this value; null = off
+    compile: bool = False  # torch.compile the model (snapshots keep the plain module's keys)
+    val_every: int = 1  # epochs between validations (when there is a validation split); 0 = only at the end
+    val_every_steps: int = 0  # optimizer steps between validations inside an epoch; 0 = off
+    test: bool = False  # evaluate the best (else final) snapshot on the test split at the end: results.json
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # The loss lives with the task now (task.loss for task=regression).
     # Fault injection, to rehearse recovery: rank `crash_rank` kills itself with SIGKILL at global
     # step `crash_at_step` (first attempt only, so the restarted workers go on).
     crash_at_step: Optional[int] = None
     crash_rank: int = 0
+
+
+@dataclass
+class DataConfig:
+    """How batches are made (the dataset group says what the samples are)."""
+
+    loader: LoaderKind = LoaderKind.auto  # auto | tensor | dataloader
+    val_fraction: float = 0.0  # split this share off a single dataset for validation (deterministic from trainer.seed)
+    num_workers: int = 0  # DataLoader worker processes per training process
+    pin_memory: Optional[bool] = None  # page-locked host batches; null = on when training on CUDA
+    persistent_workers: bool = True  # keep DataLoader workers alive between epochs (num_workers > 0)
+    prefetch_factor: Optional[int] = None  # batches each DataLoader worker prepares ahead; null = torch's default (2)
+    collate_fn: Any = None  # a _target_ building the collate function (called with no arguments); null = torch's default
+    drop_last: bool = False  # drop each rank's last incomplete batch of an epoch
+    eval_batch_size: Optional[int] = None  # batch size for validation and test; null = trainer.batch_size
 
 
 @dataclass
@@ -122,12 +174,16 @@ class LaunchConfig:
 # __init__, __repr__ and __eq__ (they would spell `self.async`). OmegaConf reads the annotations.
 SnapshotConfig = dataclass(init=False, repr=False, eq=False)(type("SnapshotConfig", (), {
     "__doc__": "Where snapshots go, how many are kept and how a run resumes.",
-    "__annotations__": {"dir": str, "keep_last": int, "milestone_every": int, "resume": str, "async": bool},
+    "__annotations__": {"dir": str, "keep_last": int, "milestone_every": int, "resume": str, "async": bool,
+                        "monitor": Optional[str], "mode": Mode, "keep_best": int},
     "dir": "snapshots",  # inside the run directory
     "keep_last": 3,  # newest versions kept (milestones are kept on top)
     "milestone_every": 0,  # epochs; end-of-epoch snapshots at multiples of it are kept forever
     "resume": "auto",  # auto | never | must | path to a snapshot file (ResumeWord)
     "async": False,  # write in the background; the loop waits only for a copy into reused buffers
+    "monitor": None,  # a metric to keep the best versions by, e.g. val/accuracy (also early stopping's metric)
+    "mode": Mode.min,  # min | max: which way `monitor` improves
+    "keep_best": 1,  # best versions by `monitor` kept beyond keep_last
 }))
 
 
@@ -135,10 +191,12 @@ SnapshotConfig = dataclass(init=False, repr=False, eq=False)(type("SnapshotConfi
 class RunnerConfig:
     name: Optional[str] = None  # the run directory's name; default: derived from the defining overrides
     dataset: Any = None
+    task: Any = None  # what a batch means and what is measured (conf/task/, runner.tasks)
     model: Any = None
     optimizer: Any = None
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logger: Any = None  # optional metrics logger beside metrics.jsonl (conf/logger/)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
@@ -209,8 +267,28 @@ def check_ranges(cfg: DictConfig) -> None:
     t, l, s = cfg.trainer, cfg.launch, cfg.snapshot
     _require(t.total_epochs >= 1, "trainer.total_epochs", t.total_epochs, "must be at least 1", "an integer >= 1", "e.g. trainer.total_epochs=20")
     _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1", "an integer >= 1 (samples per worker)", "e.g. trainer.batch_size=32")
-    for key in ("save_every", "save_every_steps", "log_every"):
+    for key in ("save_every", "save_every_steps", "log_every", "max_steps", "val_every", "val_every_steps"):
         _require(t[key] >= 0, f"trainer.{key}", t[key], "must not be negative", "an integer >= 0 (0 turns it off)", f"e.g. trainer.{key}=0")
+    _require(str(t.precision) in Precision._value2member_map_, "trainer.precision", t.precision, "is not a precision",
+             Precision.words(), "e.g. trainer.precision=bf16")
+    _require(t.accumulate >= 1, "trainer.accumulate", t.accumulate, "must be at least 1", "an integer >= 1 (micro-batches per optimizer step)",
+             "e.g. trainer.accumulate=4")
+    if t.clip_grad_norm is not None:
+        _require(t.clip_grad_norm > 0, "trainer.clip_grad_norm", t.clip_grad_norm, "must be positive", "null or a number > 0", "e.g. trainer.clip_grad_norm=1.0")
+    es = t.early_stop
+    _require(es.patience >= 0, "trainer.early_stop.patience", es.patience, "must not be negative", "an integer >= 0 (0 = off)")
+    _require(es.min_delta >= 0, "trainer.early_stop.min_delta", es.min_delta, "must not be negative", "a number >= 0")
+    _require(es.patience == 0 or bool(s.monitor), "trainer.early_stop.patience", es.patience, "early stopping watches snapshot.monitor, which is not set",
+             "a metric name in snapshot.monitor, e.g. val/loss", "add snapshot.monitor=val/loss (and snapshot.mode=min|max)")
+    d = cfg.data
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)", "a fraction, e.g. 0.1 (0 = no split)", "e.g. data.val_fraction=0.1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must not be negative", "an integer >= 0 (0 = load in the training process)")
+    if d.prefetch_factor is not None:
+        _require(d.prefetch_factor >= 1 and d.num_workers > 0, "data.prefetch_factor", d.prefetch_factor,
+                 "needs loader workers (data.num_workers > 0) and a value >= 1", "null, or an integer >= 1 with data.num_workers > 0")
+    if d.eval_batch_size is not None:
+        _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be at least 1", "null or an integer >= 1")
+    _require(s.keep_best >= 0, "snapshot.keep_best", s.keep_best, "must not be negative", "an integer >= 0", "e.g. snapshot.keep_best=1")
     if t.crash_at_step is not None:
         _require(t.crash_at_step >= 1, "trainer.crash_at_step", t.crash_at_step, "must be at least 1", "null or an integer >= 1")
     nproc = parse_nproc(l.nproc_per_node)
@@ -237,10 +315,32 @@ def check_ranges(cfg: DictConfig) -> None:
     _require(s.milestone_every >= 0, "snapshot.milestone_every", s.milestone_every, "must not be negative", "an integer >= 0 (0 = no milestones)")
     _require(bool(s.dir) and Path(str(s.dir)).name == str(s.dir) and str(s.dir) not in (".", ".."), "snapshot.dir", s.dir,
              "must name one folder inside the run directory", "a plain folder name", "e.g. snapshot.dir=snapshots")
-    for group in ("dataset", "model", "optimizer"):
+    for group in ("dataset", "task", "model", "optimizer"):
         node = cfg.get(group)
         _require(isinstance(node, DictConfig) and "_target_" in node, f"{group}._target_", None if node is None else node.get("_target_"),
                  f"the {group} group needs a _target_", "a dotted path to a class or function", f"pick an entry with {group}=<name>")
+
+
+# Sections of the schema and their dataclasses: a key `+`-added under one of them does nothing, so it is refused.
+def schema_sections() -> dict[str, type]:
+    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "data": DataConfig, "launch": LaunchConfig,
+            "snapshot": SnapshotConfig}
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """A key that the schema does not know (added with `+`) is a mistake the user believes is on."""
+    for section, schema in schema_sections().items():
+        node = cfg
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, DictConfig) else None
+        if not isinstance(node, DictConfig):
+            continue
+        known = list(schema.__dataclass_fields__)
+        for key in node.keys():
+            if key not in known:
+                close = [k for k in known if k.startswith(str(key)[:3])] or known
+                raise UserError(f"{section}.{key}", node.get(key), f"is not a setting of {section}: nothing would read it",
+                                f"one of: {', '.join(known)}", f"remove +{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close != known else ""))
 
 
 def check_rpc(cfg: DictConfig) -> None:
@@ -263,5 +363,10 @@ def check_rpc(cfg: DictConfig) -> None:
              "use trainer.on_nonfinite=stop")
     _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
              "scheduler=none", "add scheduler=none")
+    t = cfg.trainer
+    for key, value, default in (("accumulate", t.accumulate, 1), ("precision", str(t.precision), "32"), ("compile", t.compile, False),
+                                ("clip_grad_norm", t.clip_grad_norm, None)):
+        _require(value == default, f"trainer.{key}", value, "is not supported with launch=rpc (the optimizer steps where the parameters live)",
+                 str(default).lower() if default is not None else "null", f"drop trainer.{key}")
     _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,
              "must name a worker", "an integer >= 0")

@@ -21,7 +21,8 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeWord, Topology, check_ranges, parse_nproc, resume_path
+from runner.config import (Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeWord, Topology, check_ranges, check_unknown_keys,
+                           parse_nproc, resume_path)
 from runner.errors import UserError
 from runner.rundir import check_name, existing_ancestor, identity, identity_diff
 from runner.snapshot import SnapshotError, SnapshotManager
@@ -34,10 +35,12 @@ TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": 
 
 def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = ()) -> None:
     """`choices`: the config file picked per group (Hydra's runtime.choices); `overrides`: the command line."""
+    check_unknown_keys(cfg)
     check_ranges(cfg)
     check_name(cfg.get("name"), run_dir.parent)
     check_machine(cfg)
     param_bytes = check_objects(cfg, choices or {}, tuple(overrides))
+    check_data(cfg, (choices or {}).get("dataset"))
     check_run_dir(run_dir, param_bytes)
     check_resume(cfg, run_dir)
 
@@ -100,11 +103,11 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     """Import every _target_ and dry-build the model/optimizer/scheduler on the meta device.
 
     Returns the bytes of the model's parameters and buffers (for the disk-space check)."""
-    where = {g: _source(g, choices, overrides) for g in ("dataset", "model", "optimizer", "scheduler")}
+    where = {g: _source(g, choices, overrides) for g in ("dataset", "task", "model", "optimizer", "scheduler")}
     data_cls = _locate_target("dataset", cfg.dataset, where["dataset"])
+    task_cls = _locate_target("task", cfg.task, where["task"])
     _locate_target("model", cfg.model, where["model"])
     _locate_target("optimizer", cfg.optimizer, where["optimizer"])
-    _locate_target("trainer.loss", cfg.trainer.loss, "conf/trainer")
     scheduler = cfg.get("scheduler")
     if scheduler:
         _locate_target("scheduler", scheduler, where["scheduler"])
@@ -151,12 +154,82 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise UserError("optimizer.betas", betas, f"must be two numbers in [0, 1) (from {where['optimizer']})", "[beta1, beta2], e.g. [0.9, 0.999]")
     if scheduler:
-        _bind("scheduler", scheduler, where["scheduler"], get_object(str(scheduler._target_)), [object()], _kwargs(scheduler))
+        from runner.train.schedules import RUNNER_KEYS
+
+        interval = str(scheduler.get("interval", "epoch"))
+        if interval not in ("epoch", "step"):
+            raise UserError("scheduler.interval", interval, "is not a scheduler interval", "epoch | step", "e.g. scheduler.interval=step")
+        sched_kwargs = {k: v for k, v in _kwargs(scheduler).items() if k not in RUNNER_KEYS}
+        _bind("scheduler", scheduler, where["scheduler"], get_object(str(scheduler._target_)), [object()], sched_kwargs)
+    _bind("task", cfg.task, where["task"], task_cls, [], _kwargs(cfg.task))
     try:
-        instantiate(cfg.trainer.loss)
+        instantiate(cfg.task)
     except Exception as err:
-        raise _build_error("trainer.loss", cfg.trainer.loss, err, "conf/trainer") from None
+        raise _build_error("task", cfg.task, err, where["task"]) from None
     return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+
+
+def check_data(cfg: DictConfig, choice: Optional[str] = None) -> None:
+    """Build the dataset once in the driver and make one batch of it, the way the workers will:
+    a DataLoader given as the dataset, an iterable dataset, a validation split too small to give
+    every worker a sample, or a collate function that fails are reported here, not on rank 0."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from runner.launch.runtime import resolve_runtime
+    from runner.train.batches import collate_function, make_splits
+
+    where = f"conf/dataset/{choice}.yaml" if choice else "the dataset config"
+    try:
+        built = instantiate(cfg.dataset)
+    except Exception as err:
+        raise _build_error("dataset", cfg.dataset, err, where) from None
+    if isinstance(built, DataLoader):
+        raise UserError("dataset._target_", cfg.dataset._target_, "builds a DataLoader; the dataset group names the samples and the "
+                        "runner makes the loader (resumable order, one shard per worker)",
+                        "a map-style torch.utils.data.Dataset (__getitem__ and __len__), or runner.data.Splits(train, val, test)",
+                        "point dataset._target_ at the dataset and move loader options to data.* (num_workers, collate_fn, pin_memory...)")
+    splits = make_splits(built, float(cfg.data.val_fraction), int(cfg.trainer.seed))
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        if split is None:
+            continue
+        if isinstance(split, IterableDataset) or not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
+            raise UserError("dataset._target_", cfg.dataset._target_, f"its {name} split is a {type(split).__name__}, not a map-style "
+                            "dataset: resuming mid-epoch needs samples by index", "a dataset with __getitem__ and __len__",
+                            "wrap the data in a map-style Dataset")
+        if len(split) == 0:
+            raise UserError("dataset", cfg.dataset._target_, f"its {name} split has no samples", "at least one sample per split")
+    workers = resolve_runtime(cfg.launch).nproc_per_node if cfg.launch.mode != LaunchMode.rpc else 1
+    if splits.val is not None and len(splits.val) < workers:
+        raise UserError("data.val_fraction", cfg.data.val_fraction, f"leaves {len(splits.val)} validation samples for {workers} workers",
+                        "a validation split with at least one sample per worker", "raise data.val_fraction or use fewer workers")
+    monitor = cfg.snapshot.monitor
+    if monitor and str(monitor).startswith("val/") and splits.val is None:
+        raise UserError("snapshot.monitor", monitor, "there is no validation split to measure it on",
+                        "a dataset with a val split, or data.val_fraction > 0", "add data.val_fraction=0.1")
+    if monitor and not str(monitor).startswith(("val/", "train/")):
+        raise UserError("snapshot.monitor", monitor, "names no metric the runner records", "val/<name> or train/<name>, e.g. val/loss",
+                        "e.g. snapshot.monitor=val/loss")
+    if cfg.trainer.test and splits.test is None:
+        raise UserError("trainer.test", True, "the dataset has no test split", "a dataset returning runner.data.Splits(train, val, test)",
+                        "drop trainer.test=true")
+    try:
+        collate = collate_function(cfg.data)
+    except Exception as err:
+        raise _build_error("data.collate_fn", cfg.data.collate_fn, err, "the command line") from None
+    if collate is not None and not callable(collate):
+        raise UserError("data.collate_fn", cfg.data.collate_fn._target_, f"builds a {type(collate).__name__}, which cannot be called",
+                        "a _target_ that builds a function taking a list of samples", "e.g. a class whose instances are callable")
+    try:
+        samples = [splits.train[i] for i in range(min(2, len(splits.train)))]
+        (collate or torch.utils.data.default_collate)(samples)
+    except Exception as err:
+        text = str(err).splitlines()[0] if str(err) else ""
+        key = "data.collate_fn" if collate is not None else "dataset"
+        raise UserError(key, cfg.data.collate_fn._target_ if collate is not None else cfg.dataset._target_,
+                        f"making the first batch failed: {type(err).__name__}: {text}",
+                        "samples that the collate function turns into a batch",
+                        "fix the dataset's __getitem__ or pass data.collate_fn=<a function that batches these samples>") from None
 
 
 def _kwargs(node: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from runner.sweep import read_status
 from runner.tables import format_table
-from runner.train.metrics import METRICS_FILE, read_number
+from runner.train.metrics import METRICS_FILE, read_number, train_loss
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -27,7 +27,7 @@ def find_runs(root: Path) -> list[Path]:
 def load_run(run_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     for row in rows:  # a diverged epoch's loss is written as "nan"/"inf" (or null by other writers)
-        row["loss"] = read_number(row.get("loss"))
+        row["loss"] = train_loss(row)
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     total = None
@@ -35,8 +35,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         total = OmegaConf.load(run_dir / "config.yaml").trainer.total_epochs
     status = (read_status(run_dir) or {}).get("status") or ("finished" if rows and rows[-1]["epoch"] == total else "partial")
     losses = [r["loss"] for r in rows if r["loss"] is not None]
-    return {"dir": run_dir, "overrides": overrides, "rows": rows, "status": status,
+    val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
+    last_val = {k: read_number(v) for k, v in val_rows[-1].items() if k.startswith("val/")} if val_rows else {}
+    return {"val": last_val,"dir": run_dir, "overrides": overrides, "rows": rows, "status": status,
             "epochs": rows[-1]["epoch"] if rows else 0, "total_epochs": total,
+            "best": (read_status(run_dir) or {}).get("best"), "monitor": (read_status(run_dir) or {}).get("monitor"),
             "final_loss": losses[-1] if losses else None, "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
             "wall": sum(r.get("epoch_seconds") or 0 for r in rows)}
 
@@ -51,8 +54,10 @@ def differing_overrides(runs: list[dict]) -> list[str]:
 
 def table(runs: list[dict]) -> str:
     labels = differing_overrides(runs)
-    header = ("run", "overrides", "final loss", "best loss", "epochs", "train s", "status")
+    val_keys = sorted({k for r in runs for k in r["val"]})
+    header = ("run", "overrides", "final loss", "best loss", *val_keys, "epochs", "train s", "status")
     return format_table(header, [(r["dir"].name, label, _num(r["final_loss"]), _num(r["best_loss"]),
+             *(_num(r["val"].get(k)) for k in val_keys),
              f"{r['epochs']}/{r['total_epochs'] if r['total_epochs'] is not None else '?'}", f"{r['wall']:.1f}", r["status"])
             for r, label in zip(runs, labels)])
 
@@ -71,7 +76,8 @@ def plot(runs: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     for run, label in zip(runs, differing_overrides(runs)):
-        ax.plot([r["epoch"] for r in run["rows"]], [r["loss"] for r in run["rows"]], label=label if label != "(same)" else run["dir"].name)
+        rows = [r for r in run["rows"] if r["loss"] is not None]
+        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label=label if label != "(same)" else run["dir"].name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

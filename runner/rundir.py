@@ -20,14 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 NON_DEFINING_KEYS = (
     "name", "hydra", "launch", "snapshot", "logger",
     "trainer.total_epochs", "trainer.save_every", "trainer.save_every_steps", "trainer.log_every",
-    "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank",
+    "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank", "trainer.max_steps", "trainer.val_every",
+    "trainer.val_every_steps", "trainer.test", "trainer.early_stop", "data.num_workers", "data.pin_memory",
+    "data.persistent_workers", "data.prefetch_factor", "data.eval_batch_size", "data.loader",
 )
 # What a snapshot's config must share with the current one for a resume to make sense.
 # trainer.batch_size changes the data order and the steps (and names the run directory like these).
-IDENTITY_KEYS = ("dataset", "model", "optimizer", "scheduler", "trainer.loss", "trainer.seed", "trainer.shuffle",
-                 "trainer.batch_size")
-# Identity keys added after runs were already written: a snapshot without them still resumes.
-LATER_IDENTITY_KEYS = ("trainer.batch_size",)
+IDENTITY_KEYS = ("dataset", "task", "model", "optimizer", "scheduler", "trainer.seed", "trainer.shuffle",
+                 "trainer.batch_size", "trainer.accumulate", "data.val_fraction", "data.drop_last")
+# Identity keys added after runs were already written: a snapshot without them still resumes (the
+# loss moved from trainer.loss to task.loss; a scheduler's `interval` defaults to epoch, as before).
+LATER_IDENTITY_KEYS = ("trainer.batch_size", "task", "trainer.accumulate", "data.val_fraction", "data.drop_last",
+                       "scheduler.interval")
+RETIRED_IDENTITY_KEYS = ("trainer.loss",)
 MAX_NAME = 80
 CONFIG_FILE = "config.yaml"
 
@@ -122,7 +127,10 @@ def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = set(old) | (set(new) - set(LATER_IDENTITY_KEYS))
+    """Keys whose values differ; keys the old run could not have had, or that moved, do not count."""
+    old = {k: v for k, v in old.items() if not _matches(k, RETIRED_IDENTITY_KEYS)}
+    later = [k for k in new if _matches(k, LATER_IDENTITY_KEYS) and k not in old]
+    keys = set(old) | (set(new) - set(later))
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 

@@ -62,13 +62,24 @@ def ended_sweep_failed() -> bool:
     return bool(sweep_id and sweep_dir) and any(_failed(j) for j in sweep_jobs(Path(sweep_dir), sweep_id))
 
 
+def validation_cell(job: dict[str, Any]) -> str:
+    """The best monitored value when there is one, else the last validation's first metric."""
+    if isinstance(job.get("best"), (int, float)):
+        return f"{job['monitor']} {job['best']:.4g} (best)"
+    val = job.get("val") or {}
+    key = "val/loss" if "val/loss" in val else next(iter(val), None)
+    return f"{key} {val[key]:.4g}" if key is not None else "-"
+
+
 def format_jobs(jobs: list[dict[str, Any]]) -> str:
+    with_val = any(j.get("val") or j.get("best") is not None for j in jobs)
     rows = [(str(j.get("job_num", i)), j["status"] + (" (skipped)" if j.get("skipped") else ""),
              str(j["epochs"] if j.get("epochs") is not None else "-"),
              f"{j['final_loss']:.4g}" if isinstance(j.get("final_loss"), (int, float)) else "-",
+             *((validation_cell(j),) if with_val else ()),
              " ".join(j.get("overrides") or []) or "(defaults)")
             for i, j in enumerate(jobs)]
-    return format_table(("#", "status", "epochs", "final loss", "overrides"), rows)
+    return format_table(("#", "status", "epochs", "final loss", *(("validation",) if with_val else ()), "overrides"), rows)
 
 
 class SweepReport(Callback):

@@ -19,6 +19,7 @@ FORMAT_KEY = "format_version"
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
+SCALER_KEY = "scaler"  # the fp16 gradient scaler (None otherwise)
 TRAIN_STATE_KEY = "train_state"  # epoch, global step, samples into the epoch, each rank's partial loss
 RNG_KEY = "rng"  # one entry per process, in rank order
 CONFIG_KEY = "config"
@@ -33,9 +34,10 @@ class SnapshotError(Exception):
 
 
 def make_state(*, model: dict, optimizer: Any, scheduler: Any, train_state: dict, rng: list, config: dict,
-               world_size: int, allreduce: str, metrics: list) -> dict[str, Any]:
+               world_size: int, allreduce: str, metrics: list, scaler: Any = None) -> dict[str, Any]:
     """A snapshot in the one format every launch mode writes."""
     return {
+        SCALER_KEY: scaler,
         FORMAT_KEY: FORMAT_VERSION,
         MODEL_KEY: model,
         OPTIMIZER_KEY: optimizer,

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import stat
 import time
@@ -71,10 +72,13 @@ class SnapshotManager:
     Only one process (rank 0) writes; any process may read.
     """
 
-    def __init__(self, directory: Path | str, keep_last: int = 3, milestone_every: int = 0) -> None:
+    def __init__(self, directory: Path | str, keep_last: int = 3, milestone_every: int = 0, keep_best: int = 0,
+                 mode: str = "min") -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.milestone_every = milestone_every
+        self.keep_best = keep_best  # versions with the best `monitor` values, kept beyond keep_last
+        self.mode = str(mode)
 
     # ---- manifest -------------------------------------------------------------------------
     @property
@@ -112,9 +116,9 @@ class SnapshotManager:
 
     # ---- writing --------------------------------------------------------------------------
     def save(self, state: dict[str, Any], step: int, epoch: int, config: Optional[dict] = None,
-             end_of_epoch: bool = False) -> dict[str, Any]:
+             end_of_epoch: bool = False, **marks: Any) -> dict[str, Any]:
         """Write one version atomically, record it in the manifest, then apply retention."""
-        return self.commit(self.write(state, step), step, epoch, config, end_of_epoch)
+        return self.commit(self.write(state, step), step, epoch, config, end_of_epoch, **marks)
 
     def write(self, state: dict[str, Any], step: int) -> Path:
         """Serialise `state` to a temporary file; it is not a version until `commit`.
@@ -134,7 +138,7 @@ class SnapshotManager:
         return tmp
 
     def commit(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None,
-               end_of_epoch: bool = False) -> dict[str, Any]:
+               end_of_epoch: bool = False, monitor: Optional[dict] = None, ended: Optional[str] = None) -> dict[str, Any]:
         """Hash and fsync the temporary file, rename it into place, then list it in the manifest.
 
         Only the manifest entry makes the version count, so a crash anywhere in here leaves the
@@ -158,11 +162,18 @@ class SnapshotManager:
             "milestone": bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
             "commit_seconds": round(time.perf_counter() - started, 4),
         }
+        if monitor is not None:  # {"name": "val/accuracy", "value": 0.97}: what retention keeps the best by
+            entry["monitor"] = {"name": str(monitor["name"]), "value": float(monitor["value"])}
+        if ended is not None:  # training ended here for good (early stop): re-invoking does not train on
+            entry["ended"] = str(ended)
         manifest = self.read_manifest()
         kept = [e for e in self._trusted_entries(manifest) if e["step"] != entry["step"] and e["file"] != name]
         kept = sorted(kept + [entry], key=lambda e: e["step"])
         kept, dropped = self._retain(kept)
         manifest.update(format_version=FORMAT_VERSION, snapshots=kept)
+        best = self._best(kept)
+        if best:
+            manifest["best"] = best[0]["file"]
         if config is not None:
             manifest["config"] = config
         atomic_write(self.manifest_path, json.dumps(manifest, indent=1))
@@ -211,10 +222,25 @@ class SnapshotManager:
         path.unlink(missing_ok=True)
 
     def _retain(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Keep the newest `keep_last` versions, plus every milestone."""
+        """Keep the newest `keep_last` versions, every milestone and the `keep_best` best ones."""
         older = entries[: max(len(entries) - self.keep_last, 0)]
-        drop = {e["file"] for e in older if not e.get("milestone")}
-        return [e for e in entries if e["file"] not in drop], [e for e in entries if e["file"] in drop]
+        best = {e["file"] for e in self._best(entries)[: self.keep_best]}
+        drop = {e["file"] for e in older if not e.get("milestone") and e["file"] not in best}
+        kept = [dict(e, best=True) if e["file"] in best else {k: v for k, v in e.items() if k != "best"}
+                for e in entries if e["file"] not in drop]
+        return kept, [e for e in entries if e["file"] in drop]
+
+    def _best(self, entries: list[dict]) -> list[dict]:
+        """Entries with a monitored value, best first (ties: the earlier step)."""
+        scored = [e for e in entries if isinstance(e.get("monitor"), dict) and math.isfinite(e["monitor"].get("value", math.nan))]
+        sign = -1 if self.mode == "max" else 1
+        return sorted(scored, key=lambda e: (sign * e["monitor"]["value"], e["step"]))
+
+    def best_entry(self) -> Optional[dict[str, Any]]:
+        """The version the manifest names as best (by `snapshot.monitor`), if any is listed and valid."""
+        manifest = self.read_manifest()
+        name = manifest.get("best")
+        return next((e for e in self._checked_entries(manifest)[0] if e["file"] == name), None)
 
     def remove_stale_temporaries(self) -> None:
         """Delete half-written files left by a writer that was killed."""

@@ -99,8 +99,15 @@ def describe(entry: Any) -> str:
 
 
 def _optional_problem(entry: dict[str, Any]) -> Optional[str]:
-    if "milestone" in entry and not isinstance(entry["milestone"], bool):
-        return f"'milestone' must be true or false, not {_shown(entry['milestone'])}"
+    for flag in ("milestone", "best"):
+        if flag in entry and not isinstance(entry[flag], bool):
+            return f"{flag!r} must be true or false, not {_shown(entry[flag])}"
+    monitor = entry.get("monitor")
+    if monitor is not None and not (isinstance(monitor, dict) and isinstance(monitor.get("name"), str)
+                                    and isinstance(monitor.get("value"), (int, float)) and not isinstance(monitor.get("value"), bool)):
+        return f"'monitor' must be {{\"name\": <metric>, \"value\": <number>}}, not {_shown(monitor)}"
+    if "ended" in entry and not isinstance(entry["ended"], str):
+        return f"'ended' must be a string, not {_shown(entry['ended'])}"
     if "created" in entry and not isinstance(entry["created"], str):
         return f"'created' must be a string, not {_shown(entry['created'])}"
     seconds = entry.get("commit_seconds", 0)

@@ -38,20 +38,21 @@ class SnapshotWriter:
         self.last_entry: Optional[dict[str, Any]] = None
         self.stall_seconds: list[float] = []  # time the training loop spent inside save()
 
-    def save(self, state: dict[str, Any], step: int, epoch: int, end_of_epoch: bool = False) -> None:
+    def save(self, state: dict[str, Any], step: int, epoch: int, end_of_epoch: bool = False, **marks: Any) -> None:
+        """`marks`: what the manifest entry records beside the file (`monitor`, `ended`)."""
         started = time.perf_counter()
         self.wait()
         if self.asynchronous:
             staged = self._stage(state, ())
-            job: Callable[[], Any] = lambda: self._commit(self.manager.write(staged, step), step, epoch, end_of_epoch)
+            job: Callable[[], Any] = lambda: self._commit(self.manager.write(staged, step), step, epoch, end_of_epoch, marks)
         else:
             tmp = self.manager.write(state, step)
-            job = lambda: self._commit(tmp, step, epoch, end_of_epoch)
+            job = lambda: self._commit(tmp, step, epoch, end_of_epoch, marks)
         self._inflight = self._pool.submit(job)
         self.stall_seconds.append(time.perf_counter() - started)
 
-    def _commit(self, tmp, step: int, epoch: int, end_of_epoch: bool) -> None:
-        self.last_entry = self.manager.commit(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch)
+    def _commit(self, tmp, step: int, epoch: int, end_of_epoch: bool, marks: dict[str, Any]) -> None:
+        self.last_entry = self.manager.commit(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks)
         log.info("snapshot %s written (epoch %d, step %d, %.1f MB)", self.last_entry["file"], epoch, step,
                  self.last_entry["size"] / 1e6)
 

@@ -1,44 +1,104 @@
 """The DDP engine: every worker holds the whole model; gradients are averaged by DDP (NCCL, gloo,
-or the shared-memory all-reduce for CPU workers on one machine)."""
+or the shared-memory all-reduce for CPU workers on one machine).
+
+One optimizer step is a window of `trainer.accumulate` micro-batches: DDP's `no_sync` on all but
+the last, so gradients are all-reduced once per step; autocast (bf16/fp16, fp16 with a gradient
+scaler), gradient clipping and the scheduler's per-step interval happen here too."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from runner.config import Interval, Precision
+from runner.tasks import training_output
 from runner.train import rng
 from runner.train.collectives import Collectives
 
 log = logging.getLogger(__name__)
 
+AUTOCAST_DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+def autocast(device: torch.device, precision: Precision):
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
 
 class DDPEngine:
     shared_state = False  # every rank holds (and loads) its own replica
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: Any,
-                 device: torch.device, collectives: Collectives, allreduce: str, shared_memory=None,
-                 skip_nonfinite: bool = False) -> None:
-        self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
+                 device: torch.device, collectives: Collectives, allreduce: str, shared_memory=None, *,
+                 skip_nonfinite: bool = False, precision: str = "32", clip_grad_norm: Optional[float] = None,
+                 compile: bool = False, scheduler_interval: str = "epoch") -> None:
+        self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
         self.device, self.collectives, self.allreduce = device, collectives, allreduce
         self.processes = collectives.world_size
         self.skip_nonfinite = skip_nonfinite
+        self.precision = Precision(str(precision))
+        self.clip_grad_norm = clip_grad_norm
+        self.step_scheduler = Interval(str(scheduler_interval)) == Interval.step
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == Precision.fp16 else None
+        self.last_lr = self._current_lr()
+        if compile:
+            model.compile()  # in place: the module keeps its own state_dict keys
         self.ddp_model: Optional[DDP] = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if shared_memory is not None:
             from runner.train.shm_allreduce import shm_allreduce_hook
 
             self.ddp_model.register_comm_hook(shared_memory, shm_allreduce_hook)
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
-        inputs, targets = batch[0], batch[1]
+    def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """One optimizer step over the micro-batches of a window: (mean loss, mean logs), detached
+        and on the device (no host sync), or None when the step was skipped (non-finite)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.ddp_model(inputs), targets)
-        loss.backward()
-        if self.skip_nonfinite and not self._step_finite(loss):
+        total: Optional[torch.Tensor] = None
+        logs: dict[str, torch.Tensor] = {}
+        last = len(batches) - 1
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == last else self.ddp_model.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    loss, step_logs = training_output(self.task.training_step(self.ddp_model, batch))
+                scaled = loss / len(batches)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            for name, value in step_logs.items():
+                value = value.detach().float()
+                logs[name] = value if name not in logs else logs[name] + value
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm is not None:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm)).detach() * len(batches)
+        if self.skip_nonfinite and self.scaler is None and not self._step_finite(total):
             return None  # agreed across ranks: every rank skips
-        self.optimizer.step()
-        return loss.detach()
+        self.last_lr = self._current_lr()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself when the unscaled gradients are not finite
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.step_scheduler and self.scheduler is not None:
+            self.scheduler.step()
+        n = len(batches)
+        return total / n, {k: v / n for k, v in logs.items()}
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[Any]:
+        """The model to evaluate with: the plain module (no DDP synchronisation), in eval mode,
+        without gradients, under the training precision."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     def _step_finite(self, loss: torch.Tensor) -> bool:
         """This step's loss on every rank and its averaged gradients are finite (a loss that overflows
@@ -47,22 +107,33 @@ class DDPEngine:
         bad = (~torch.stack(flags).all()).to(torch.float64).reshape(1)
         return self.collectives.max_(bad).item() == 0
 
-    def learning_rate(self) -> float:
+    def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def learning_rate(self) -> float:
+        """The rate the last optimizer step used (before a per-step scheduler moved it on)."""
+        return self.last_lr
+
     def end_epoch(self) -> None:
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self.step_scheduler:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_model_state(self, model: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.last_lr = self._current_lr()
 
     def parameters_finite(self) -> bool:
         flags = [p.isfinite().all() for p in self.model.parameters()]

@@ -8,7 +8,7 @@ the processes it drives) are captured and restored.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, ContextManager, Optional, Protocol
 
 import torch
 
@@ -22,12 +22,16 @@ class Engine(Protocol):
     processes: int  # processes of the job (recorded in snapshots)
     shared_state: bool  # one model and optimizer state for all ranks (parameter server): the lead alone loads it
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
-        """One optimizer step; the loss (detached, not synced to the host), or None when the step
-        was skipped because its gradients were not finite (trainer.on_nonfinite=skip)."""
+    def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """One optimizer step over a window of micro-batches (trainer.accumulate): the mean loss and
+        the task's mean logs (detached, not synced to the host), or None when the step was skipped
+        because its gradients were not finite (trainer.on_nonfinite=skip)."""
+
+    def evaluation(self) -> ContextManager[Any]:
+        """A context giving the model to call in `validation_step`: eval mode, no gradients."""
 
     def learning_rate(self) -> float:
-        ...
+        """The rate the last optimizer step used."""
 
     def end_epoch(self) -> None:
         """Per-epoch work of the trained objects (the learning-rate scheduler)."""
@@ -37,6 +41,9 @@ class Engine(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
+
+    def load_model_state(self, model: dict[str, torch.Tensor]) -> None:
+        """The model's weights alone (a best snapshot, before testing)."""
 
     def parameters_finite(self) -> bool:
         """Every weight is finite (checked before a snapshot is written; one host sync)."""

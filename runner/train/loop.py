@@ -1,9 +1,12 @@
-"""The training loop, one for every launch mode: epochs of steps, metrics, snapshots, stop, resume.
+"""The training loop, one for every launch mode: epochs of steps, validation, metrics, snapshots
+(scheduled, best-by-metric, on stop, final), early stopping, stop, resume.
 
 Everything that must survive a restart besides the trained objects (position, each rank's partial
-loss, metrics so far) is in the snapshot this loop writes; `resume()` puts it back so that a resumed
-run continues with the very next batch, bit for bit. How a step runs and how the model and
-optimizer are captured is the engine's business (runner.train.engine).
+sums, the best value so far, metrics so far) is in the snapshot this loop writes; `resume()` puts
+it back so that a resumed run continues with the very next batch, bit for bit. A step is one
+optimizer step: a window of `trainer.accumulate` micro-batches, so a snapshot is only ever taken
+on an optimizer-step boundary. How a step runs and how the model and optimizer are captured is
+the engine's business (runner.train.engine); what a batch means is the task's (runner.tasks).
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from runner.config import OnNonFinite
+from runner.config import Mode, OnNonFinite
 from runner.snapshot import format as snap
 from runner.system import peak_rss_mb
 from runner.train import faults, rng
-from runner.train.batches import BatchSource
+from runner.train.batches import DataSource, EvalBatches
 from runner.train.engine import Engine
-from runner.train.metrics import MetricsWriter
-from runner.train.sampler import ResumableDistributedSampler
+from runner.train.metrics import MetricsWriter, train_loss
 from runner.train.stop import Diverged, StopRequest, Stopped
 
 log = logging.getLogger(__name__)
@@ -32,22 +34,34 @@ log = logging.getLogger(__name__)
 class TrainLoop:
     """`lead` (data-parallel rank 0) writes snapshots, metrics.jsonl and the extra logger."""
 
-    def __init__(self, trainer_cfg, config: dict, engine: Engine, data: BatchSource, writer, stop: StopRequest,
+    def __init__(self, cfg, config: dict, engine: Engine, data: DataSource, task, writer, stop: StopRequest,
                  metrics: Optional[MetricsWriter] = None, logger=None) -> None:
-        self.t, self.config, self.engine, self.data = trainer_cfg, config, engine, data
+        self.t, self.config, self.engine, self.data, self.task = cfg.trainer, config, engine, data, task
         self.writer, self.stop, self.metrics_file, self.logger = writer, stop, metrics, logger
         c = engine.collectives
         self.rank, self.world_size, self.lead = c.rank, c.world_size, c.rank == 0
-        self.sampler = ResumableDistributedSampler(data.dataset, self.world_size, self.rank, shuffle=self.t.shuffle, seed=self.t.seed)
         self.on_nonfinite = OnNonFinite(str(self.t.on_nonfinite))
-        # Training position: epochs completed, steps done, samples of the current epoch consumed.
+        self.accumulate = int(self.t.accumulate)
+        self.max_steps = int(self.t.max_steps)
+        self.monitor: Optional[str] = cfg.snapshot.monitor
+        self.mode = Mode(str(cfg.snapshot.mode))
+        self.patience, self.min_delta = int(self.t.early_stop.patience), float(self.t.early_stop.min_delta)
+        # Training position: epochs completed, optimizer steps done, samples of the current epoch consumed.
         self.epoch = self.global_step = self.samples_in_epoch = 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # this epoch, this rank
         self.loss_count = 0
+        self.log_sums: dict[str, torch.Tensor] = {}  # the task's extra training logs, weighted like the loss
         self.skipped_steps = 0
+        self.best: Optional[float] = None  # best value of `monitor` so far
+        self.best_step: Optional[int] = None
+        self.bad_validations = 0  # validations since `monitor` last improved by min_delta
+        self.ended: Optional[str] = None  # why training ended before its epochs/steps (early stop)
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.last_saved_step = -1
+        self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
+        self.bar = tqdm(disable=True)
+        self.val_seconds = 0.0
         self._rng_to_restore: Optional[list[dict]] = None
 
     # ---- resume -------------------------------------------------------------------------------
@@ -58,15 +72,22 @@ class TrainLoop:
             self.engine.collectives.sum_(torch.zeros(1, dtype=torch.float64))
         ts = state[snap.TRAIN_STATE_KEY]
         self.epoch, self.global_step, self.samples_in_epoch = ts["epoch"], ts["global_step"], ts["samples_in_epoch"]
-        # Each rank's partial loss sum of the epoch; with another world size rank 0 carries the total.
+        # Each rank's partial sums of the epoch; with another world size rank 0 carries the totals.
         partial = ts["epoch_loss_per_rank"]
         if len(partial) == self.world_size:
-            loss_sum, self.loss_count = partial[self.rank]
+            mine = partial[self.rank]
         else:
-            loss_sum, self.loss_count = [sum(col) for col in zip(*partial)] if self.rank == 0 else (0.0, 0)
+            mine = [sum(col) for col in zip(*partial)] if self.rank == 0 else [0.0, 0]
+        loss_sum, self.loss_count = mine[0], int(mine[1])
         self.loss_sum.fill_(loss_sum)
+        names = ts.get("log_names", [])
+        for name, value in zip(names, mine[2:] if len(mine) > 2 else [0.0] * len(names)):
+            self.log_sums[name] = torch.tensor(float(value), dtype=torch.float64, device=self.engine.device)
         self.history = list(state[snap.METRICS_KEY])
         self.skipped_steps = int(ts.get("skipped_steps", 0))
+        self.best, self.best_step = ts.get("best"), ts.get("best_step")
+        self.bad_validations = int(ts.get("bad_validations", 0))
+        self.ended = ts.get("ended")
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
@@ -107,54 +128,89 @@ class TrainLoop:
                      self.engine.allreduce, saved, world, extra={"console": False})
 
     # ---- loop ---------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.train.batches_per_epoch() / self.accumulate)
+
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps else self.t.total_epochs * self.steps_per_epoch()
+
+    def done(self) -> bool:
+        if self.ended is not None:
+            return True
+        return self.global_step >= self.max_steps if self.max_steps else self.epoch >= self.t.total_epochs
+
     def fit(self) -> dict[str, Any]:
         t = self.t
         if self._rng_to_restore is not None:
             self.engine.restore_rng(self._rng_to_restore)  # last, so nothing after it consumes random numbers
         if self.lead and self.metrics_file is not None:
-            self.metrics_file.rewrite(self.history)  # epochs after the snapshot will be redone
-        steps_per_epoch = math.ceil(self.sampler.epoch_length() / self.world_size / t.batch_size)
-        total_steps = t.total_epochs * steps_per_epoch
+            self.metrics_file.rewrite(self.history)  # records after the snapshot will be redone
+        total_steps = self.total_steps()
         bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), disable=not (t.progress and self.lead),
                    unit="step", dynamic_ncols=True, mininterval=0.5, desc="resumed" if self.resumed_from else "training")
+        self.bar = bar
         started = time.perf_counter()
-        samples_trained = 0
+        samples_trained = units_trained = 0
         try:
-            while self.epoch < t.total_epochs:
-                samples_trained += self._run_epoch(bar)
+            while not self.done():
+                samples, units = self._run_epoch(bar)
+                samples_trained += samples
+                units_trained += units
         finally:
             bar.close()
+        if self.data.val is not None and self.validated[0] != self.global_step and self.ended is None:
+            self._validate_and_record(final=True)  # the finished model is always validated
         if self.last_saved_step != self.global_step:  # the same decision on every rank
-            self.save_snapshot(end_of_epoch=True)
+            self.save_snapshot(end_of_epoch=self.samples_in_epoch == 0)
         self.writer.wait()
         wall = time.perf_counter() - started
-        final = self.history[-1] if self.history else {}
-        return {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": final.get("loss"),
-                "samples_per_s": samples_trained / wall if wall > 0 else None, "train_seconds": wall,
-                "resumed_from": self.resumed_from, "world_size": self.engine.processes, "allreduce": self.engine.allreduce,
-                "skipped_steps": self.skipped_steps,
-                "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
-                "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peak_rss_mb()}
+        train_wall = wall - self.val_seconds
+        final = next((r for r in reversed(self.history) if train_loss(r) is not None), {})
+        summary = {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": train_loss(final),
+                   "samples_per_s": samples_trained / train_wall if train_wall > 0 else None, "train_seconds": wall,
+                   "val_seconds": self.val_seconds, "resumed_from": self.resumed_from, "world_size": self.engine.processes,
+                   "allreduce": self.engine.allreduce, "skipped_steps": self.skipped_steps,
+                   "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
+                   "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peak_rss_mb(),
+                   "val": self.validated[1], "ended": self.ended, "monitor": self.monitor, "best": self.best,
+                   "best_step": self.best_step}
+        if self.task.unit and train_wall > 0:
+            summary[f"{self.task.unit}_per_s"] = units_trained / train_wall
+        return summary
 
-    def _run_epoch(self, bar: tqdm) -> int:
+    def _run_epoch(self, bar: tqdm) -> tuple[int, int]:
         t = self.t
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.set_start(self.samples_in_epoch)
-        indices = self.sampler.local_indices().to(self.data.index_device())
+        batches = self.data.train.epoch(self.epoch, self.samples_in_epoch)
         epoch_started = time.perf_counter()
-        epoch_samples = 0
-        bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", refresh=False)
+        val_before = self.val_seconds
+        epoch_samples = epoch_units = 0
+        bar.set_postfix(epoch=self._epoch_label(), refresh=False)
         crash_here = faults.crash_step(t)
         log_every = t.log_every if t.progress else 0
-        for begin in range(0, len(indices), t.batch_size):
-            idx = indices[begin: begin + t.batch_size]
-            loss = self.engine.train_step(self.data.batch(idx))
-            n = len(idx)
-            if loss is None:
+        window: list = []
+        iterator = iter(batches)
+        batch = next(iterator, None)
+        while batch is not None:
+            window.append(batch)
+            batch = next(iterator, None)
+            if len(window) < self.accumulate and batch is not None:
+                continue
+            n = sum(self.task.batch_size(b) for b in window)
+            if self.task.unit:
+                epoch_units += sum(self.task.units(b) for b in window) * self.world_size
+            out = self.engine.train_step(window)
+            window = []
+            if out is None:
                 self.skipped_steps += 1
             else:
+                loss, logs = out
                 self.loss_sum.add_(loss, alpha=n)  # no host sync: read at log points and at the epoch's end
                 self.loss_count += n
+                for name, value in logs.items():
+                    acc = self.log_sums.get(name)
+                    if acc is None:
+                        acc = self.log_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
+                    acc.add_(value, alpha=n)
             self.global_step += 1
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
@@ -162,12 +218,30 @@ class TrainLoop:
             if self.global_step == crash_here:
                 faults.crash_now(self.global_step)
             if log_every and self.global_step % log_every == 0:  # collective: every rank
-                mean = self._epoch_mean_loss()
+                mean = self._epoch_means()["loss"]
                 self._check_finite(mean, "the loss")
-                bar.set_postfix(epoch=f"{self.epoch + 1}/{t.total_epochs}", loss=f"{mean:.4g}", refresh=False)
-            self._after_step(mid_epoch=begin + t.batch_size < len(indices))
-        self._end_epoch(epoch_samples, time.perf_counter() - epoch_started)
-        return epoch_samples
+                bar.set_postfix(epoch=self._epoch_label(), loss=f"{mean:.4g}", **self._val_postfix(), refresh=False)
+            mid_epoch = batch is not None
+            reached = bool(self.max_steps) and self.global_step >= self.max_steps
+            if mid_epoch and not reached and t.val_every_steps and self.global_step % t.val_every_steps == 0:
+                self._validate_and_record()
+            self._after_step(mid_epoch=mid_epoch and not reached)
+            if reached or self.ended is not None:
+                if mid_epoch:
+                    self._record_partial_epoch(epoch_samples, epoch_units, time.perf_counter() - epoch_started - (self.val_seconds - val_before))
+                    return epoch_samples, epoch_units
+                break
+        self._end_epoch(epoch_samples, epoch_units, time.perf_counter() - epoch_started - (self.val_seconds - val_before))
+        return epoch_samples, epoch_units
+
+    def _epoch_label(self) -> str:
+        current = min(self.epoch + 1, self.t.total_epochs) if not self.max_steps else self.epoch + 1
+        return f"{current}/{self.t.total_epochs}" if not self.max_steps else f"{current}"
+
+    def _val_postfix(self) -> dict[str, str]:
+        step, metrics = self.validated
+        key = self.monitor if self.monitor in metrics else ("val/loss" if "val/loss" in metrics else None)
+        return {key.split("/", 1)[-1] if key.startswith("val/") else key: f"{metrics[key]:.4g}"} if key else {}
 
     def _after_step(self, mid_epoch: bool) -> None:
         """The snapshot points after every step: surface a failed background write, stop (snapshot,
@@ -182,37 +256,140 @@ class TrainLoop:
         if every and self.global_step % every == 0 and mid_epoch:
             self.save_snapshot()
 
-    def _epoch_mean_loss(self) -> float:
-        total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.loss_sum.device)])
+    def _epoch_means(self) -> dict[str, float]:
+        """Means over this epoch so far, over every rank: one collective, one host sync."""
+        names = sorted(self.log_sums)
+        count = torch.tensor(float(self.loss_count), dtype=torch.float64, device=self.loss_sum.device)
+        total = torch.stack([self.loss_sum, count, *(self.log_sums[k] for k in names)])
         self.engine.collectives.sum_(total)
-        loss_total, count = total.tolist()  # one host sync for both
-        return loss_total / count if count else math.nan  # every step skipped: there is no loss to show
+        values = total.tolist()
+        loss_total, count = values[0], values[1]
+        means = {"loss": loss_total / count if count else math.nan}  # every step skipped: there is no loss to show
+        means.update({k: v / count if count else math.nan for k, v in zip(names, values[2:])})
+        return means
 
-    def _end_epoch(self, samples: int, seconds: float) -> None:
-        t = self.t
-        loss = self._epoch_mean_loss()
-        lr = self.engine.learning_rate()
-        self.epoch += 1
+    def _reset_epoch_sums(self) -> None:
         self.samples_in_epoch = 0
         self.loss_sum.zero_()
         self.loss_count = 0
+        for value in self.log_sums.values():
+            value.zero_()
+
+    def _train_record(self, samples: int, units: int, seconds: float) -> dict[str, Any]:
+        means = self._epoch_means()
+        record = {"epoch": self.epoch, "step": self.global_step,
+                  **{f"train/{k}": v for k, v in means.items()}, "lr": self.engine.learning_rate(),
+                  "samples_per_s": samples / seconds if seconds > 0 else None, "epoch_seconds": seconds}
+        if self.task.unit:
+            record[f"{self.task.unit}_per_s"] = units / seconds if seconds > 0 else None
+        return record
+
+    def _end_epoch(self, samples: int, units: int, seconds: float) -> None:
+        t = self.t
+        record = self._train_record(samples, units, seconds)
+        self.epoch += 1
+        record["epoch"] = self.epoch
+        self._reset_epoch_sums()
         self.engine.end_epoch()
-        record = {"epoch": self.epoch, "step": self.global_step, "loss": loss, "lr": lr,
-                  "samples_per_s": samples / seconds if seconds > 0 else None, "epoch_seconds": seconds,
-                  "time": time.time()}
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
+        self._check_finite(record["train/loss"], f"the loss of epoch {self.epoch}")
+        last = self.epoch >= t.total_epochs and not self.max_steps
+        improved = False
+        if self.data.val is not None and (last or (t.val_every and self.epoch % t.val_every == 0)):
+            improved = self._validate(record)
+        self._append(record)
+        self._log_record(record)
+        scheduled = bool(t.save_every) and self.epoch % t.save_every == 0 and not self.done()
+        if (scheduled or improved) and not self.done():
+            self.save_snapshot(end_of_epoch=True)
+
+    def _record_partial_epoch(self, samples: int, units: int, seconds: float) -> None:
+        """Training ended inside an epoch (max_steps, early stop): its numbers so far."""
+        record = self._train_record(samples, units, seconds)
+        record["partial_epoch"] = True
+        self._append(record)
+        self._log_record(record)
+
+    def _validate_and_record(self, final: bool = False) -> None:
+        record = {"epoch": self.epoch, "step": self.global_step}
+        improved = self._validate(record)
+        self._append(record)
+        self._log_record(record)
+        if improved and not final and not self.done():
+            self.save_snapshot()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        record["time"] = time.time()
         self.history.append(record)
         if self.lead:
             if self.metrics_file is not None:
                 self.metrics_file.append(record)
             if self.logger is not None:
                 self.logger.log(record)
-            log.info("epoch %d/%d step %d loss %.6g lr %.4g %.0f samples/s", self.epoch, t.total_epochs,
-                     self.global_step, loss, lr, record["samples_per_s"] or 0, extra={"console": not t.progress})
-        self._check_finite(loss, f"the loss of epoch {self.epoch}")
-        if t.save_every and self.epoch % t.save_every == 0 and self.epoch < t.total_epochs:
-            self.save_snapshot(end_of_epoch=True)
+
+    def _log_record(self, record: dict[str, Any]) -> None:
+        if not self.lead:
+            return
+        shown = " ".join(f"{k} {v:.6g}" for k, v in record.items() if "/" in k and isinstance(v, float))
+        log.info("epoch %d step %d %s lr %.4g", record["epoch"], record["step"], shown, record.get("lr") or 0,
+                 extra={"console": not self.t.progress})
+        if not self.bar.disable:
+            self.bar.set_postfix(epoch=self._epoch_label(), **self._val_postfix(), refresh=False)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, batches: EvalBatches) -> dict[str, float]:
+        """The task's metrics over a whole split: every rank evaluates its shard; the sums meet in
+        one collective at the end (no host sync per batch)."""
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+        with self.engine.evaluation() as model:
+            for batch in batches:
+                n = self.task.batch_size(batch)
+                for name, value in self.task.validation_step(model, batch).items():
+                    acc = sums.get(name)
+                    if acc is None:
+                        acc = sums[name] = torch.zeros((), dtype=torch.float64, device=count.device)
+                    acc.add_(value.detach().double(), alpha=n)
+                count += n
+        names = sorted(sums)
+        total = torch.stack([count, *(sums[k] for k in names)])
+        self.engine.collectives.sum_(total)
+        values = total.tolist()
+        return self.task.finish({k: v / values[0] for k, v in zip(names, values[1:])})
+
+    def _validate(self, record: dict[str, Any]) -> bool:
+        """Validate, put val/<name> into `record`, update the best value and early stopping.
+        Returns whether `monitor` improved (a best snapshot is due)."""
+        started = time.perf_counter()
+        metrics = {f"val/{k}": v for k, v in self.evaluate(self.data.val).items()}
+        self.val_seconds += time.perf_counter() - started
+        record.update(metrics)
+        self.validated = (self.global_step, metrics)
+        if self.monitor is None or self.monitor not in metrics:
+            return False
+        value = metrics[self.monitor]
+        if not math.isfinite(value):
+            return False
+        sign = 1 if self.mode == Mode.max else -1
+        improved = self.best is None or sign * (value - self.best) > 0
+        significant = self.best is None or sign * (value - self.best) > self.min_delta
+        if improved:
+            self.best, self.best_step = value, self.global_step
+        self.bad_validations = 0 if significant else self.bad_validations + 1
+        if self.patience and self.bad_validations >= self.patience:
+            self.ended = (f"early stop: {self.monitor} has not improved by more than {self.min_delta:g} in "
+                          f"{self.bad_validations} validations (best {self.best:.6g} at step {self.best_step})")
+            record["early_stop"] = True
+            if self.lead:
+                log.warning("%s", self.ended)
+        return improved
+
+    def test(self, model_state: Optional[dict[str, Any]]) -> dict[str, float]:
+        """test/<name> over the test split, with `model_state`'s weights (the best snapshot's) if given."""
+        if model_state is not None:
+            self.engine.load_model_state(model_state)
+        return {f"test/{k}": v for k, v in self.evaluate(self.data.test).items()}
 
     def _check_finite(self, value: float, what: str) -> bool:
         """Every rank sees the same (reduced or gathered) value, so every rank decides the same."""
@@ -228,7 +405,7 @@ class TrainLoop:
 
     # ---- snapshots ----------------------------------------------------------------------------
     def save_snapshot(self, end_of_epoch: bool = False) -> bool:
-        """Collective: every rank contributes its RNG state and partial loss; the lead writes.
+        """Collective: every rank contributes its RNG state and partial sums; the lead writes.
         A snapshot of non-finite weights is never written. Returns whether one was written."""
         self.last_saved_step = self.global_step
         # Decided on reduced values, so every rank decides the same (gather may only hold this rank's).
@@ -239,13 +416,22 @@ class TrainLoop:
                                   "the loss so far in this epoch" if finite else "a weight of the model"):
             log.warning("snapshot of step %d not written: it would hold non-finite values", self.global_step)
             return False
-        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), [self.loss_sum.item(), self.loss_count]))
+        names = sorted(self.log_sums)
+        sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
+        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums))
         if self.lead:
+            parts = self.engine.state_dict()
             state = snap.make_state(
-                **self.engine.state_dict(),
+                **parts,
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
-                             "epoch_loss_per_rank": [r[1] for r in per_rank], "skipped_steps": self.skipped_steps},
+                             "epoch_loss_per_rank": [r[1] for r in per_rank], "log_names": names,
+                             "skipped_steps": self.skipped_steps, "best": self.best, "best_step": self.best_step,
+                             "bad_validations": self.bad_validations, "ended": self.ended},
                 rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
                 allreduce=self.engine.allreduce, metrics=self.history)
-            self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch)
+            step, metrics = self.validated
+            monitored = metrics.get(self.monitor) if self.monitor and step == self.global_step else None
+            self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch,
+                             monitor=None if monitored is None else {"name": self.monitor, "value": monitored},
+                             ended=self.ended)
         return True

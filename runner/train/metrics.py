@@ -1,4 +1,7 @@
-"""`metrics.jsonl`: one JSON object per epoch, appended and flushed at once, always valid JSON.
+"""`metrics.jsonl`: one JSON object per epoch (and per validation inside an epoch), appended and
+flushed at once, always valid JSON. Keys: `epoch`, `step`, `train/<name>` (the epoch's means,
+`train/loss` first), `val/<name>` when the model was validated at that step, `lr`, throughput.
+Files written before validation existed have `loss` instead of `train/loss`; `train_loss` reads both.
 
 A diverged run has NaN or infinite losses, which JSON cannot hold (Python would write the
 non-standard `NaN`); they are written as the strings "nan", "inf" and "-inf", which `read_number`
@@ -30,6 +33,11 @@ def encode(record: dict[str, Any]) -> str:
 def read_number(value: Union[float, int, str, None]) -> float | None:
     """A number from metrics.jsonl: null stays None, "nan"/"inf"/"-inf" become floats."""
     return None if value is None else float(value)
+
+
+def train_loss(record: dict[str, Any]) -> float | None:
+    """A record's training loss: `train/loss`, or `loss` in files written before validation existed."""
+    return read_number(record.get("train/loss", record.get("loss")))
 
 
 class MetricsWriter:

@@ -17,13 +17,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import resume_path
 from runner.loggers import build_logger
 from runner.logs import LOG_DIR, rank_log_path
 from runner.snapshot import NullWriter, SnapshotManager, SnapshotWriter, load_path
-from runner.train.batches import BatchSource
+from runner.fileio import atomic_write
+from runner.snapshot import format as snap
+from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
 from runner.train.metrics import METRICS_FILE, MetricsWriter
@@ -35,13 +38,18 @@ OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied"
              errno.EDQUOT: "the disk quota is exceeded"}
 
 
+RESULTS_FILE = "results.json"
+
+
 def snapshot_manager(cfg: DictConfig, run_dir: Path) -> SnapshotManager:
-    return SnapshotManager(run_dir / cfg.snapshot.dir, cfg.snapshot.keep_last, cfg.snapshot.milestone_every)
+    s = cfg.snapshot
+    return SnapshotManager(run_dir / s.dir, s.keep_last, s.milestone_every, keep_best=s.keep_best if s.monitor else 0,
+                           mode=str(s.mode))
 
 
-def train(cfg: DictConfig, run_dir: Path, engine: Engine, dataset) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task) -> dict[str, Any]:
     """Wire the loop to `engine` (the lead rank writes snapshots, metrics and the extra logger; the
-    others write nothing), resume it if there is a snapshot, and run it to the end."""
+    others write nothing), resume it if there is a snapshot, run it to the end, then test."""
     lead = engine.collectives.rank == 0
     manager = snapshot_manager(cfg, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -52,7 +60,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, dataset) -> dict[str, 
         writer, metrics = NullWriter(), None
     logger = build_logger(cfg, run_dir) if lead else None
     stop = StopRequest(engine.collectives)
-    loop = TrainLoop(cfg.trainer, config, engine, BatchSource(dataset, engine.device), writer, stop, metrics, logger)
+    loop = TrainLoop(cfg, config, engine, data, task, writer, stop, metrics, logger)
     try:
         loaded = find_resume_state(cfg, manager)
         if loaded is not None:
@@ -63,12 +71,32 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, dataset) -> dict[str, 
         elif lead:
             log.info("starting from scratch: %d processes, %s, run directory %s%s", engine.processes, engine.device,
                      run_dir, restart_note())
-        return loop.fit()
+        summary = loop.fit()
+        if cfg.trainer.test and data.test is not None:
+            summary["test"] = run_test(loop, manager, run_dir)
+        return summary
     finally:
         stop.restore()
         if logger is not None:
             logger.close()
         engine.close()
+
+
+def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[str, Any]:
+    """Evaluate the best snapshot (else the model as training left it, which the final snapshot
+    holds) on the test split; the lead writes results.json."""
+    loop.engine.collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
+    best = manager.best_entry()
+    state = manager.load_entry(best)[snap.MODEL_KEY] if best is not None else None
+    metrics = loop.test(state)
+    chosen = best or loop.writer.last_entry or {}
+    results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,
+               "chosen_by": f"best {loop.monitor}" if best else "final model"}
+    if loop.lead:
+        atomic_write(run_dir / RESULTS_FILE, json.dumps(results, indent=1), durable=False)
+        log.info("test: %s (%s, %s)", " ".join(f"{k} {v:.6g}" for k, v in metrics.items()), results["snapshot"],
+                 results["chosen_by"])
+    return results
 
 
 def find_resume_state(cfg: DictConfig, manager: SnapshotManager):

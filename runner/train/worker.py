@@ -9,6 +9,7 @@ run directory's config.yaml, written (resolved and validated) by the driver, and
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from datetime import timedelta
@@ -26,6 +27,8 @@ from runner.rundir import CONFIG_FILE
 from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.ddp import DDPEngine
+from runner.train.batches import DataSource
+from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.session import run_reported, train
 
 log = logging.getLogger(__name__)
@@ -96,14 +99,17 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     rng.seed_everything(t.seed)  # identical model init on every rank
-    dataset = instantiate(cfg.dataset)
+    data = DataSource(cfg, rank, dist.get_world_size(), device)
+    task = instantiate(cfg.task)
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
-    loss_fn = instantiate(t.loss)
-    rng.seed_everything(t.seed + rank)  # per-rank streams (dropout, augmentation)
+    steps = int(t.max_steps) or int(t.total_epochs) * math.ceil(data.train.batches_per_epoch() / int(t.accumulate))
+    scheduler = build_scheduler(cfg.get("scheduler"), optimizer, steps)
+    rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
 
     collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
-    engine = DDPEngine(model, optimizer, scheduler, loss_fn, device, collectives, runtime.allreduce, shared_memory,
-                       skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip)
-    return train(cfg, run_dir, engine, dataset)
+    engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory,
+                       skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip, precision=str(t.precision),
+                       clip_grad_norm=t.clip_grad_norm, compile=bool(t.compile),
+                       scheduler_interval=scheduler_interval(cfg.get("scheduler")))
+    return train(cfg, run_dir, engine, data, task)

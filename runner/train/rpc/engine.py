@@ -4,12 +4,14 @@ and a DistributedOptimizer steps the parameters where they live."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
+from runner.tasks import training_output
 from runner.train import rng
 from runner.train.rpc.stages import RemoteOptimizer
 
@@ -17,7 +19,7 @@ ALLREDUCE = "rpc"  # recorded in snapshots: gradients travel through distributed
 
 
 class RpcEngine:
-    """Subclasses set `shards` (RRefs to ModuleShard, in model order), `optimizer`, `loss_fn`,
+    """Subclasses set `shards` (RRefs to ModuleShard, in model order), `optimizer`, `task`,
     `collectives` and `processes`, and define `forward(x) -> output`."""
 
     allreduce = ALLREDUCE
@@ -29,12 +31,27 @@ class RpcEngine:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The engine stands in for the model in the task's steps."""
+        return self.forward(x)
+
+    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch per step (trainer.accumulate=1 with launch=rpc, checked before launch)."""
         with dist_autograd.context() as context_id:
-            loss = self.loss_fn(self.forward(batch[0]), batch[1])
+            loss, logs = training_output(self.task.training_step(self, batches[0]))
             dist_autograd.backward(context_id, [loss])
             self.optimizer.step(context_id)
-        return loss.detach()
+        return loss.detach(), {k: v.detach().float() for k, v in logs.items()}
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[Any]:
+        """Forward passes without a distributed autograd context record nothing to go back through."""
+        with torch.no_grad():
+            yield self
+
+    def load_model_state(self, model: dict[str, torch.Tensor]) -> None:
+        for shard in self.shards:
+            shard.rpc_sync().load_full_state_dict(model)
 
     def learning_rate(self) -> float:
         return self.optimizer.learning_rate()

@@ -78,9 +78,9 @@ class ParameterServerEngine(RpcEngine):
 
     shared_state = True  # the one model on the server: the lead loads it on resume
 
-    def __init__(self, cfg: DictConfig, loss_fn: Any, trainer: int, trainers: int, processes: int) -> None:
+    def __init__(self, cfg: DictConfig, task: Any, trainer: int, trainers: int, processes: int) -> None:
         self.collectives = CallbackCollectives(trainer, trainers, lambda v, op: rpc.rpc_sync(SERVER, reduce_over_trainers, args=(v, op)))
-        self.processes, self.loss_fn = processes, loss_fn
+        self.processes, self.task = processes, task
         model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
         self.shards = [model]
         self.optimizer = RemoteOptimizer(model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True))

@@ -32,9 +32,9 @@ def stage_name(i: int) -> str:
 class PipelineEngine(RpcEngine):
     """The trainer's side of the pipeline: the only data-parallel rank, driving 1 + S processes."""
 
-    def __init__(self, cfg: DictConfig, loss_fn: Any) -> None:
+    def __init__(self, cfg: DictConfig, task: Any) -> None:
         self.num_stages = int(cfg.launch.num_stages)
-        self.collectives, self.processes, self.loss_fn = Collectives(), self.num_stages + 1, loss_fn
+        self.collectives, self.processes, self.task = Collectives(), self.num_stages + 1, task
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         seed = int(cfg.trainer.seed)
         self.shards = [rpc.remote(stage_name(i), ModuleShard, args=(model_cfg, seed, i, self.num_stages)) for i in range(self.num_stages)]

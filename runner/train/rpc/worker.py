@@ -23,6 +23,7 @@ from runner.config import Runtime, Topology
 from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
+from runner.train.batches import DataSource
 from runner.train.session import run_reported, train
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,15 @@ def main(run_dir: str) -> Optional[dict[str, Any]]:
 
 def _train(cfg: DictConfig, run_dir: Path, topology: str, rank: int, world_size: int) -> dict[str, Any]:
     t = cfg.trainer
-    loss_fn = instantiate(t.loss)
+    task = instantiate(cfg.task)
     if topology == Topology.pipeline:
         from runner.train.rpc.pipeline import PipelineEngine
 
         rng.seed_everything(t.seed)
-        engine = PipelineEngine(cfg, loss_fn)
+        engine = PipelineEngine(cfg, task)
     else:
         from runner.train.rpc.parameter_server import ParameterServerEngine
 
         rng.seed_everything(t.seed + rank)
-        engine = ParameterServerEngine(cfg, loss_fn, trainer=rank - 1, trainers=world_size - 1, processes=world_size)
-    return train(cfg, run_dir, engine, instantiate(cfg.dataset))
+        engine = ParameterServerEngine(cfg, task, trainer=rank - 1, trainers=world_size - 1, processes=world_size)
+    return train(cfg, run_dir, engine, DataSource(cfg, engine.collectives.rank, engine.collectives.world_size, engine.device), task)
