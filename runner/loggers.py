@@ -1,8 +1,8 @@
 """Optional metric loggers beside metrics.jsonl, chosen with `logger=<name>` (conf/logger/).
 
 A logger is any object built from `_target_` with `log_dir` (resolved inside the run directory)
-that has `log(record: dict)` and `close()`; rank 0 calls it once per epoch with the same record
-that goes into metrics.jsonl. Writing another one (W&B, MLflow) is a class and a YAML file.
+that has `log(record: dict)` and `close()`; rank 0 calls it with every record that goes into
+metrics.jsonl (one per epoch, one per validation inside an epoch). Writing another one (W&B, MLflow) is a class and a YAML file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 
 class TensorBoardLogger:
-    """Scalars of every epoch record (loss, lr, samples_per_s, ...) at step = epoch."""
+    """Scalars of every record (train/loss, val/accuracy, lr, samples_per_s, ...) at its optimizer step."""
 
     def __init__(self, log_dir: str) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -21,8 +21,8 @@ class TensorBoardLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
-            if key not in ("epoch", "time") and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, global_step=record["epoch"])
+            if key not in ("epoch", "step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=record["step"])
         self.writer.flush()
 
     def close(self) -> None:

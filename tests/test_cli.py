@@ -30,9 +30,9 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
     # metrics.jsonl: one line per epoch with the documented fields, loss at the noise floor.
     rows = metrics(run_dir)
     assert [r["epoch"] for r in rows] == list(range(1, 21))
-    assert {"epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "time"} <= rows[0].keys()
+    assert {"epoch", "step", "train/loss", "lr", "samples_per_s", "epoch_seconds", "time"} <= rows[0].keys()
     assert rows[-1]["step"] == 20 * 2048 // (2 * 32)
-    assert rows[-1]["loss"] < 3e-4 < rows[0]["loss"]  # noise variance is 1e-4
+    assert rows[-1]["train/loss"] < 3e-4 < rows[0]["train/loss"]  # noise variance is 1e-4
 
     # The final snapshot holds the bare module: it loads into a plain nn.Linear and shows w and b.
     state = latest_snapshot(run_dir)
@@ -81,7 +81,7 @@ def test_local_mode_trains_in_one_process(workdir):
     assert state["world_size"] == 1
     assert torch.allclose(state["model"]["weight"], torch.tensor([[-2.0, 3.4]]), atol=0.01)
     assert torch.allclose(state["model"]["bias"], torch.tensor([4.2]), atol=0.01)
-    assert metrics(run_dir)[-1]["loss"] < 3e-4
+    assert metrics(run_dir)[-1]["train/loss"] < 3e-4
     assert not (run_dir / "logs" / "elastic").exists()  # no agent involved
 
 
@@ -91,7 +91,7 @@ def test_swapping_optimizer_and_model_needs_no_code(workdir):
     assert res.returncode == 0, res.output
     run_dir = next((workdir / "outputs").iterdir())
     rows = metrics(run_dir)
-    assert rows[-1]["loss"] < rows[0]["loss"] / 5
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] / 5
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decays
     state = latest_snapshot(run_dir)
     assert "0.weight" in state["model"] and state["model"]["0.weight"].shape == (16, 2)
@@ -116,7 +116,7 @@ def test_tensorboard_logger_writes_the_same_scalars_as_metrics_jsonl(workdir):
     run_dir = workdir / "outputs" / "default"  # the logger does not change what the run is
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    losses = [e.value for e in events.Scalars("loss")]
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
-    assert losses == pytest.approx([r["loss"] for r in metrics(run_dir)], rel=1e-6)
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == [64, 128, 192]  # optimizer steps: 2048 / 32 per epoch
+    assert losses == pytest.approx([r["train/loss"] for r in metrics(run_dir)], rel=1e-6)
     assert "lr" in events.Tags()["scalars"] and "samples_per_s" in events.Tags()["scalars"]

@@ -55,6 +55,26 @@ CASES = [
     (["launch=rpc"], "launch.num_stages"),  # a pipeline needs an nn.Sequential
     (["launch=rpc", "model=mlp", "scheduler=step"], "scheduler"),
     (["launch=rpc", "model=mlp", "launch.nproc_per_node=5"], "launch.nproc_per_node"),
+    # Settings that do not exist compose with `+` and would silently do nothing.
+    (["+trainer.nonsense=1"], "trainer.nonsense"),
+    (["+trainer.num_workers=2"], "trainer.num_workers"),
+    (["+data.workers=2"], "data.workers"),
+    (["+snapshot.best=true"], "snapshot.best"),
+    (["+trainer.early_stop.wait=3"], "trainer.early_stop.wait"),
+    (["task=classification", "+task.smoothing=0.1"], "task.smoothing"),
+    (["trainer.precision=16"], "trainer.precision"),
+    (["trainer.accumulate=0"], "trainer.accumulate"),
+    (["trainer.clip_grad_norm=0"], "trainer.clip_grad_norm"),
+    (["trainer.early_stop.patience=3"], "trainer.early_stop.patience"),  # no snapshot.monitor to watch
+    (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["data.prefetch_factor=4"], "data.prefetch_factor"),  # no loader workers
+    (["snapshot.monitor=val/loss"], "snapshot.monitor"),  # no validation split
+    (["snapshot.monitor=accuracy", "data.val_fraction=0.1"], "snapshot.monitor"),
+    (["trainer.test=true"], "trainer.test"),  # no test split
+    (["dataset._target_=torch.utils.data.DataLoader", "+dataset.dataset=[1,2]"], "dataset._target_"),
+    (["data.collate_fn._target_=builtins.dict"], "data.collate_fn"),  # dict() cannot batch samples
+    (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval"),
+    (["launch=rpc", "model=mlp", "trainer.accumulate=2"], "trainer.accumulate"),
 ]
 if not torch.cuda.is_available():
     CASES += [(["launch.nproc_per_node=gpu"], "launch.nproc_per_node"), (["launch.backend=nccl"], "launch.backend")]

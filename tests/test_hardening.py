@@ -78,7 +78,7 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
     assert res.returncode == 1 and "not finite at step 64" in res.stderr, res.output
     assert "no snapshot of this attempt was written" in res.stderr
     rows = metrics(workdir / "outputs" / "diverged-epoch")  # parse_constant refuses NaN/Infinity
-    assert len(rows) == 1 and rows[0]["loss"] in ("nan", "inf")
+    assert len(rows) == 1 and rows[0]["train/loss"] in ("nan", "inf")
     assert math.isnan(report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"]) or \
         math.isinf(report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"])
 
@@ -87,7 +87,7 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
                    "trainer.total_epochs=2", "trainer.progress=false"], workdir)
     assert res.returncode == 0, res.output
     assert "skipped steps : 127" in res.stdout  # every step but the first
-    assert [r["loss"] for r in metrics(workdir / "outputs" / "skipped")][1] == "nan"  # epoch 2: no step counted
+    assert [r["train/loss"] for r in metrics(workdir / "outputs" / "skipped")][1] == "nan"  # epoch 2: no step counted
     state = torch.load(next((workdir / "outputs" / "skipped" / "snapshots").glob("snapshot-*.pt")), weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 

@@ -30,4 +30,4 @@ def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):
     assert "(restart 1 after a worker failure)" in log
     # Two nodes of one worker each, with a crash and a restart, end exactly where one node of two ends.
     assert_same_weights(latest_snapshot(run_dir)["model"], latest_snapshot(workdir / "outputs" / "single")["model"])
-    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(workdir / "outputs" / "single")]
+    assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in metrics(workdir / "outputs" / "single")]

@@ -40,7 +40,7 @@ def test_sigkilled_worker_is_restarted_and_ends_bitwise_equal(workdir, reference
     assert_same_weights(state["model"], ref_state["model"])
     assert state["optimizer"]["state"].keys() == ref_state["optimizer"]["state"].keys()
     # The epoch the crash interrupted is reported once, with the same loss as without the crash.
-    assert [(r["epoch"], r["loss"]) for r in metrics(run_dir)] == [(r["epoch"], r["loss"]) for r in ref_metrics]
+    assert [(r["epoch"], r["train/loss"]) for r in metrics(run_dir)] == [(r["epoch"], r["train/loss"]) for r in ref_metrics]
 
 
 def test_sigterm_snapshots_and_reinvocation_ends_bitwise_equal(workdir, reference):
@@ -62,4 +62,4 @@ def test_sigterm_snapshots_and_reinvocation_ends_bitwise_equal(workdir, referenc
     assert f"resumed from {stopped_at['file']}" in res.output
     ref_state, ref_metrics = reference
     assert_same_weights(latest_snapshot(run_dir)["model"], ref_state["model"])
-    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in ref_metrics]
+    assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in ref_metrics]

@@ -34,7 +34,7 @@ def test_pipeline_equals_single_process_and_resumes_exactly(workdir):
     assert "resumed from snapshot-000000010.pt" in crashed.output
     resumed = latest_snapshot(workdir / "outputs" / "crashed")
     assert_same_weights(resumed["model"], split["model"])
-    assert [r["loss"] for r in metrics(workdir / "outputs" / "crashed")] == [r["loss"] for r in metrics(workdir / "outputs" / "pipeline")]
+    assert [r["train/loss"] for r in metrics(workdir / "outputs" / "crashed")] == [r["train/loss"] for r in metrics(workdir / "outputs" / "pipeline")]
 
 
 def test_parameter_server_with_two_trainers_reduces_the_loss(workdir):
@@ -44,7 +44,7 @@ def test_parameter_server_with_two_trainers_reduces_the_loss(workdir):
     assert "3 workers" in res.output
     rows = metrics(workdir / "outputs" / "ps")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["loss"] < rows[0]["loss"] / 10
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] / 10
     # 2048 samples split over 2 trainers of batch 32: 32 steps per trainer per epoch.
     assert rows[-1]["step"] == 3 * 32
     MLP(2, 1).load_state_dict(latest_snapshot(workdir / "outputs" / "ps")["model"])

@@ -64,7 +64,7 @@ def test_run_dir_name_is_stable_and_ignores_extend_only_overrides():
 def test_identity_ignores_total_epochs_but_not_the_model():
     from omegaconf import OmegaConf
 
-    base = OmegaConf.create({"trainer": {"total_epochs": 5, "seed": 0, "loss": {"_target_": "L"}, "shuffle": True},
+    base = OmegaConf.create({"trainer": {"total_epochs": 5, "seed": 0, "shuffle": True}, "task": {"_target_": "T"},
                              "model": {"_target_": "M", "n": 2}, "dataset": {"_target_": "D"},
                              "optimizer": {"_target_": "O", "lr": 0.1},
                              "scheduler": {"_target_": "S", "T_max": "${trainer.total_epochs}"}})
