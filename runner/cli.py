@@ -106,12 +106,15 @@ def run(cfg: DictConfig) -> int:
 def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
     finished = _finished_entry(cfg, run_dir)
     if finished is not None:
-        why = (f"it ended early at step {finished['step']}: {finished['ended']}; pass snapshot.resume=never to start over"
-               if finished.get("ended") else
-               f"step {finished['step']} of {cfg.trainer.max_steps}; raise trainer.max_steps to train on, or pass snapshot.resume=never to start over"
-               if cfg.trainer.max_steps else
-               f"epoch {finished['epoch']} of {cfg.trainer.total_epochs}; raise trainer.total_epochs to train on, or pass snapshot.resume=never to start over")
-        print(f"{_short(run_dir)}: already complete ({finished['file']}, {why}); nothing to run.")
+        if finished.get("ended"):
+            where, advice = f"step {finished['step']}, ended early: {finished['ended']}", "Pass snapshot.resume=never to start over."
+        elif cfg.trainer.max_steps:
+            where, advice = (f"step {finished['step']} of {cfg.trainer.max_steps}",
+                             "Raise trainer.max_steps to train on, or pass snapshot.resume=never to start over.")
+        else:
+            where, advice = (f"epoch {finished['epoch']} of {cfg.trainer.total_epochs}",
+                             "Raise trainer.total_epochs to train on, or pass snapshot.resume=never to start over.")
+        print(f"{_short(run_dir)}: already complete ({finished['file']}, {where}); nothing to run. {advice}")
         previous = sweep.read_status(run_dir) or {}
         sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
                            **{k: previous[k] for k in ("final_loss", "val", "best", "monitor") if k in previous}, **job)
