@@ -38,8 +38,8 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=cli_env(),
+def run_cli(args: list[str], cwd: Path, timeout: float = 180, env: dict | None = None) -> Result:
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env={**cli_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -71,8 +71,7 @@ CASES = [
     (["snapshot.monitor=val/loss"], "snapshot.monitor"),  # no validation split
     (["snapshot.monitor=accuracy", "data.val_fraction=0.1"], "snapshot.monitor"),
     (["trainer.test=true"], "trainer.test"),  # no test split
-    (["dataset._target_=torch.utils.data.DataLoader", "+dataset.dataset=[1,2]"], "dataset._target_"),
-    (["data.collate_fn._target_=builtins.dict"], "data.collate_fn"),  # dict() cannot batch samples
+    (["+data.collate_fn._target_=builtins.dict"], "data.collate_fn"),  # dict() cannot batch samples
     (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval"),
     (["launch=rpc", "model=mlp", "trainer.accumulate=2"], "trainer.accumulate"),
 ]
@@ -142,3 +141,16 @@ def test_training_failure_names_rank_error_and_log(workdir):
     report = res.stderr[res.stderr.index("Error: training failed"):]
     assert len(report.strip().splitlines()) <= 12, report
     assert "elastic/multiprocessing" not in res.stderr and "ChildFailedError" not in res.stderr  # no agent noise
+
+
+def test_a_dataloader_given_as_the_dataset_or_a_failing_collate_is_refused_before_launch(workdir):
+    from pathlib import Path as _Path
+
+    env = {"PYTHONPATH": str(_Path(__file__).parent / "plugins")}
+    res = run_cli(["dataset._target_=loaders.regression_loader"], workdir, env=env)
+    assert res.returncode == 2, res.output
+    assert "dataset._target_=loaders.regression_loader: builds a DataLoader" in res.stderr and "Traceback" not in res.output
+    res = run_cli(["+data.collate_fn._target_=loaders.broken_collate", "data.loader=dataloader"], workdir, env=env)
+    assert res.returncode == 2, res.output
+    assert "data.collate_fn=loaders.broken_collate: making the first batch failed: ValueError: masks need lengths" in res.stderr
+    assert not (workdir / "outputs").exists()

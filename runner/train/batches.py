@@ -107,13 +107,17 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
-def use_tensor_path(dataset: Any, data_cfg) -> bool:
+def use_tensor_path(dataset: Any, data_cfg, evaluation: bool = False) -> bool:
+    """Tensor datasets are indexed directly unless loader options ask for a DataLoader. An
+    evaluation split of tensors never needs loader workers (there is nothing to augment), so it
+    is indexed directly whatever `num_workers` says: validation starts no processes."""
     kind = LoaderKind(str(data_cfg.loader))
     if kind == LoaderKind.tensor:
         return True
     if kind == LoaderKind.dataloader:
         return False
-    return getattr(dataset, "tensors", None) is not None and not data_cfg.num_workers and data_cfg.collate_fn is None
+    return (getattr(dataset, "tensors", None) is not None and (evaluation or not data_cfg.num_workers)
+            and data_cfg.collate_fn is None)
 
 
 def collate_function(data_cfg):
@@ -184,7 +188,7 @@ class EvalBatches:
         self.indices = torch.arange(rank, len(dataset), world_size)
         self.tensors: Optional[tuple[torch.Tensor, ...]] = None
         self.loader: Optional[DataLoader] = None
-        if use_tensor_path(dataset, data_cfg):
+        if use_tensor_path(dataset, data_cfg, evaluation=True):
             self.tensors = tuple(t.to(device) for t in dataset.tensors)
             self.indices = self.indices.to(device)
         else:
