@@ -64,7 +64,7 @@ def test_sweep_interrupted_then_resumed_then_skipped_and_reported(workdir):
     text = report.table(runs)
     for name, run in zip(JOB_DIRS, runs):
         line = next(l for l in text.splitlines() if l.startswith(name))
-        assert f"{metrics(workdir / 'outputs' / name)[-1]['loss']:.4g}" in line and "2/2" in line and "finished" in line
+        assert f"{metrics(workdir / 'outputs' / name)[-1]['train/loss']:.4g}" in line and "2/2" in line and "finished" in line
     assert report.differing_overrides(runs)[3] == "optimizer=adam optimizer.lr=0.01"
     assert report.main([str(workdir / "outputs")]) == 0
     assert (workdir / "outputs" / "losses.png").stat().st_size > 1000

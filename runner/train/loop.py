@@ -293,13 +293,17 @@ class TrainLoop:
         self.engine.end_epoch()
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
-        self._check_finite(record["train/loss"], f"the loss of epoch {self.epoch}")
         last = self.epoch >= t.total_epochs and not self.max_steps
         improved = False
-        if self.data.val is not None and (last or (t.val_every and self.epoch % t.val_every == 0)):
-            improved = self._validate(record)
-        self._append(record)
-        self._log_record(record)
+        if not math.isfinite(record["train/loss"]):  # recorded first: the file shows where it diverged
+            self._append(record)
+            self._log_record(record)
+            self._check_finite(record["train/loss"], f"the loss of epoch {self.epoch}")
+        else:
+            if self.data.val is not None and (last or (t.val_every and self.epoch % t.val_every == 0)):
+                improved = self._validate(record)
+            self._append(record)
+            self._log_record(record)
         scheduled = bool(t.save_every) and self.epoch % t.save_every == 0 and not self.done()
         if (scheduled or improved) and not self.done():
             self.save_snapshot(end_of_epoch=True)
