@@ -83,7 +83,9 @@ def test_precision_clipping_and_step_schedules_do_what_they_say(workdir):
     bf16 = run_cli([*base, "name=bf16", "trainer.precision=bf16"], workdir)
     clipped = run_cli([*base, "name=clipped", "trainer.clip_grad_norm=0.001", "optimizer=sgd", "optimizer.lr=0.01"], workdir)
     sched = run_cli([*base, "name=sched", "scheduler=warmup_cosine", "scheduler.warmup_steps=10", "trainer.max_steps=100"], workdir)
-    for res in (plain, bf16, clipped, sched):
+    fp16 = run_cli([*base, "name=fp16", "trainer.precision=fp16"], workdir)
+    compiled = run_cli([*base, "name=compiled", "trainer.compile=true"], workdir, timeout=300)
+    for res in (plain, bf16, clipped, sched, fp16, compiled):
         assert res.returncode == 0, res.output
     out = workdir / "outputs"
     w_plain, w_bf16 = latest_snapshot(out / "plain")["model"], latest_snapshot(out / "bf16")["model"]
@@ -95,6 +97,11 @@ def test_precision_clipping_and_step_schedules_do_what_they_say(workdir):
     start = latest_snapshot(out / "clipped")["model"]
     moved = torch.sqrt(sum(((start[k] - w) ** 2).sum() for k, w in _initial_mlp().items()))
     assert moved <= 128 * 0.01 * 0.001 * 1.01
+    scaler = latest_snapshot(out / "fp16")["scaler"]
+    assert scaler is not None and scaler["scale"] > 0  # the gradient scaler's state is in the snapshot
+    w_compiled = latest_snapshot(out / "compiled")["model"]
+    assert w_compiled.keys() == w_plain.keys()  # no _orig_mod. prefixes
+    assert metrics(out / "compiled")[-1]["train/loss"] < metrics(out / "compiled")[0]["train/loss"]
     srows = metrics(out / "sched")
     assert srows[-1]["step"] == 100 and srows[-1].get("partial_epoch") is True
     state = latest_snapshot(out / "sched")
