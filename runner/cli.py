@@ -254,7 +254,8 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -
     snapshot = summary.get("snapshot")
     lines = [
         f"run directory : {_short(run_dir)}",
-        f"epochs        : {summary.get('epochs')} ({summary.get('steps')} steps, {summary.get('world_size')} workers)"
+        f"epochs        : {summary.get('epochs')} ({summary.get('steps')} steps, {summary.get('world_size')} "
+        + ("worker)" if summary.get("world_size") == 1 else "workers)")
         + (f", resumed from {resumed['file']} at epoch {resumed['epoch']} step {resumed['step']}" if resumed else ""),
         f"final loss    : {loss:.6g}" if loss is not None else "final loss    : n/a",
         (f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a")

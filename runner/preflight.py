@@ -182,6 +182,10 @@ def check_data(cfg: DictConfig, choice: Optional[str] = None) -> None:
     try:
         built = instantiate(cfg.dataset)
     except Exception as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ImportError):
+            raise UserError("dataset._target_", cfg.dataset._target_, f"needs a package that is not installed: {cause}",
+                            "a dataset whose packages are installed", str(cause).split(": ", 1)[-1]) from None
         raise _build_error("dataset", cfg.dataset, err, where) from None
     if isinstance(built, DataLoader):
         raise UserError("dataset._target_", cfg.dataset._target_, "builds a DataLoader; the dataset group names the samples and the "

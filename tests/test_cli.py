@@ -75,7 +75,7 @@ def test_two_workers_train_regression_resume_and_extend(workdir):
 def test_local_mode_trains_in_one_process(workdir):
     res = run_cli(["launch=local", "optimizer.lr=0.05", *QUIET], workdir)
     assert res.returncode == 0, res.output
-    assert "1 workers" in res.stdout
+    assert "1 worker)" in res.stdout
     run_dir = workdir / "outputs" / "optimizer.lr=0.05"  # launch.* does not name the run
     state = latest_snapshot(run_dir)
     assert state["world_size"] == 1

@@ -19,7 +19,9 @@ recursively.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import random
+import sys
 from collections.abc import Mapping
 from typing import Any, Iterator, Optional
 
@@ -131,6 +133,11 @@ def loader_options(data_cfg, device: torch.device, seed: int) -> dict[str, Any]:
                                "generator": torch.Generator().manual_seed(seed)}
     if workers:
         options["persistent_workers"] = bool(data_cfg.persistent_workers)
+        if "fork" in mp.get_all_start_methods() and sys.platform == "linux":
+            # The training process was started with spawn, which its children inherit: each loader
+            # worker would import torch again (~3 s). Forking is torch's default on Linux and safe
+            # for workers that only read samples (they never touch CUDA).
+            options["multiprocessing_context"] = "fork"
         if data_cfg.prefetch_factor is not None:
             options["prefetch_factor"] = int(data_cfg.prefetch_factor)
     return options

@@ -336,8 +336,8 @@ class TrainLoop:
         if not self.lead:
             return
         shown = " ".join(f"{k} {v:.6g}" for k, v in record.items() if "/" in k and isinstance(v, float))
-        log.info("epoch %d step %d %s lr %.4g", record["epoch"], record["step"], shown, record.get("lr") or 0,
-                 extra={"console": not self.t.progress})
+        lr = f" lr {record['lr']:.4g}" if "lr" in record else ""
+        log.info("epoch %d step %d %s%s", record["epoch"], record["step"], shown, lr, extra={"console": not self.t.progress})
         if not self.bar.disable:
             self.bar.set_postfix(epoch=self._epoch_label(), **self._val_postfix(), refresh=False)
 

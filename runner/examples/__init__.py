@@ -1,0 +1,1 @@
+"""Ready-made example workloads (conf/experiment/): digit classification and a character-level language model."""
