@@ -19,12 +19,13 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from runner.config import Mode, OnNonFinite
+from runner.config import OnNonFinite
 from runner.snapshot import format as snap
 from runner.system import peak_rss_mb
 from runner.train import faults, rng
-from runner.train.batches import DataSource, EvalBatches
+from runner.train.batches import DataSource
 from runner.train.engine import Engine
+from runner.train.evaluation import Monitor, evaluate
 from runner.train.metrics import MetricsWriter, train_loss
 from runner.train.stop import Diverged, StopRequest, Stopped
 
@@ -43,19 +44,13 @@ class TrainLoop:
         self.on_nonfinite = OnNonFinite(str(self.t.on_nonfinite))
         self.accumulate = int(self.t.accumulate)
         self.max_steps = int(self.t.max_steps)
-        self.monitor: Optional[str] = cfg.snapshot.monitor
-        self.mode = Mode(str(cfg.snapshot.mode))
-        self.patience, self.min_delta = int(self.t.early_stop.patience), float(self.t.early_stop.min_delta)
+        self.watch = Monitor(cfg.snapshot.monitor, cfg.snapshot.mode, self.t.early_stop.patience, self.t.early_stop.min_delta)
         # Training position: epochs completed, optimizer steps done, samples of the current epoch consumed.
         self.epoch = self.global_step = self.samples_in_epoch = 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # this epoch, this rank
         self.loss_count = 0
         self.log_sums: dict[str, torch.Tensor] = {}  # the task's extra training logs, weighted like the loss
         self.skipped_steps = 0
-        self.best: Optional[float] = None  # best value of `monitor` so far
-        self.best_step: Optional[int] = None
-        self.bad_validations = 0  # validations since `monitor` last improved by min_delta
-        self.ended: Optional[str] = None  # why training ended before its epochs/steps (early stop)
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.last_saved_step = -1
@@ -85,9 +80,7 @@ class TrainLoop:
             self.log_sums[name] = torch.tensor(float(value), dtype=torch.float64, device=self.engine.device)
         self.history = list(state[snap.METRICS_KEY])
         self.skipped_steps = int(ts.get("skipped_steps", 0))
-        self.best, self.best_step = ts.get("best"), ts.get("best_step")
-        self.bad_validations = int(ts.get("bad_validations", 0))
-        self.ended = ts.get("ended")
+        self.watch.load(ts)
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
@@ -135,7 +128,7 @@ class TrainLoop:
         return self.max_steps if self.max_steps else self.t.total_epochs * self.steps_per_epoch()
 
     def done(self) -> bool:
-        if self.ended is not None:
+        if self.watch.ended is not None:
             return True
         return self.global_step >= self.max_steps if self.max_steps else self.epoch >= self.t.total_epochs
 
@@ -158,7 +151,7 @@ class TrainLoop:
                 units_trained += units
         finally:
             bar.close()
-        if self.data.val is not None and self.validated[0] != self.global_step and self.ended is None:
+        if self.data.val is not None and self.validated[0] != self.global_step and self.watch.ended is None:
             self._validate_and_record(final=True)  # the finished model is always validated
         if self.last_saved_step != self.global_step:  # the same decision on every rank
             self.save_snapshot(end_of_epoch=self.samples_in_epoch == 0)
@@ -172,8 +165,8 @@ class TrainLoop:
                    "allreduce": self.engine.allreduce, "skipped_steps": self.skipped_steps,
                    "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
                    "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peak_rss_mb(),
-                   "val": self.validated[1], "ended": self.ended, "monitor": self.monitor, "best": self.best,
-                   "best_step": self.best_step}
+                   "val": self.validated[1], "ended": self.watch.ended, "monitor": self.watch.name, "best": self.watch.best,
+                   "best_step": self.watch.best_step}
         if self.task.unit and train_wall > 0:
             summary[f"{self.task.unit}_per_s"] = units_trained / train_wall
         return summary
@@ -226,7 +219,7 @@ class TrainLoop:
             if mid_epoch and not reached and t.val_every_steps and self.global_step % t.val_every_steps == 0:
                 self._validate_and_record()
             self._after_step(mid_epoch=mid_epoch and not reached)
-            if reached or self.ended is not None:
+            if reached or self.watch.ended is not None:
                 if mid_epoch:
                     self._record_partial_epoch(epoch_samples, epoch_units, time.perf_counter() - epoch_started - (self.val_seconds - val_before))
                     return epoch_samples, epoch_units
@@ -240,7 +233,7 @@ class TrainLoop:
 
     def _val_postfix(self) -> dict[str, str]:
         step, metrics = self.validated
-        key = self.monitor if self.monitor in metrics else ("val/loss" if "val/loss" in metrics else None)
+        key = self.watch.name if self.watch.name in metrics else ("val/loss" if "val/loss" in metrics else None)
         return {key.split("/", 1)[-1] if key.startswith("val/") else key: f"{metrics[key]:.4g}"} if key else {}
 
     def _after_step(self, mid_epoch: bool) -> None:
@@ -342,58 +335,26 @@ class TrainLoop:
             self.bar.set_postfix(epoch=self._epoch_label(), **self._val_postfix(), refresh=False)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, batches: EvalBatches) -> dict[str, float]:
-        """The task's metrics over a whole split: every rank evaluates its shard; the sums meet in
-        one collective at the end (no host sync per batch)."""
-        sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-        with self.engine.evaluation() as model:
-            for batch in batches:
-                n = self.task.batch_size(batch)
-                for name, value in self.task.validation_step(model, batch).items():
-                    acc = sums.get(name)
-                    if acc is None:
-                        acc = sums[name] = torch.zeros((), dtype=torch.float64, device=count.device)
-                    acc.add_(value.detach().double(), alpha=n)
-                count += n
-        names = sorted(sums)
-        total = torch.stack([count, *(sums[k] for k in names)])
-        self.engine.collectives.sum_(total)
-        values = total.tolist()
-        return self.task.finish({k: v / values[0] for k, v in zip(names, values[1:])})
-
     def _validate(self, record: dict[str, Any]) -> bool:
         """Validate, put val/<name> into `record`, update the best value and early stopping.
-        Returns whether `monitor` improved (a best snapshot is due)."""
+        Returns whether the monitored metric improved (a best snapshot is due)."""
         started = time.perf_counter()
-        metrics = {f"val/{k}": v for k, v in self.evaluate(self.data.val).items()}
+        metrics = {f"val/{k}": v for k, v in evaluate(self.engine, self.task, self.data.val).items()}
         self.val_seconds += time.perf_counter() - started
         record.update(metrics)
         self.validated = (self.global_step, metrics)
-        if self.monitor is None or self.monitor not in metrics:
-            return False
-        value = metrics[self.monitor]
-        if not math.isfinite(value):
-            return False
-        sign = 1 if self.mode == Mode.max else -1
-        improved = self.best is None or sign * (value - self.best) > 0
-        significant = self.best is None or sign * (value - self.best) > self.min_delta
-        if improved:
-            self.best, self.best_step = value, self.global_step
-        self.bad_validations = 0 if significant else self.bad_validations + 1
-        if self.patience and self.bad_validations >= self.patience:
-            self.ended = (f"early stop: {self.monitor} has not improved by more than {self.min_delta:g} in "
-                          f"{self.bad_validations} validations (best {self.best:.6g} at step {self.best_step})")
+        improved = self.watch.update(metrics, self.global_step)
+        if self.watch.ended is not None:  # no validation follows: training ends here
             record["early_stop"] = True
             if self.lead:
-                log.warning("%s", self.ended)
+                log.warning("%s", self.watch.ended)
         return improved
 
     def test(self, model_state: Optional[dict[str, Any]]) -> dict[str, float]:
         """test/<name> over the test split, with `model_state`'s weights (the best snapshot's) if given."""
         if model_state is not None:
             self.engine.load_model_state(model_state)
-        return {f"test/{k}": v for k, v in self.evaluate(self.data.test).items()}
+        return {f"test/{k}": v for k, v in evaluate(self.engine, self.task, self.data.test).items()}
 
     def _check_finite(self, value: float, what: str) -> bool:
         """Every rank sees the same (reduced or gathered) value, so every rank decides the same."""
@@ -429,13 +390,12 @@ class TrainLoop:
                 **parts,
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
                              "epoch_loss_per_rank": [r[1] for r in per_rank], "log_names": names,
-                             "skipped_steps": self.skipped_steps, "best": self.best, "best_step": self.best_step,
-                             "bad_validations": self.bad_validations, "ended": self.ended},
+                             "skipped_steps": self.skipped_steps, **self.watch.state()},
                 rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
                 allreduce=self.engine.allreduce, metrics=self.history)
             step, metrics = self.validated
-            monitored = metrics.get(self.monitor) if self.monitor and step == self.global_step else None
+            monitored = metrics.get(self.watch.name) if self.watch.name and step == self.global_step else None
             self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch,
-                             monitor=None if monitored is None else {"name": self.monitor, "value": monitored},
-                             ended=self.ended)
+                             monitor=None if monitored is None else {"name": self.watch.name, "value": monitored},
+                             ended=self.watch.ended)
         return True

@@ -91,7 +91,7 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     metrics = loop.test(state)
     chosen = best or loop.writer.last_entry or {}
     results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,
-               "chosen_by": f"best {loop.monitor}" if best else "final model"}
+               "chosen_by": f"best {loop.watch.name}" if best else "final model"}
     if loop.lead:
         atomic_write(run_dir / RESULTS_FILE, json.dumps(results, indent=1), durable=False)
         log.info("test: %s (%s, %s)", " ".join(f"{k} {v:.6g}" for k, v in metrics.items()), results["snapshot"],

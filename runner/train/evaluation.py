@@ -1,0 +1,76 @@
+"""Evaluation: a split's metrics over every rank, and the watch on one metric that picks the best
+snapshots and stops a run that has stopped improving.
+
+`evaluate` keeps the task's per-batch means as weighted device tensors and reduces them in one
+collective at the end, so a validation pass costs its forward passes and one host sync. `Monitor`
+holds what must survive a restart (the best value, its step, validations without improvement, why
+training ended), so a resumed run stops early exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+
+from runner.config import Mode
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(engine, task, batches) -> dict[str, float]:
+    """The task's metrics over a whole split: every rank evaluates its shard; the sums meet in one
+    collective at the end (no host sync per batch)."""
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=engine.device)
+    with engine.evaluation() as model:
+        for batch in batches:
+            n = task.batch_size(batch)
+            for name, value in task.validation_step(model, batch).items():
+                acc = sums.get(name)
+                if acc is None:
+                    acc = sums[name] = torch.zeros((), dtype=torch.float64, device=count.device)
+                acc.add_(value.detach().double(), alpha=n)
+            count += n
+    names = sorted(sums)
+    total = torch.stack([count, *(sums[k] for k in names)])
+    engine.collectives.sum_(total)
+    values = total.tolist()
+    return task.finish({k: v / values[0] for k, v in zip(names, values[1:])})
+
+
+class Monitor:
+    """`snapshot.monitor` watched in `snapshot.mode`, with `trainer.early_stop` (patience, min_delta)."""
+
+    def __init__(self, name: Optional[str], mode: str, patience: int = 0, min_delta: float = 0.0) -> None:
+        self.name, self.mode = name, Mode(str(mode))
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.bad_validations = 0  # validations since the metric last improved by more than min_delta
+        self.ended: Optional[str] = None  # why training ended before its epochs/steps (early stop)
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Take a validation's metrics; returns whether the watched one reached a new best."""
+        value = metrics.get(self.name) if self.name else None
+        if value is None or not math.isfinite(value):
+            return False
+        sign = 1 if self.mode == Mode.max else -1
+        improved = self.best is None or sign * (value - self.best) > 0
+        significant = self.best is None or sign * (value - self.best) > self.min_delta
+        if improved:
+            self.best, self.best_step = value, step
+        self.bad_validations = 0 if significant else self.bad_validations + 1
+        if self.patience and self.bad_validations >= self.patience:
+            self.ended = (f"early stop: {self.name} has not improved by more than {self.min_delta:g} in "
+                          f"{self.bad_validations} validations (best {self.best:.6g} at step {self.best_step})")
+        return improved
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_validations": self.bad_validations, "ended": self.ended}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state.get("best"), state.get("best_step")
+        self.bad_validations, self.ended = int(state.get("bad_validations", 0)), state.get("ended")
