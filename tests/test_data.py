@@ -116,3 +116,17 @@ def test_best_versions_are_kept_beyond_keep_last_and_named_in_the_manifest(tmp_p
     assert best["step"] == 2 and best["best"] is True
     assert torch.equal(manager.load_entry(best)["model"]["w"], torch.full((2,), 2.0))
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == files
+
+
+def test_monitor_keeps_the_best_and_counts_validations_without_real_improvement():
+    from runner.train.evaluation import Monitor
+
+    watch = Monitor("val/accuracy", "max", patience=2, min_delta=0.01)
+    assert watch.update({"val/accuracy": 0.5}, step=10) is True
+    assert watch.update({"val/accuracy": 0.505}, step=20) is True  # a new best, but not by min_delta
+    assert watch.bad_validations == 1 and watch.ended is None
+    resumed = Monitor("val/accuracy", "max", patience=2, min_delta=0.01)
+    resumed.load(watch.state())
+    assert resumed.update({"val/accuracy": 0.4}, step=30) is False
+    assert resumed.ended.startswith("early stop: val/accuracy") and "best 0.505 at step 20" in resumed.ended
+    assert Monitor("val/loss", "min").update({"val/loss": float("nan")}, step=1) is False
