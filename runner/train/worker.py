@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import OnNonFinite, Runtime
-from runner.logs import rank_log_path, setup_worker_logging
+from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
