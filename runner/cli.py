@@ -46,7 +46,7 @@ class Driver:
     def __init__(self) -> None:
         self.task_started = False
 
-    def task(self, cfg: DictConfig) -> int:
+    def task(self, cfg: DictConfig) -> float:
         from torch.distributed.elastic.multiprocessing.api import SignalException
 
         self.task_started = True
@@ -56,7 +56,11 @@ class Driver:
             code = _report_stopped(Path(HydraConfig.get().runtime.output_dir), int(err.sigval), cfg)
         if code and (HydraConfig.get().mode == RunMode.RUN or code >= 128):
             raise SystemExit(code)  # a single run's exit code; in a sweep, a stop (Ctrl-C, SIGTERM) ends the sweep
-        return code  # in a sweep, a failed job is reported and the next one starts
+        # In a sweep, a failed job is reported and the next one starts. What the job returns is its
+        # objective, for sweepers that search (hydra/sweeper=optuna): NaN marks a failed trial.
+        status = sweep.read_status(Path(HydraConfig.get().runtime.output_dir)) or {}
+        value = status.get("objective") if code == 0 else None
+        return float(value) if isinstance(value, (int, float)) else float("nan")
 
     def main(self) -> None:
         """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
@@ -117,7 +121,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
         print(f"{_short(run_dir)}: already complete ({finished['file']}, {where}); nothing to run. {advice}")
         previous = sweep.read_status(run_dir) or {}
         sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
-                           **{k: previous[k] for k in ("final_loss", "val", "best", "monitor") if k in previous}, **job)
+                           **{k: previous[k] for k in ("final_loss", "val", "best", "monitor", "objective") if k in previous}, **job)
         return 0
     from runner.logs import add_driver_log_file
 
@@ -131,6 +135,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
     status = summary.get("status") if summary.get("status") == "diverged" else \
         ("finished" if code == 0 else ("stopped" if code >= 128 else "failed"))
     sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")},
+                       objective=objective(summary) if status == "finished" else None,
                        **({"val": summary["val"]} if summary.get("val") else {}),
                        **({"best": summary["best"], "monitor": summary["monitor"]} if summary.get("best") is not None else {}))
     if code - 128 in (signal.SIGUSR1, signal.SIGUSR2):
@@ -233,7 +238,7 @@ def _archive_previous_run(run_dir: Path, snapshot_dir: str) -> None:
     """snapshot.resume=never: start over, but keep (never delete) the previous snapshots and metrics."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for name in (snapshot_dir, "metrics.jsonl"):
+    for name in (snapshot_dir, "metrics.jsonl", "metrics.csv", "results.json", "logs/loggers.json", "logs/mlflow_run_id", "wandb"):
         src = run_dir / name
         if src.exists():
             dst = run_dir / "archive" / stamp / name
@@ -242,6 +247,12 @@ def _archive_previous_run(run_dir: Path, snapshot_dir: str) -> None:
             moved.append(str(dst))
     if moved:
         log.info("snapshot.resume=never: previous snapshots and metrics moved to %s", _short(run_dir / "archive" / stamp))
+
+
+def objective(summary: dict) -> Optional[float]:
+    """What a search optimises: the best value of snapshot.monitor, else the final training loss."""
+    value = summary.get("best") if summary.get("best") is not None else summary.get("final_loss")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -> None:

@@ -112,12 +112,7 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if scheduler:
         _locate_target("scheduler", scheduler, where["scheduler"])
     if cfg.get("logger"):
-        _locate_target("logger", cfg.logger, _source("logger", choices, overrides))
-        if str(cfg.logger._target_) == "runner.loggers.TensorBoardLogger":
-            if importlib.util.find_spec("tensorboard") is None:
-                raise UserError("logger", "tensorboard", "needs the tensorboard package, which is not installed",
-                                "logger=none | logger=tensorboard with tensorboard installed",
-                                'pip install "runner[tensorboard]", or drop logger=tensorboard')
+        check_loggers(cfg.logger, _source("logger", choices, overrides))
     kwargs = _kwargs(cfg.dataset)
     _bind("dataset", cfg.dataset, where["dataset"], data_cls, [], kwargs)
     if "size" in kwargs and isinstance(kwargs["size"], int) and kwargs["size"] < 1:
@@ -167,6 +162,21 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     except Exception as err:
         raise _build_error("task", cfg.task, err, where["task"]) from None
     return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+
+
+def check_loggers(node: DictConfig, where: str) -> None:
+    """Every logger's class imports and its package is installed (else: the pip install to run)."""
+    from runner.loggers import REQUIREMENTS
+
+    nodes = list(node.get("loggers") or []) if str(node.get("_target_")) == "runner.loggers.ManyLoggers" else [node]
+    for i, item in enumerate(nodes):
+        key = "logger" if item is node else f"logger.loggers[{i}]"
+        _locate_target(key, item, where)
+        module, extra = REQUIREMENTS.get(str(item.get("_target_")), (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            name = str(item._target_).rsplit(".", 1)[-1]
+            raise UserError(f"{key}._target_", item._target_, f"{name} needs the {module} package, which is not installed",
+                            f"logger=none, or {module} installed", f'pip install "runner[{extra}]", or drop the logger')
 
 
 def check_data(cfg: DictConfig, choice: Optional[str] = None) -> None:

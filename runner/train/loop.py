@@ -323,7 +323,7 @@ class TrainLoop:
             if self.metrics_file is not None:
                 self.metrics_file.append(record)
             if self.logger is not None:
-                self.logger.log(record)
+                self.logger.log(record, len(self.history) - 1)
 
     def _log_record(self, record: dict[str, Any]) -> None:
         if not self.lead:

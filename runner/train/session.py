@@ -74,6 +74,9 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         summary = loop.fit()
         if cfg.trainer.test and data.test is not None:
             summary["test"] = run_test(loop, manager, run_dir)
+        if logger is not None:
+            snapshot = summary.get("snapshot")
+            logger.finish({**summary, "snapshot_path": str(manager.dir / snapshot) if snapshot else None})
         return summary
     finally:
         stop.restore()
