@@ -30,18 +30,33 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         row["loss"] = train_loss(row)
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    total = None
+    total, mode = None, "min"
     if (run_dir / "config.yaml").exists():
-        total = OmegaConf.load(run_dir / "config.yaml").trainer.total_epochs
-    status = (read_status(run_dir) or {}).get("status") or ("finished" if rows and rows[-1]["epoch"] == total else "partial")
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        total, mode = cfg.trainer.total_epochs, str(OmegaConf.select(cfg, "snapshot.mode", default="min"))
+    state = read_status(run_dir) or {}
+    status = state.get("status") or ("finished" if rows and rows[-1]["epoch"] == total else "partial")
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     val_rows = [r for r in rows if any(k.startswith("val/") for k in r)]
     last_val = {k: read_number(v) for k, v in val_rows[-1].items() if k.startswith("val/")} if val_rows else {}
-    return {"val": last_val,"dir": run_dir, "overrides": overrides, "rows": rows, "status": status,
-            "epochs": rows[-1]["epoch"] if rows else 0, "total_epochs": total,
-            "best": (read_status(run_dir) or {}).get("best"), "monitor": (read_status(run_dir) or {}).get("monitor"),
+    epochs = [r["epoch"] for r in rows if r["loss"] is not None]
+    return {"val": last_val, "dir": run_dir, "overrides": overrides, "rows": rows, "status": status,
+            "epochs": epochs[-1] if epochs else 0, "total_epochs": total,
+            "best": state.get("best"), "monitor": state.get("monitor"), "objective": state.get("objective"),
+            # a search ranks by the monitored metric in its direction, else by the final loss (lower is better)
+            "maximize": state.get("best") is not None and mode == "max",
             "final_loss": losses[-1] if losses else None, "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
             "wall": sum(r.get("epoch_seconds") or 0 for r in rows)}
+
+
+def rank_by_objective(runs: list[dict]) -> list[dict]:
+    """Runs with an objective first, best first (failed runs have none and come last)."""
+    def key(run: dict):
+        value = run.get("objective")
+        if not isinstance(value, (int, float)) or value != value:
+            return (1, 0.0)
+        return (0, -value if run["maximize"] else value)
+    return sorted(runs, key=key)
 
 
 def differing_overrides(runs: list[dict]) -> list[str]:
@@ -53,10 +68,16 @@ def differing_overrides(runs: list[dict]) -> list[str]:
 
 
 def table(runs: list[dict]) -> str:
+    """One row per run; with objectives (a sweep or search), ranked by them, best first."""
+    with_objective = any(isinstance(r.get("objective"), (int, float)) for r in runs)
+    if with_objective:
+        runs = rank_by_objective(runs)
     labels = differing_overrides(runs)
     val_keys = sorted({k for r in runs for k in r["val"]})
-    header = ("run", "overrides", "final loss", "best loss", *val_keys, "epochs", "train s", "status")
-    return format_table(header, [(r["dir"].name, label, _num(r["final_loss"]), _num(r["best_loss"]),
+    header = ("run", "overrides", *(("objective",) if with_objective else ()), "final loss", "best loss", *val_keys,
+              "epochs", "train s", "status")
+    return format_table(header, [(r["dir"].name, label, *((_num(r.get("objective")),) if with_objective else ()),
+             _num(r["final_loss"]), _num(r["best_loss"]),
              *(_num(r["val"].get(k)) for k in val_keys),
              f"{r['epochs']}/{r['total_epochs'] if r['total_epochs'] is not None else '?'}", f"{r['wall']:.1f}", r["status"])
             for r, label in zip(runs, labels)])

@@ -91,3 +91,13 @@ def test_regression_dataset_is_the_seed_task_and_deterministic():
     x, y = a.tensors
     residual = y - (x @ a.true_w + a.true_b)
     assert residual.std().item() == pytest.approx(0.01, rel=0.3)
+
+
+def test_report_ranks_runs_by_objective_in_the_monitor_direction():
+    from runner.report import rank_by_objective
+
+    runs = [{"objective": 0.5, "maximize": False}, {"objective": None, "maximize": False},
+            {"objective": 0.1, "maximize": False}, {"objective": float("nan"), "maximize": False}]
+    assert [r["objective"] for r in rank_by_objective(runs)][:2] == [0.1, 0.5]
+    accuracy = [{"objective": 0.8, "maximize": True}, {"objective": 0.95, "maximize": True}]
+    assert [r["objective"] for r in rank_by_objective(accuracy)] == [0.95, 0.8]
