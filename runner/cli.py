@@ -64,6 +64,7 @@ class Driver:
 
     def main(self) -> None:
         """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
+        _register_plugins()
         try:
             hydra.main(version_base="1.3", config_path="pkg://runner.conf", config_name="config")(self.task)()
         except SystemExit as exit_:
@@ -75,6 +76,18 @@ class Driver:
         if self.task_started and not full_errors_requested():
             _exit_now(code)
         raise SystemExit(code)
+
+
+def _register_plugins() -> None:
+    """Hydra finds sweepers by scanning installed `hydra_plugins` packages, which misses ours in an
+    editable install; registering it by hand works in every install."""
+    try:
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.runner_optuna_sweeper.resumable import ResumableOptunaSweeper
+    except ImportError:  # hydra-optuna-sweeper not installed: there is nothing to register
+        return
+    Plugins.instance().register(ResumableOptunaSweeper)
 
 
 def run(cfg: DictConfig) -> int:

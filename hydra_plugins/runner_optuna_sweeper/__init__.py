@@ -1,0 +1,1 @@
+"""Hydra plugin: a resumable Optuna sweeper (conf/hparams_search/)."""
