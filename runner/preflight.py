@@ -45,8 +45,17 @@ def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] 
     check_resume(cfg, run_dir)
 
 
+def check_gpu_count(runtime, visible: int, asked: object) -> None:
+    """NCCL workers need a GPU each (several workers cannot share one GPU with NCCL)."""
+    if runtime.device == "cuda" and runtime.nproc_per_node > visible:
+        raise UserError("launch.nproc_per_node", asked, f"{runtime.nproc_per_node} GPU workers need a GPU each, and "
+                        f"{visible} {'is' if visible == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES)",
+                        f"gpu | auto | an integer from 1 to {visible}",
+                        "use launch.nproc_per_node=gpu (one worker per visible GPU), or launch.backend=gloo for CPU workers")
+
+
 def check_machine(cfg: DictConfig) -> None:
-    from runner.launch.runtime import resolve_runtime
+    from runner.launch.runtime import resolve_runtime, visible_gpus
 
     launch = cfg.launch
     nproc = parse_nproc(launch.nproc_per_node)
@@ -58,6 +67,7 @@ def check_machine(cfg: DictConfig) -> None:
             raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
     runtime = resolve_runtime(launch)
+    check_gpu_count(runtime, len(visible_gpus()), launch.nproc_per_node)
     # Refused unless shm was moot (one worker on one machine: nothing to average).
     moot = launch.mode != LaunchMode.multinode and runtime.nproc_per_node < 2
     if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and not moot:

@@ -101,3 +101,27 @@ def test_report_ranks_runs_by_objective_in_the_monitor_direction():
     assert [r["objective"] for r in rank_by_objective(runs)][:2] == [0.1, 0.5]
     accuracy = [{"objective": 0.8, "maximize": True}, {"objective": 0.95, "maximize": True}]
     assert [r["objective"] for r in rank_by_objective(accuracy)] == [0.95, 0.8]
+
+
+def test_gpu_worker_counts_resolve_as_torchrun_does_and_too_many_are_refused():
+    from omegaconf import OmegaConf
+
+    from runner.config import LaunchConfig
+    from runner.errors import UserError
+    from runner.launch.runtime import resolve_runtime
+    from runner.preflight import check_gpu_count
+
+    def runtime(nproc, backend="auto", gpus=("0", "1")):
+        launch = OmegaConf.merge(OmegaConf.structured(LaunchConfig), {"nproc_per_node": nproc, "backend": backend})
+        return resolve_runtime(launch, cuda_devices=list(gpus), cores=8)
+
+    assert (runtime("gpu").nproc_per_node, runtime("gpu").backend, runtime("gpu").device) == (2, "nccl", "cuda")
+    assert runtime("auto").nproc_per_node == 2 and runtime("1").nproc_per_node == 1
+    assert (runtime("cpu").backend, runtime("cpu").device, runtime("cpu").nproc_per_node) == ("gloo", "cpu", 8)
+    assert runtime("auto", gpus=()).device == "cpu"
+    assert runtime("gpu").allreduce == "nccl"
+    check_gpu_count(runtime("2"), 2, "2")
+    with pytest.raises(UserError) as err:
+        check_gpu_count(runtime("4"), 2, "4")
+    assert "4 GPU workers need a GPU each, and 2 are visible" in str(err.value)
+    check_gpu_count(runtime("4", backend="gloo"), 2, "4")  # CPU workers on a GPU machine
