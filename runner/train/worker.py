@@ -97,6 +97,9 @@ def _collectives(runtime: Runtime, timeout_s: float):
 def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: torch.device) -> dict[str, Any]:
     t = cfg.trainer
     if t.deterministic:
+        # cuBLAS is only deterministic with a fixed workspace; read when its handle is first made
+        # (the first matmul), so setting it here, before any, is in time.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rng.seed_everything(t.seed)  # identical model init on every rank
     data = DataSource(cfg, rank, dist.get_world_size(), device)
