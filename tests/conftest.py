@@ -65,7 +65,7 @@ def manifest(run_dir: Path) -> dict:
 
 def latest_snapshot(run_dir: Path) -> dict:
     entry = manifest(run_dir)["snapshots"][-1]
-    return torch.load(run_dir / "snapshots" / entry["file"], weights_only=True)
+    return torch.load(run_dir / "snapshots" / entry["file"], map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

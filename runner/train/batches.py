@@ -85,7 +85,7 @@ class SeededSamples(Dataset):
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         np.random.seed(s % 2**32)
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)  # the CPU generator only: torch.manual_seed would reseed CUDA's too
         try:
             return self.dataset[index]
         finally:

@@ -34,7 +34,7 @@ def capture() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [torch.cuda.get_rng_state()]  # this rank's device only: it is the one it draws from
     return state
 
 
@@ -51,5 +51,7 @@ def restore(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available() and state["cuda"]:
+        saved = state["cuda"]  # one state (this rank's device), or every device's in older snapshots
+        device = torch.cuda.current_device()
+        torch.cuda.set_rng_state(saved[device] if len(saved) > 1 and device < len(saved) else saved[0])
