@@ -10,6 +10,7 @@ task, 2 CPU workers (gloo). Each figure is the median over repetitions.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ LARGE_TASK = {"baseline": ["--total-epochs", "3", "--batch_size", "256", "--size
 ONE_EPOCH = {"baseline": ["--total-epochs", "1"], "runner": ["trainer.total_epochs=1", "optimizer.lr=0.001"]}
 
 
-FAILURES: dict[str, int] = {"baseline": 0, "runner": 0}
+FAILURES: Counter = Counter()  # crashed (and retried) attempts per tool
 
 
 def run(cmd: list[str], cwd: Path, who: str, attempts: int = 3, before_attempt=lambda: None) -> tuple[float, str]:
