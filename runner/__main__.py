@@ -1,6 +1,11 @@
 """`python -m runner <overrides>`: see runner/cli.py."""
 
-from runner.cli import main
-
 if __name__ == "__main__":
+    import sys
+
+    from runner.launch.start import warm_up
+
+    warm_up(sys.argv[1:])  # first: the workers' fork server imports torch while the driver composes the config
+    from runner.cli import main
+
     main()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from runner import sweep
 from runner.config import LaunchMode, ResumeWord, register_schema, resume_path
+from runner.launch.start import stop_forkserver
 from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.rundir import run_dir_name, write_run_files
 from runner.system import peak_rss_mb
@@ -66,13 +67,16 @@ class Driver:
         """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
         _register_plugins()
         try:
-            hydra.main(version_base="1.3", config_path="pkg://runner.conf", config_name="config")(self.task)()
-        except SystemExit as exit_:
-            if exit_.code == 1 and not self.task_started:
-                raise SystemExit(EXIT_USER_ERROR) from None
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        else:
-            code = EXIT_TRAINING_FAILED if sweep.ended_sweep_failed() else 0
+            try:
+                hydra.main(version_base="1.3", config_path="pkg://runner.conf", config_name="config")(self.task)()
+            except SystemExit as exit_:
+                if exit_.code == 1 and not self.task_started:
+                    raise SystemExit(EXIT_USER_ERROR) from None
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            else:
+                code = EXIT_TRAINING_FAILED if sweep.ended_sweep_failed() else 0
+        finally:  # every worker has exited; a fork server still importing would outlive the command
+            stop_forkserver()
         if self.task_started and not full_errors_requested():
             _exit_now(code)
         raise SystemExit(code)
@@ -186,7 +190,7 @@ def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict):
-    from runner.launch import resolve_runtime
+    from runner.launch.runtime import resolve_runtime
 
     runtime = resolve_runtime(cfg.launch, **_parallel_share(hydra_cfg))
     with open_dict(cfg):
@@ -214,10 +218,11 @@ def _parallel_share(hydra_cfg) -> dict:
 
 
 def _launch_and_report(cfg: DictConfig, run_dir: Path, runtime) -> tuple[int, dict]:
-    from runner.launch import launch
+    from runner.launch.elastic import launch
     from runner.train.session import stop_marker
 
-    log.info("run directory %s: %s, launch=%s", _short(run_dir), runtime.describe(), cfg.launch.mode)
+    started = "" if cfg.launch.mode == LaunchMode.local else f", workers by {runtime.start_method}"
+    log.info("run directory %s: %s, launch=%s%s", _short(run_dir), runtime.describe(), cfg.launch.mode, started)
     stop_marker(run_dir).unlink(missing_ok=True)
     started = time.perf_counter()
     try:

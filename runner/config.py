@@ -53,6 +53,13 @@ class CpuAllreduce(Choice):
     gloo = "gloo"  # over local TCP
 
 
+class StartMethod(Choice):
+    auto = "auto"  # forkserver on Linux, spawn elsewhere (runner.launch.start)
+    forkserver = "forkserver"  # forked from a server with torch preloaded: no import per worker
+    fork = "fork"  # forked from the driver (CPU workers only)
+    spawn = "spawn"  # a fresh interpreter per worker, as torchrun does
+
+
 class Topology(Choice):
     pipeline = "pipeline"  # 1 trainer + num_stages stage owners
     parameter_server = "parameter_server"  # 1 server + N trainers
@@ -164,6 +171,7 @@ class LaunchConfig:
     rdzv_timeout: int = 900  # seconds to wait for all nodes to join
     omp_num_threads: Optional[int] = None  # threads per CPU worker; default: usable cores / workers
     cpu_allreduce: CpuAllreduce = CpuAllreduce.auto  # how CPU workers on one machine average gradients
+    start_method: StartMethod = StartMethod.auto  # how worker processes start (runner.launch.start)
     topology: Topology = Topology.pipeline  # launch=rpc
     num_stages: int = 2  # launch=rpc, pipeline: stages the nn.Sequential model is cut into
     rpc_timeout: float = 120.0  # launch=rpc: seconds before an RPC is considered lost
@@ -214,6 +222,7 @@ class Runtime:
     allreduce: str  # how gradients are averaged: shm | gloo | nccl | rpc
     allreduce_reason: str  # why that one (shown when the user asked for another)
     cuda_visible_devices: Optional[str] = None  # this job's GPUs when sweep jobs share the machine
+    start_method: str = "spawn"  # forkserver | fork | spawn: how the agent starts the workers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ import inspect
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +55,21 @@ def check_gpu_count(runtime, visible: int, asked: object) -> None:
                         "use launch.nproc_per_node=gpu (one worker per visible GPU), or launch.backend=gloo for CPU workers")
 
 
+def check_start_method(launch: DictConfig, runtime) -> None:
+    import multiprocessing
+
+    method = runtime.start_method
+    if launch.mode == LaunchMode.local:
+        return
+    if method not in multiprocessing.get_all_start_methods():
+        raise UserError("launch.start_method", method, f"this platform ({sys.platform}) cannot start processes that way",
+                        " | ".join(["auto", *multiprocessing.get_all_start_methods()]), "use launch.start_method=auto")
+    if method == "fork" and runtime.device == "cuda":
+        raise UserError("launch.start_method", method, "the workers use CUDA, and a process forked from the driver cannot "
+                        "(CUDA does not survive fork)", "auto | forkserver | spawn",
+                        "use launch.start_method=auto (a fork server that never touches CUDA)")
+
+
 def check_machine(cfg: DictConfig) -> None:
     from runner.launch.runtime import resolve_runtime, visible_gpus
 
@@ -68,6 +84,7 @@ def check_machine(cfg: DictConfig) -> None:
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
     runtime = resolve_runtime(launch)
     check_gpu_count(runtime, len(visible_gpus()), launch.nproc_per_node)
+    check_start_method(launch, runtime)
     # Refused unless shm was moot (one worker on one machine: nothing to average).
     moot = launch.mode != LaunchMode.multinode and runtime.nproc_per_node < 2
     if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and not moot:

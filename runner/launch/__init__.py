@@ -1,6 +1,3 @@
-"""Launching: the runtime decision (runtime.py) and the elastic agent or in-process start (elastic.py)."""
-
-from runner.launch.elastic import launch
-from runner.launch.runtime import resolve_runtime
-
-__all__ = ["launch", "resolve_runtime"]
+"""Launching: how workers start (start.py), the runtime decision (runtime.py), and the elastic
+agent or in-process start (elastic.py). Nothing is imported here: `start` runs first thing in the
+driver, before torch or Hydra are loaded."""

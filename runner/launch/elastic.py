@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
+from runner.launch.start import driver_environment, start_forkserver
 
 log = logging.getLogger(__name__)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -59,7 +60,7 @@ def _launch_in_process(run_dir: Path) -> dict[str, Any]:
                 os.environ[key] = value
 
 
-def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str):
+def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, start_method: str = "spawn"):
     """torchrun's settings. `log_dir` receives the workers' error reports: kept off the run
     directory, so that a full disk there cannot also truncate the report of what went wrong."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -81,7 +82,7 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str):
     return LaunchConfig(
         min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id,
         rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-        max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method="spawn",
+        max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method=start_method,
         shutdown_timeout=launch.stop_timeout,
         signals_to_handle=",".join(s.name for s in FORWARDED_SIGNALS),  # forwarded to the workers
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
@@ -110,12 +111,14 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
     handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
     error_reports = tempfile.TemporaryDirectory(prefix="runner-elastic-")
     try:
-        config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), error_reports.name)
+        config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), error_reports.name, runtime.start_method)
         if cfg.launch.mode == LaunchMode.rpc:
             from runner.train.rpc.worker import main as entrypoint
         else:
             from runner.train.worker import main as entrypoint
-        results = elastic_launch(config, entrypoint)(str(run_dir))
+        if runtime.start_method == "forkserver":
+            start_forkserver()  # already running unless the command line kept the driver from warming it up
+        results = elastic_launch(config, entrypoint)(str(run_dir), driver_environment())
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

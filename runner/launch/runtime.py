@@ -13,7 +13,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, Runtime, Topology, parse_nproc
+from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, Runtime, StartMethod, Topology, parse_nproc
 from runner.system import usable_cores
 
 
@@ -35,7 +35,7 @@ def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0,
     if launch.mode == LaunchMode.rpc:
         count = nproc if isinstance(nproc, int) else (launch.num_stages + 1 if launch.topology == Topology.pipeline else 3)
         return Runtime("gloo", "cpu", count, launch.omp_num_threads or max(1, cores // count), "rpc",
-                       "launch=rpc: gradients travel through distributed autograd", visible_env)
+                       "launch=rpc: gradients travel through distributed autograd", visible_env, start_method(launch))
     cuda = bool(cuda_devices)
     if launch.mode == LaunchMode.local:
         count = 1
@@ -53,7 +53,15 @@ def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0,
     if threads is None and device == "cpu":
         threads = max(1, cores // count)
     allreduce, reason = gradient_allreduce(launch, device, count, cores)
-    return Runtime(backend, device, count, threads, allreduce, reason, visible_env)
+    return Runtime(backend, device, count, threads, allreduce, reason, visible_env, start_method(launch))
+
+
+def start_method(launch: DictConfig) -> str:
+    """How the agent starts the workers: launch.start_method, with auto decided by the platform."""
+    from runner.launch.start import default_start_method
+
+    method = str(launch.get("start_method", StartMethod.auto))
+    return default_start_method() if method == StartMethod.auto else method
 
 
 def gradient_allreduce(launch: DictConfig, device: str, nproc: int, cores: int) -> tuple[str, str]:

@@ -1,0 +1,122 @@
+"""How worker processes start: forked from a server that imported torch while the driver composed
+the config, instead of each worker importing torch again after `spawn` (~5 s here, most of a
+short run's wall time).
+
+- forkserver (the default on Linux): Python's multiprocessing fork server, started at the top of
+  the driver with torch, torch._dynamo (which every optimizer imports on construction) and the
+  worker code preloaded. It never touches CUDA, so its children may; it lives as long as the
+  driver, so every job of a sweep and every restarted worker forks from it as well.
+- fork: the workers are forked from the driver itself and inherit everything it imported,
+  including the dataset's and model's own modules. CPU only: a process that has touched CUDA
+  cannot be forked safely, so the driver refuses it when the workers use GPUs.
+- spawn: a fresh interpreter per worker (torchrun's way; the default on macOS and Windows).
+
+A server started before the driver knew the job has the environment of that moment; each worker
+adopts the driver's environment as it is at launch (`adopt_driver_environment`), so variables set
+per job (CUDA_VISIBLE_DEVICES of a sweep slot, hydra.job.env_set) reach it as with spawn.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import select
+import signal
+import sys
+import threading
+from typing import Mapping, Sequence
+
+# The environment this process started with (in a fork server's child: the server's).
+INHERITED_ENV = dict(os.environ)
+
+PRELOAD = ("runner.launch.start", "torch", "torch._dynamo", "runner.train.worker")
+# Command lines whose driver starts no workers of its own, or not by forkserver.
+NO_WARM_UP = re.compile(r"^(launch=local|launch\.mode=local|launch\.start_method=(spawn|fork)|hydra/launcher=.*"
+                        r"|-h|--help|--hydra-help|-c|--cfg|--info|--shell-completion|-sc)$")
+
+
+def forkserver_by_default() -> bool:
+    """Linux only: on macOS fork servers meet system frameworks that are not fork-safe."""
+    return sys.platform == "linux" and "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def default_start_method() -> str:
+    return "forkserver" if forkserver_by_default() else "spawn"
+
+
+def start_forkserver() -> None:
+    """Start (once per driver) the fork server, preloading torch and the worker code; returns at
+    once: the server imports in its own process while this one goes on."""
+    multiprocessing.set_forkserver_preload(list(PRELOAD))
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+def stop_forkserver() -> None:
+    """At the driver's exit: a server still importing (the command ended early, e.g. on a config
+    error) would otherwise go on for seconds before it notices its driver is gone."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
+
+
+def warm_up(argv: Sequence[str]) -> None:
+    """At the top of the driver: start the fork server now, so that its imports overlap with
+    composing and checking the config, unless the command line rules it out."""
+    if not forkserver_by_default() or any(NO_WARM_UP.match(arg) for arg in argv):
+        return
+    try:
+        start_forkserver()
+    except OSError:  # no room for another process: the launch will say so, or fall back to spawn
+        pass
+
+
+def die_with_driver(driver_pid: int) -> None:
+    """In a worker: be killed as soon as the driver dies, so that a driver killed outright
+    (SIGKILL, the OOM killer) leaves no workers training on into a run directory whose lock is
+    gone. The driver is not always the parent (a fork server's children outlive it: they keep the
+    server alive), so a thread waits on the driver's pidfd (Linux); elsewhere this does nothing."""
+    try:
+        fd = os.pidfd_open(driver_pid)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+    except (AttributeError, OSError):  # no pidfds here (not Linux, or a kernel before 5.3)
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])  # readable once the driver has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="runner-driver-watch", daemon=True).start()
+
+
+DRIVER_PID = "RUNNER_DRIVER_PID"  # in the environment handed to the workers (not the driver's own)
+
+
+def driver_environment() -> dict[str, str]:
+    """What the driver hands its workers at launch: its environment and its pid."""
+    return {**os.environ, DRIVER_PID: str(os.getpid())}
+
+
+def adopt_driver_environment(driver_env: Mapping[str, str]) -> None:
+    """In a worker: take the driver's environment as it was at launch, keeping what the elastic
+    agent set for this rank (RANK, MASTER_PORT, ...: whatever differs from what this process
+    started with), and die with the driver."""
+    if DRIVER_PID in driver_env:
+        die_with_driver(int(driver_env[DRIVER_PID]))
+        driver_env = {k: v for k, v in driver_env.items() if k != DRIVER_PID}
+    set_for_rank = {k: v for k, v in os.environ.items() if INHERITED_ENV.get(k) != v}
+    for key in list(os.environ):
+        if key not in driver_env and key not in set_for_rank:
+            del os.environ[key]
+    for key, value in driver_env.items():
+        if key not in set_for_rank and os.environ.get(key) != value:
+            os.environ[key] = value
