@@ -5,6 +5,10 @@ The data ships with scikit-learn (1,797 images, no download): `pip install "runn
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -15,15 +19,25 @@ INSTALL_HINT = 'the digits example needs scikit-learn: pip install "runner[examp
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels): float32 (N, 1, 8, 8) in [0, 1] and int64 (N,)."""
-    try:
+    """(images, labels): float32 (N, 1, 8, 8) in [0, 1] and int64 (N,).
+
+    Read straight from the CSV that scikit-learn ships (what `load_digits` parses): importing
+    scikit-learn costs ~2.5 s, in the driver's check and in every worker; reading the file, 35 ms.
+    Falls back to `sklearn.datasets.load_digits` should the file ever move."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(INSTALL_HINT)
+    csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if csv.is_file():
+        table = torch.as_tensor(np.loadtxt(csv, delimiter=","))
+        pixels, target = table[:, :-1], table[:, -1]
+    else:
         from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(INSTALL_HINT) from err
-    bunch = load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1).contiguous()
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return images, labels
+
+        bunch = load_digits()
+        pixels, target = torch.as_tensor(bunch.data), torch.as_tensor(bunch.target)
+    images = pixels.to(torch.float32).div_(16.0).reshape(-1, 1, 8, 8).contiguous()
+    return images, target.to(torch.int64)
 
 
 class ShiftedDigits(Dataset):
