@@ -124,13 +124,26 @@ def bench_allreduce(reps: int, tmp: Path) -> list[tuple]:
     return rows
 
 
-def _state_of(nbytes: int) -> dict:
-    """A snapshot-shaped state: model weights + Adam moments (3 equal parts) + small metadata."""
-    n = nbytes // 4 // 3 // 4
-    params = {f"layer{i}.weight": torch.randn(n) for i in range(4)}
-    return {"format_version": 1, "model": params,
-            "optimizer": {"state": {i: {"exp_avg": torch.randn(n), "exp_avg_sq": torch.randn(n)} for i in range(4)}},
-            "train_state": {"epoch": 1, "global_step": 10}}
+class _Trainee:
+    """A model of Linear layers and its AdamW state, sized so that a snapshot (weights + two Adam
+    moments) holds about `nbytes`, with one training step (batch 32) to run beside a snapshot."""
+
+    def __init__(self, nbytes: int) -> None:
+        width = 1024
+        layers = max(1, round(nbytes / 3 / 4 / (width * width)))
+        self.model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.x = torch.randn(32, width)
+        self.forward_backward()
+        self.optimizer.step()  # the moments exist: the state has its full size
+
+    def forward_backward(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(self.x).square().mean().backward()
+
+    def state(self) -> dict:
+        return {"format_version": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "train_state": {"epoch": 1, "global_step": 10}}
 
 
 def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
@@ -139,11 +152,12 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
 
     out = []
     for label, nbytes in [("10 MB", 10 * 2**20), ("500 MB", 500 * 2**20)]:
-        state = _state_of(nbytes)
+        trainee = _Trainee(nbytes)
+        state = trainee.state()
         sync_writer = SnapshotWriter(SnapshotManager(tmp / "sync", keep_last=1), asynchronous=False)
         async_writer = SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True)
         durable_mgr = SnapshotManager(tmp / "snaps", keep_last=1)
-        times: dict[str, list[float]] = {"plain": [], "plain_fsync": [], "durable": []}
+        times: dict[str, list[float]] = {"plain": [], "plain_fsync": [], "durable": [], "step": [], "async_step": []}
 
         def plain(path: Path, fsync: bool) -> float:
             started = time.perf_counter()
@@ -160,29 +174,49 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
             durable_mgr.save(state, step=step, epoch=0)
             return time.perf_counter() - started
 
+        def training_step(writer=None, step: int = 0) -> float:
+            """One step as the loop runs it, with an asynchronous snapshot taken right before it
+            when `writer` is given: the copy runs beside forward and backward, and the step waits
+            for it only before the optimizer changes the weights (as the engine does)."""
+            started = time.perf_counter()
+            if writer is not None:
+                writer.save(state, step=step, epoch=0)
+            trainee.forward_backward()
+            if writer is not None:
+                writer.wait_staged()
+            trainee.optimizer.step()
+            return time.perf_counter() - started
+
         # The measures alternate within each repetition, in a rotating order, so that the disk's
         # and the host's moods land on all of them alike (on a VM whose freed memory goes back to
         # the host, the same 500 MB torch.save takes 0.2 s or 0.9 s depending on what was freed
         # just before). Each timed write starts with no dirty pages pending (os.sync). Repetition
         # 0 is a warm-up (first writes into fresh page cache; staging buffers allocated).
-        measures = ("plain", "sync", "async", "plain_fsync", "durable")
+        measures = ("plain", "sync", "async", "plain_fsync", "durable", "step")
         for i in range(reps + 1):
             for measure in measures[i % len(measures):] + measures[:i % len(measures)]:
                 os.sync()
-                if measure in ("sync", "async"):
-                    writer = sync_writer if measure == "sync" else async_writer
-                    writer.save(state, step=i, epoch=0)
-                    writer.wait()  # the stall alone is recorded by the writer, not this wait
+                if measure == "sync":
+                    sync_writer.save(state, step=i, epoch=0)
+                    sync_writer.wait()  # the stall alone is recorded by the writer, not this wait
                     continue
-                seconds = plain(tmp / "plain.pt", measure == "plain_fsync") if measure.startswith("plain") else durable(i)
+                if measure == "async":
+                    seconds = training_step(async_writer, i)
+                    async_writer.wait()
+                elif measure == "step":
+                    seconds = training_step()
+                else:
+                    seconds = plain(tmp / "plain.pt", measure == "plain_fsync") if measure.startswith("plain") else durable(i)
                 if i:
-                    times[measure].append(seconds)
+                    times["async_step" if measure == "async" else measure].append(seconds)
         stall_sync, stall_async = sync_writer.stall_seconds[1:], async_writer.stall_seconds[1:]
-        p, ps, d, ss, sa = (statistics.median(x) for x in (times["plain"], times["plain_fsync"], times["durable"],
-                                                           stall_sync, stall_async))
+        p, ps, d, ss, sa, st, ast = (statistics.median(x) for x in (times["plain"], times["plain_fsync"], times["durable"],
+                                                                    stall_sync, stall_async, times["step"], times["async_step"]))
         out.append((f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p))
         out.append((f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync", f"{ps:.3f} s", f"{d:.3f} s", d / ps))
         out.append((f"snapshot {label}: training blocked, async vs sync", f"{ss:.3f} s sync", f"{sa:.4f} s async", sa / ss))
+        out.append((f"  the training step with the async snapshot vs without (Linear layers, batch 32)", f"{st:.4f} s",
+                    f"{ast:.4f} s", ast / st))
         for folder in ("snaps", "sync", "async"):
             shutil.rmtree(tmp / folder, ignore_errors=True)
     return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
 import pytest
 import torch
@@ -28,12 +30,22 @@ def test_failed_background_write_surfaces_at_the_next_check(tmp_path, asynchrono
     writer.wait()  # reported once
 
 
+class SlowManager(SnapshotManager):
+    def write(self, *args, **kwargs):
+        time.sleep(0.5)
+        return super().write(*args, **kwargs)
+
+
 def test_async_snapshot_is_a_copy_taken_at_save_time(tmp_path):
-    writer = SnapshotWriter(SnapshotManager(tmp_path), asynchronous=True)
+    writer = SnapshotWriter(SlowManager(tmp_path), asynchronous=True)
     weights = torch.zeros(1000)
     for step in (1, 2):
         weights.fill_(step)
         writer.save(snapshot_state(w=weights), step=step, epoch=0)
+        waiting = threading.Thread(target=writer.wait_staged)  # the engine's call before the optimizer step
+        waiting.start()
+        waiting.join(timeout=0.4)  # the copy, not the write (which takes 0.5 s)
+        assert not waiting.is_alive(), "wait_staged waited for the write (or forever)"
         weights.fill_(-1)  # training goes on and changes the live tensor
     writer.wait()
     entries = SnapshotManager(tmp_path).entries()

@@ -78,6 +78,7 @@ class DDPEngine:
         if self.skip_nonfinite and self.scaler is None and not self._step_finite(total):
             return None  # agreed across ranks: every rank skips
         self.last_lr = self._current_lr()
+        self.before_update()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself when the unscaled gradients are not finite
             self.scaler.update()
@@ -118,8 +119,16 @@ class DDPEngine:
         if self.scheduler is not None and not self.step_scheduler:
             self.scheduler.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+    def before_update(self) -> None:
+        pass
+
+    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+        model = self.model.state_dict()
+        if copy_buffers:
+            for name, _ in self.model.named_buffers():
+                if name in model:
+                    model[name] = model[name].clone()
+        return {"model": model, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 

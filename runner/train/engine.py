@@ -8,7 +8,7 @@ the processes it drives) are captured and restored.
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import torch
 
@@ -21,6 +21,10 @@ class Engine(Protocol):
     allreduce: str  # how gradients are averaged (recorded in snapshots: it fixes the summation order)
     processes: int  # processes of the job (recorded in snapshots)
     shared_state: bool  # one model and optimizer state for all ranks (parameter server): the lead alone loads it
+    # Called right before the optimizer changes the parameters; the loop sets it to the snapshot
+    # writer's wait_staged, so an asynchronous snapshot copies the state while forward and
+    # backward run and waits only here.
+    before_update: Callable[[], None]
 
     def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """One optimizer step over a window of micro-batches (trainer.accumulate): the mean loss and
@@ -36,8 +40,10 @@ class Engine(Protocol):
     def end_epoch(self) -> None:
         """Per-epoch work of the trained objects (the learning-rate scheduler)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """{"model": ..., "optimizer": ..., "scheduler": ...}: plain containers and tensors."""
+    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+        """{"model": ..., "optimizer": ..., "scheduler": ...}: plain containers and tensors, the live
+        ones where possible. `copy_buffers`: model tensors that change in the forward pass
+        (BatchNorm statistics) as copies, for a snapshot copied while the next step runs."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...

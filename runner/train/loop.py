@@ -39,6 +39,7 @@ class TrainLoop:
                  metrics: Optional[MetricsWriter] = None, logger=None) -> None:
         self.t, self.config, self.engine, self.data, self.task = cfg.trainer, config, engine, data, task
         self.writer, self.stop, self.metrics_file, self.logger = writer, stop, metrics, logger
+        engine.before_update = writer.wait_staged  # an asynchronous snapshot is copied while the next step runs
         c = engine.collectives
         self.rank, self.world_size, self.lead = c.rank, c.world_size, c.rank == 0
         self.on_nonfinite = OnNonFinite(str(self.t.on_nonfinite))
@@ -385,7 +386,7 @@ class TrainLoop:
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
         per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums))
         if self.lead:
-            parts = self.engine.state_dict()
+            parts = self.engine.state_dict(copy_buffers=self.writer.asynchronous)
             state = snap.make_state(
                 **parts,
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,

@@ -40,6 +40,7 @@ class RpcEngine:
         with dist_autograd.context() as context_id:
             loss, logs = training_output(self.task.training_step(self, batches[0]))
             dist_autograd.backward(context_id, [loss])
+            self.before_update()
             self.optimizer.step(context_id)
         return loss.detach(), {k: v.detach().float() for k, v in logs.items()}
 
@@ -59,7 +60,11 @@ class RpcEngine:
     def end_epoch(self) -> None:
         pass  # schedulers are refused with launch=rpc (preflight)
 
-    def state_dict(self) -> dict[str, Any]:
+    def before_update(self) -> None:
+        pass
+
+    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+        """Copies already: every shard's state arrives by RPC."""
         model: dict[str, torch.Tensor] = {}
         for shard in self.shards:
             model.update(shard.rpc_sync().full_state_dict())
