@@ -6,22 +6,26 @@
 The same model (DigitsCNN), data (DigitsData(seed=0): 1,257 training images with random-shift
 augmentation in `__getitem__`, 270 for validation), optimizer (AdamW lr 0.01, weight decay 0.01,
 cosine per epoch), batch 64 per process, 2 CPU processes (gloo), 2 persistent DataLoader workers
-per process, one thread per process, validation after every epoch:
+per process, one thread per process, validation after every epoch, and the same checkpoints:
+the best by val accuracy and the last:
 
 - runner:    python -m runner experiment=digits trainer.total_epochs=E trainer.early_stop.patience=0
              trainer.test=false launch.nproc_per_node=2 launch.backend=gloo trainer.progress=false
              (a fresh run directory every time, so nothing resumes; it keeps its best snapshot by
-             val/accuracy, as the experiment says)
+             val/accuracy, as the experiment says, and the final one)
 - script:    python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/digits_ddp.py E
-- Lightning: python benchmarks/digits_lightning.py E   (Trainer(strategy="ddp", devices=2), no checkpoints)
+             (rank 0 saves best.pt and last.pt: model, optimizer, scheduler)
+- Lightning: python benchmarks/digits_lightning.py E   (Trainer(strategy="ddp", devices=2),
+             ModelCheckpoint(monitor="val/accuracy", mode="max", save_top_k=1, save_last=True))
 
 Every figure comes from whole-command wall times, each the median over repetitions; the commands
 run interleaved, in an order that rotates from one repetition to the next, so the machine's moods
 land on all of them alike. Throughput = 1,257 x (N - 1) training samples / (wall(N) - wall(1)):
 what N - 1 more epochs cost, startup excluded (validation after each epoch included).
 
-Validation cost: the runner at N epochs with validation after every epoch vs `trainer.val_every=0`
-(validated once, at the end): the difference divided by the N - 1 validations saved, next to one
+Validation cost: the runner at N epochs without best snapshots (`snapshot.monitor=null`), with
+validation after every epoch vs `trainer.val_every=0` (validated once, at the end): the
+difference divided by the N - 1 validations saved, next to one
 validation pass measured in this process (what `TrainLoop.evaluate` does on one rank: the model in
 eval mode, no gradients, batch 64, over half the val split). The wall difference is small next to
 the walls' noise, so the same difference is also read from inside the runs (metrics.jsonl: the
@@ -55,7 +59,10 @@ RUNNER = [sys.executable, "-m", "runner", "experiment=digits", "trainer.early_st
           "launch.nproc_per_node=2", "launch.backend=gloo", "trainer.progress=false"]
 TOOLS = ("runner", "script", "lightning")
 
-for tool in (*TOOLS, "runner_noval"):
+# The validation cost is read from two more runner runs without best snapshots (which only exist
+# when validating): validating every epoch, and only once at the end.
+VARIANTS = {"runner_val": ("snapshot.monitor=null",), "runner_noval": ("snapshot.monitor=null", "trainer.val_every=0")}
+for tool in (*TOOLS, *VARIANTS):
     FAILURES[tool] += 0  # listed in the report even when nothing crashed
 
 
@@ -80,12 +87,22 @@ class Bench:
                 "samples_per_s": float(sps.group(1).replace(",", "")) if sps else float("nan"),
                 "between_epochs": between_epochs(records)}
 
+    def _fresh_dir(self, who: str) -> Path:
+        self.count += 1
+        path = self.tmp / f"{who}-{self.count}"  # its checkpoints land here, and nothing is reused
+        path.mkdir()
+        return path
+
     def script(self, epochs: int) -> dict:
-        wall, out = self.run([*TORCHRUN, str(ROOT / "benchmarks" / "digits_ddp.py"), str(epochs)], "script")
+        cwd = self._fresh_dir("script")
+        wall, out = timed_run([*TORCHRUN, str(ROOT / "benchmarks" / "digits_ddp.py"), str(epochs)], cwd, "script")
+        shutil.rmtree(cwd, ignore_errors=True)
         return {"wall": wall, **_json_line(out)}
 
     def lightning(self, epochs: int) -> dict:
-        wall, out = self.run([sys.executable, str(ROOT / "benchmarks" / "digits_lightning.py"), str(epochs)], "lightning")
+        cwd = self._fresh_dir("lightning")
+        wall, out = timed_run([sys.executable, str(ROOT / "benchmarks" / "digits_lightning.py"), str(epochs)], cwd, "lightning")
+        shutil.rmtree(cwd, ignore_errors=True)
         return {"wall": wall, **_json_line(out)}
 
 
@@ -182,15 +199,15 @@ def main() -> None:
     bench = Bench(tmp)
     load_before, commit = load(), revision()
     val_pass = validation_pass_seconds()
-    measures = [(tool, e) for tool in TOOLS for e in (1, n)] + [("runner_noval", n)]
+    measures = [(tool, e) for tool in TOOLS for e in (1, n)] + [(variant, n) for variant in VARIANTS]
     results: dict[tuple[str, int], list[dict]] = {m: [] for m in measures}
     started = time.perf_counter()
     try:
         for rep in range(args.reps):
             shift = rep % len(measures)
             for tool, epochs in measures[shift:] + measures[:shift]:
-                if tool == "runner_noval":
-                    r = bench.runner(epochs, ("trainer.val_every=0",), who="runner_noval")
+                if tool in VARIANTS:
+                    r = bench.runner(epochs, VARIANTS[tool], who=tool)
                 else:
                     r = getattr(bench, tool)(epochs)
                 results[(tool, epochs)].append(r)
@@ -223,19 +240,21 @@ def main() -> None:
     print(row(f"wall time of a {n}-epoch command", walln, "{:.2f} s"))
     print(row(f"  each one's own training-loop samples/s ({n} epochs, validation excluded)", own, "{:,.0f}"))
     print(row(f"final val accuracy ({n} epochs)", acc, "{:.4f}", ratios=False))
-    noval = med("runner_noval", n)
-    per_val = (walln["runner"] - noval) / (n - 1)
-    print(f"\n| validation cost (runner, {n} epochs) | seconds |\n|---|---|")
-    print(f"| wall, validating every epoch / only at the end (trainer.val_every=0) | {walln['runner']:.2f} s / {noval:.2f} s |")
+    val, noval = med("runner_val", n), med("runner_noval", n)
+    per_val = (val - noval) / (n - 1)
+    print(f"\n| validation cost (runner, {n} epochs, snapshot.monitor=null: no best snapshots) | seconds |\n|---|---|")
+    print(f"| wall, validating every epoch / only at the end (trainer.val_every=0) | {val:.2f} s / {noval:.2f} s |")
     print(f"| difference per validation ({n - 1} fewer) | {per_val * 1e3:.1f} ms |")
-    def gap(tool: str, kind: str) -> float:
+
+    def gap(tool: str, kind: str = "all") -> float:
         return statistics.median(r["between_epochs"][kind] for r in results[(tool, n)]) * 1e3
 
-    print(f"| in the run (metrics.jsonl), per epoch outside the training loop: validating, no snapshot | {gap('runner', 'plain'):.1f} ms |")
-    print(f"|   validating, and the best snapshot of the epoch before | {gap('runner', 'snapshot'):.1f} ms |")
-    print(f"|   not validating (trainer.val_every=0) | {gap('runner_noval', 'all'):.1f} ms |")
-    print(f"| difference per validation, in the run | {gap('runner', 'plain') - gap('runner_noval', 'all'):.1f} ms |")
+    print(f"| in the run (metrics.jsonl), per epoch outside the training loop: validating / not | "
+          f"{gap('runner_val'):.1f} ms / {gap('runner_noval'):.1f} ms |")
+    print(f"| difference per validation, in the run | {gap('runner_val') - gap('runner_noval'):.1f} ms |")
     print(f"| one validation pass in-process (1 rank: 135 images, batch 64, eval, no grad) | {val_pass * 1e3:.1f} ms |")
+    print(f"| experiment=digits as is: per epoch outside the loop, without / with a best snapshot | "
+          f"{gap('runner', 'plain'):.1f} ms / {gap('runner', 'snapshot'):.1f} ms |")
     print("\ncrashed attempts (retried): " + ", ".join(f"{k} {v}" for k, v in FAILURES.items()))
 
 

@@ -5,7 +5,10 @@ split's `__getitem__`), the same `DigitsCNN`, AdamW(lr=0.01, weight_decay=0.01),
 the epochs (stepped once per epoch), batch 64 per process, a DataLoader with 2 persistent workers
 and a DistributedSampler, validation on the val split after every epoch (each rank its shard, the
 sums all-reduced), gloo, one thread per process (what the runner sets for 2 workers on 2 cores).
-No snapshots, no logging beyond the final line.
+Checkpoints as `experiment=digits` keeps them: rank 0 saves model, optimizer and scheduler when
+the val accuracy improves and after the last epoch (written to a temporary file, then renamed, so
+a crash never leaves a torn one), into $CHECKPOINT_DIR (default: checkpoints-digits-ddp). No
+logging beyond the final line.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/digits_ddp.py 20
     EPOCHS=20 python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/digits_ddp.py
@@ -46,6 +49,13 @@ def evaluate(model, loader):
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
+def save_checkpoint(path: str, model, optimizer, scheduler, epoch: int) -> None:
+    tmp = f"{path}.tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch}, tmp)
+    os.replace(tmp, path)
+
+
 def main(epochs: int) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores, as the runner sets (cores // workers)
     dist.init_process_group(backend="gloo")
@@ -62,7 +72,9 @@ def main(epochs: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
 
-    train_seconds, accuracy = 0.0, float("nan")
+    checkpoints = os.environ.get("CHECKPOINT_DIR", "checkpoints-digits-ddp")
+    os.makedirs(checkpoints, exist_ok=True)
+    train_seconds, accuracy, best = 0.0, float("nan"), -1.0
     for epoch in range(epochs):
         started = time.perf_counter()
         train_sampler.set_epoch(epoch)
@@ -74,9 +86,13 @@ def main(epochs: int) -> None:
         scheduler.step()
         train_seconds += time.perf_counter() - started
         val_loss, accuracy = evaluate(model.module, val_loader)
+        if rank == 0 and accuracy > best:
+            best = accuracy
+            save_checkpoint(os.path.join(checkpoints, "best.pt"), model.module, optimizer, scheduler, epoch + 1)
         if rank == 0 and os.environ.get("VERBOSE"):
             print(f"epoch {epoch + 1} loss {loss.item():.4f} val/loss {val_loss:.4f} val/accuracy {accuracy:.4f}", flush=True)
     if rank == 0:
+        save_checkpoint(os.path.join(checkpoints, "last.pt"), model.module, optimizer, scheduler, epochs)
         samples = epochs * len(splits.train)
         print(json.dumps({"samples_per_s": samples / train_seconds, "train_seconds": train_seconds,
                           "val_accuracy": accuracy, "val_loss": val_loss}), flush=True)

@@ -4,8 +4,10 @@ The same data (`DigitsData(seed=0)`), `DigitsCNN`, AdamW(lr=0.01, weight_decay=0
 decay stepped per epoch, batch 64 per process, a training DataLoader with 2 persistent workers
 (Lightning inserts its own DistributedSampler), validation after every epoch on the val split
 (loss and accuracy, synced over the ranks), `Trainer(accelerator="cpu", devices=2, strategy="ddp")`
-(Lightning starts the second process itself), one thread per process, no checkpoints, no logger,
-no progress bar, no sanity validation.
+(Lightning starts the second process itself), one thread per process, checkpoints as
+`experiment=digits` keeps them (`ModelCheckpoint`: the best by val accuracy and the last, into
+$CHECKPOINT_DIR, default checkpoints-digits-lightning), no logger, no progress bar, no sanity
+validation.
 
     pip install lightning
     python benchmarks/digits_lightning.py 20          # or EPOCHS=20
@@ -97,9 +99,11 @@ def main(epochs: int) -> None:
     torch.manual_seed(0)
     module = DigitsModule(epochs)
     timer = TrainTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, enable_checkpointing=False,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer])
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.environ.get("CHECKPOINT_DIR", "checkpoints-digits-lightning"),
+                                               monitor="val/accuracy", mode="max", save_top_k=1, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[timer, best])
     data = DigitsDataModule()
     trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
