@@ -78,7 +78,8 @@ class Bench:
 
     def sweep(self) -> float:
         seeds = ",".join(str(s) for s in range(1, SWEEP_JOBS + 1))
-        return self.timed([*RUNNER, "-m", f"trainer.seed={seeds}", "trainer.total_epochs=1", "hydra.sweep.dir=sweep"], "sweep")
+        return self.timed([*RUNNER[:3], "--multirun", *RUNNER[3:], f"trainer.seed={seeds}", "trainer.total_epochs=1",
+                           "hydra.sweep.dir=sweep"], "sweep")
 
     def separate(self) -> float:
         cwd = self.fresh("separate")
