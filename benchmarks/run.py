@@ -215,7 +215,7 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
         out.append((f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p))
         out.append((f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync", f"{ps:.3f} s", f"{d:.3f} s", d / ps))
         out.append((f"snapshot {label}: training blocked, async vs sync", f"{ss:.3f} s sync", f"{sa:.4f} s async", sa / ss))
-        out.append((f"  the training step with the async snapshot vs without (Linear layers, batch 32)", f"{st:.4f} s",
+        out.append(("  the training step with the async snapshot vs without (Linear layers, batch 32)", f"{st:.4f} s",
                     f"{ast:.4f} s", ast / st))
         for folder in ("snaps", "sync", "async"):
             shutil.rmtree(tmp / folder, ignore_errors=True)

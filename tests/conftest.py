@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,16 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 180, env: dict | None =
 def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env={**cli_env(), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_when(proc: subprocess.Popen, condition, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[str, str]:
+    """Send `sig` to a started command once `condition()` holds (or `timeout` passed, or the command
+    ended on its own); returns its (stdout, stderr)."""
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=timeout)
 
 
 def _no_constants(name: str):

@@ -13,14 +13,13 @@ import math
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import QUIET, assert_same_weights, manifest, metrics, run_cli, start_cli
+from conftest import QUIET, assert_same_weights, manifest, metrics, run_cli, start_cli, stop_when
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")]
@@ -153,11 +152,7 @@ def test_sigterm_on_gpu_snapshots_and_reinvocation_ends_bitwise_equal(workdir, e
     args = [*EXACT, "name=preempted"]
     run_dir = workdir / "outputs" / "preempted"
     proc = start_cli(args, workdir, env=ONE_GPU)
-    deadline = time.time() + TIMEOUT
-    while not (run_dir / "snapshots" / "manifest.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=TIMEOUT)
+    out, err = stop_when(proc, lambda: (run_dir / "snapshots" / "manifest.json").exists(), timeout=TIMEOUT)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "Stopped by SIGTERM" in err and "run the same command again to resume" in err
     stopped_at = manifest(run_dir)["snapshots"][-1]

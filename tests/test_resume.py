@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
-from conftest import FAST, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli
+from conftest import FAST, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow
 # 4096 samples / (2 workers x 32) = 64 steps per epoch; snapshots every 20 steps, mid-epoch.
@@ -47,11 +46,7 @@ def test_sigterm_snapshots_and_reinvocation_ends_bitwise_equal(workdir, referenc
     args = [*RUN, "name=preempted"]
     run_dir = workdir / "outputs" / "preempted"
     proc = start_cli(args, workdir)
-    deadline = time.time() + 60
-    while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = stop_when(proc, lambda: metrics(run_dir))
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "Stopped by SIGTERM" in err and "run the same command again to resume" in err
     stopped_at = manifest(run_dir)["snapshots"][-1]

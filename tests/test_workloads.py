@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 import torch
 
-from conftest import FAST, QUIET, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli
+from conftest import FAST, QUIET, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +61,7 @@ def test_accumulation_stopped_by_sigterm_resumes_bitwise_equal(workdir):
     assert metrics(workdir / "outputs" / "acc_ref")[-1]["step"] == 4 * 32
     run_dir = workdir / "outputs" / "acc_stop"
     proc = start_cli([*ACCUMULATE, "name=acc_stop"], workdir)
-    deadline = time.time() + 60
-    while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = stop_when(proc, lambda: metrics(run_dir))
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     stopped = torch.load(run_dir / "snapshots" / manifest(run_dir)["snapshots"][-1]["file"], weights_only=True)
     position = stopped["train_state"]["samples_in_epoch"]

@@ -73,8 +73,10 @@ class DDPEngine:
                 logs[name] = value if name not in logs else logs[name] + value
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.clip_grad_norm is not None:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm)).detach() * len(batches)
+        n = len(batches)
+        logs = {k: v / n for k, v in logs.items()}  # means over the window's micro-batches
+        if self.clip_grad_norm is not None:  # one norm per step (before clipping), not a mean
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm)).detach()
         if self.skip_nonfinite and self.scaler is None and not self._step_finite(total):
             return None  # agreed across ranks: every rank skips
         self.last_lr = self._current_lr()
@@ -86,8 +88,7 @@ class DDPEngine:
             self.optimizer.step()
         if self.step_scheduler and self.scheduler is not None:
             self.scheduler.step()
-        n = len(batches)
-        return total / n, {k: v / n for k, v in logs.items()}
+        return total / n, logs
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[Any]:

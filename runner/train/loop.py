@@ -32,6 +32,13 @@ from runner.train.stop import Diverged, StopRequest, Stopped
 log = logging.getLogger(__name__)
 
 
+def planned_steps(trainer_cfg, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: trainer.max_steps, or every epoch's windows of `accumulate` batches."""
+    if int(trainer_cfg.max_steps):
+        return int(trainer_cfg.max_steps)
+    return int(trainer_cfg.total_epochs) * math.ceil(batches_per_epoch / int(trainer_cfg.accumulate))
+
+
 class TrainLoop:
     """`lead` (data-parallel rank 0) writes snapshots, metrics.jsonl and the extra logger."""
 
@@ -122,11 +129,8 @@ class TrainLoop:
                      self.engine.allreduce, saved, world, extra={"console": False})
 
     # ---- loop ---------------------------------------------------------------------------------
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.data.train.batches_per_epoch() / self.accumulate)
-
     def total_steps(self) -> int:
-        return self.max_steps if self.max_steps else self.t.total_epochs * self.steps_per_epoch()
+        return planned_steps(self.t, self.data.train.batches_per_epoch())
 
     def done(self) -> bool:
         if self.watch.ended is not None:

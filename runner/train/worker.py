@@ -9,7 +9,6 @@ run directory's config.yaml, written (resolved and validated) by the driver, and
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 from datetime import timedelta
@@ -30,6 +29,7 @@ from runner.train.collectives import ProcessGroupCollectives
 from runner.train.ddp import DDPEngine
 from runner.train.batches import DataSource
 from runner.train.schedules import build_scheduler, scheduler_interval
+from runner.train.loop import planned_steps
 from runner.train.session import run_reported, train
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     task = instantiate(cfg.task)
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    steps = int(t.max_steps) or int(t.total_epochs) * math.ceil(data.train.batches_per_epoch() / int(t.accumulate))
-    scheduler = build_scheduler(cfg.get("scheduler"), optimizer, steps)
+    scheduler = build_scheduler(cfg.get("scheduler"), optimizer, planned_steps(t, data.train.batches_per_epoch()))
     rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
 
     collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
