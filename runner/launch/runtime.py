@@ -95,5 +95,9 @@ def visible_gpus() -> list[str]:
 
     if not torch.cuda.is_available():
         return []
+    count = torch.cuda.device_count()
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [d.strip() for d in env.split(",") if d.strip()] if env else [str(i) for i in range(torch.cuda.device_count())]
+    if not env:
+        return [str(i) for i in range(count)]
+    # CUDA stops at the first entry that names no device ("0,1,9" on a 2-GPU machine is 2 devices)
+    return [d.strip() for d in env.split(",") if d.strip()][:count]

@@ -226,11 +226,18 @@ class TrainLoop:
             self._after_step(mid_epoch=mid_epoch and not reached)
             if reached or self.watch.ended is not None:
                 if mid_epoch:
-                    self._record_partial_epoch(epoch_samples, epoch_units, time.perf_counter() - epoch_started - (self.val_seconds - val_before))
+                    self._record_partial_epoch(epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before))
                     return epoch_samples, epoch_units
                 break
-        self._end_epoch(epoch_samples, epoch_units, time.perf_counter() - epoch_started - (self.val_seconds - val_before))
+        self._end_epoch(epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before))
         return epoch_samples, epoch_units
+
+    def _seconds_since(self, started: float) -> float:
+        """Wall time of the work queued since `started` (on a GPU, once its kernels have run: the
+        epoch's means are read right after, so this wait costs nothing extra)."""
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+        return time.perf_counter() - started
 
     def _epoch_label(self) -> str:
         current = min(self.epoch + 1, self.t.total_epochs) if not self.max_steps else self.epoch + 1
