@@ -76,7 +76,7 @@ class Driver:
             else:
                 code = EXIT_TRAINING_FAILED if sweep.ended_sweep_failed() else 0
         finally:  # every worker has exited; a fork server still importing would outlive the command
-            stop_forkserver()
+            stop_forkserver(at_exit=True)
         if self.task_started and not full_errors_requested():
             _exit_now(code)
         raise SystemExit(code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,39 @@ def test_fork_is_refused_for_cuda_workers_and_unknown_methods_for_the_platform()
     check_start_method(launch, Runtime("gloo", "cpu", 2, 1, "gloo", "", None, "fork"))  # CPU workers may fork
     with pytest.raises(UserError, match="cannot start processes that way"):
         check_start_method(launch, Runtime("gloo", "cpu", 2, 1, "gloo", "", None, "teleport"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="fork servers are the default on Linux only")
+def test_sigterm_to_the_whole_process_group_still_gets_the_stop_snapshot(workdir):
+    """`timeout`, SLURM's preemption notice and a terminal hang-up signal the whole group: the fork
+    server is in it and must not die, or the workers' stop snapshot would be lost."""
+    import signal
+    import subprocess
+
+    from conftest import cli_env, manifest, metrics
+
+    args = ["model=mlp", "dataset.size=4096", "trainer.total_epochs=400", "name=group", *FAST]
+    run_dir = workdir / "outputs" / "group"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=workdir, env=cli_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert "Stopped by SIGTERM" in err and "did not write a snapshot" not in err, err
+    latest = manifest(run_dir)["snapshots"][-1]
+    assert f"a snapshot of the last step ({latest['file']}, step {latest['step']})" in err, err  # written after the signal
+
+
+def test_a_changed_import_time_variable_means_a_new_server_and_launch_time_ones_do_not():
+    server = {"TORCH_LOGS": "", "OMP_NUM_THREADS": "2", "PATH": "/bin"}
+    launch = {**server, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PATH": "/usr/bin"}
+    assert start._import_time_env(server) == start._import_time_env(launch)  # the driver's own settings, PATH: same server
+    assert start._import_time_env(server) != start._import_time_env({**launch, "TORCH_LOGS": "recompiles"})

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
-from runner.launch.start import driver_environment, start_forkserver
+from runner.launch.start import driver_environment, ensure_forkserver
 
 log = logging.getLogger(__name__)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -117,7 +117,7 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
         else:
             from runner.train.worker import main as entrypoint
         if runtime.start_method == "forkserver":
-            start_forkserver()  # already running unless the command line kept the driver from warming it up
+            ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
         results = elastic_launch(config, entrypoint)(str(run_dir), driver_environment())
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():

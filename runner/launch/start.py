@@ -12,8 +12,12 @@ short run's wall time).
 - spawn: a fresh interpreter per worker (torchrun's way; the default on macOS and Windows).
 
 A server started before the driver knew the job has the environment of that moment; each worker
-adopts the driver's environment as it is at launch (`adopt_driver_environment`), so variables set
-per job (CUDA_VISIBLE_DEVICES of a sweep slot, hydra.job.env_set) reach it as with spawn.
+adopts the driver's environment as it is at launch (`settle_in`), so variables set per job
+(CUDA_VISIBLE_DEVICES of a sweep slot, hydra.job.env_set) reach it as with spawn; variables that
+torch or numpy read while being imported restart the server when they changed
+(`ensure_forkserver`). Workers die with the driver, and the server ignores the signals sent to the
+driver's process group (runner.launch.server), so a group-wide SIGTERM still gets the workers'
+stop snapshot written.
 """
 
 from __future__ import annotations
@@ -30,7 +34,17 @@ from typing import Mapping, Sequence
 # The environment this process started with (in a fork server's child: the server's).
 INHERITED_ENV = dict(os.environ)
 
-PRELOAD = ("runner.launch.start", "torch", "torch._dynamo", "runner.train.worker")
+PRELOAD = ("runner.launch.server", "torch", "torch._dynamo", "runner.train.worker")
+# Signals the server ignores (it shares the driver's process group); its children restore them.
+SERVER_IGNORES = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORKED_FROM_SERVER = False  # set in the server (runner.launch.server), so in every worker it forks
+# Variables read while torch and numpy are imported (logging, compiler and thread-pool settings):
+# a server that imported them under other values would hand workers the wrong ones, so a launch
+# whose values differ from the server's starts a new server. The two the driver sets itself at
+# launch are left out: the agent reads the first, torch.set_num_threads applies the second.
+IMPORT_TIME = ("TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_")
+SET_AT_LAUNCH = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS")
+_server_env: dict[str, str] = {}  # the environment the running server started with
 # Command lines whose driver starts no workers of its own, or not by forkserver.
 NO_WARM_UP = re.compile(r"^(launch=local|launch\.mode=local|launch\.start_method=(spawn|fork)|hydra/launcher=.*"
                         r"|-h|--help|--hydra-help|-c|--cfg|--info|--shell-completion|-sc)$")
@@ -48,22 +62,53 @@ def default_start_method() -> str:
 def start_forkserver() -> None:
     """Start (once per driver) the fork server, preloading torch and the worker code; returns at
     once: the server imports in its own process while this one goes on."""
-    multiprocessing.set_forkserver_preload(list(PRELOAD))
     from multiprocessing import forkserver
 
+    if forkserver._forkserver._forkserver_pid is None:
+        _server_env.clear()
+        _server_env.update(os.environ)
+    multiprocessing.set_forkserver_preload(list(PRELOAD))
     forkserver.ensure_running()
 
 
-def stop_forkserver() -> None:
-    """At the driver's exit: a server still importing (the command ended early, e.g. on a config
-    error) would otherwise go on for seconds before it notices its driver is gone."""
+def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME) and k not in SET_AT_LAUNCH}
+
+
+def ensure_forkserver() -> None:
+    """At launch: the running server if it imported under the driver's current settings, else a
+    new one (e.g. hydra.job.env_set gave TORCH_LOGS after the server had started)."""
     from multiprocessing import forkserver
 
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if pid:
+    if forkserver._forkserver._forkserver_pid is not None and _import_time_env(_server_env) != _import_time_env(os.environ):
+        stop_forkserver()
+    start_forkserver()
+
+
+def stop_forkserver(at_exit: bool = False) -> None:
+    """Stop the server now (at the driver's exit: a server still importing, after a command that
+    failed its checks, would otherwise go on for seconds), reaping it and removing its socket
+    and, `at_exit`, the socket's folder (the driver leaves by os._exit, past multiprocessing's
+    own clean-up)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    if not pid:
+        return
+    folder = os.path.dirname(server._forkserver_address or "")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:  # gone already
+        pass
+    try:
+        server._stop_unlocked()  # closes the alive pipe, reaps the server, unlinks its socket
+    except (AttributeError, OSError):
+        pass
+    if at_exit and os.path.basename(folder).startswith("pymp-"):
         try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:  # gone already
+            os.rmdir(folder)  # only if empty: anything else of multiprocessing's stays
+        except OSError:
             pass
 
 
@@ -104,6 +149,15 @@ DRIVER_PID = "RUNNER_DRIVER_PID"  # in the environment handed to the workers (no
 def driver_environment() -> dict[str, str]:
     """What the driver hands its workers at launch: its environment and its pid."""
     return {**os.environ, DRIVER_PID: str(os.getpid())}
+
+
+def settle_in(driver_env: Mapping[str, str]) -> None:
+    """First thing in a worker the agent started: the default signal actions (a fork server's
+    child inherits the server's ignored ones), the driver's environment, and death with the driver."""
+    if FORKED_FROM_SERVER:
+        for sig in SERVER_IGNORES:
+            signal.signal(sig, signal.SIG_DFL)
+    adopt_driver_environment(driver_env)
 
 
 def adopt_driver_environment(driver_env: Mapping[str, str]) -> None:

@@ -123,12 +123,13 @@ class DDPEngine:
     def before_update(self) -> None:
         pass
 
-    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+    def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
         model = self.model.state_dict()
-        if copy_buffers:
-            for name, _ in self.model.named_buffers():
-                if name in model:
-                    model[name] = model[name].clone()
+        if copy_unstepped:  # whatever the optimizer does not step may change in forward (BatchNorm statistics)
+            stepped = {p.data_ptr() for group in self.optimizer.param_groups for p in group["params"]}
+            for name, tensor in model.items():
+                if tensor.data_ptr() not in stepped:
+                    model[name] = tensor.clone()
         return {"model": model, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}

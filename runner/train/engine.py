@@ -40,10 +40,11 @@ class Engine(Protocol):
     def end_epoch(self) -> None:
         """Per-epoch work of the trained objects (the learning-rate scheduler)."""
 
-    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+    def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
         """{"model": ..., "optimizer": ..., "scheduler": ...}: plain containers and tensors, the live
-        ones where possible. `copy_buffers`: model tensors that change in the forward pass
-        (BatchNorm statistics) as copies, for a snapshot copied while the next step runs."""
+        ones where possible. `copy_unstepped`: every model tensor the optimizer does not step
+        (buffers, frozen parameters: the forward pass may change them) as a copy, for a snapshot
+        copied while the next step runs."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...

@@ -295,6 +295,7 @@ class TrainLoop:
         self.epoch += 1
         record["epoch"] = self.epoch
         self._reset_epoch_sums()
+        self.writer.wait_staged()  # a per-epoch scheduler may change tensors of the snapshot in flight
         self.engine.end_epoch()
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
@@ -397,7 +398,7 @@ class TrainLoop:
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
         per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums))
         if self.lead:
-            parts = self.engine.state_dict(copy_buffers=self.writer.asynchronous)
+            parts = self.engine.state_dict(copy_unstepped=self.writer.asynchronous)
             state = snap.make_state(
                 **parts,
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,

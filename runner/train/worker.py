@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import OnNonFinite, Runtime
-from runner.launch.start import adopt_driver_environment
+from runner.launch.start import settle_in
 from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
@@ -40,7 +40,7 @@ def main(run_dir: str, driver_env: Optional[dict[str, str]] = None, in_driver: b
     environment and pid at launch (a worker forked from the fork server started with an older
     environment; it dies with the driver)."""
     if driver_env is not None:  # started by the elastic agent
-        adopt_driver_environment(driver_env)
+        settle_in(driver_env)
     run_path = Path(run_dir)
     cfg = OmegaConf.load(run_path / CONFIG_FILE)
     runtime = Runtime.from_config(cfg.runtime)

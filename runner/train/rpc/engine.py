@@ -63,7 +63,7 @@ class RpcEngine:
     def before_update(self) -> None:
         pass
 
-    def state_dict(self, copy_buffers: bool = False) -> dict[str, Any]:
+    def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
         """Copies already: every shard's state arrives by RPC."""
         model: dict[str, torch.Tensor] = {}
         for shard in self.shards:

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import Runtime, Topology
-from runner.launch.start import adopt_driver_environment
+from runner.launch.start import settle_in
 from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
@@ -38,7 +38,7 @@ def role(topology: str, rank: int) -> str:
 
 def main(run_dir: str, driver_env: Optional[dict[str, str]] = None) -> Optional[dict[str, Any]]:
     if driver_env is not None:  # see runner.train.worker.main
-        adopt_driver_environment(driver_env)
+        settle_in(driver_env)
     run_path = Path(run_dir)
     cfg = OmegaConf.load(run_path / CONFIG_FILE)
     runtime = Runtime.from_config(cfg.runtime)
