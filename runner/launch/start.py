@@ -88,15 +88,13 @@ def ensure_forkserver() -> None:
 def stop_forkserver(at_exit: bool = False) -> None:
     """Stop the server now (at the driver's exit: a server still importing, after a command that
     failed its checks, would otherwise go on for seconds), reaping it and removing its socket
-    and, `at_exit`, the socket's folder (the driver leaves by os._exit, past multiprocessing's
-    own clean-up)."""
+    and, `at_exit`, the socket's folder."""
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
     pid = getattr(server, "_forkserver_pid", None)
     if not pid:
         return
-    folder = os.path.dirname(server._forkserver_address or "")
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:  # gone already
@@ -105,10 +103,12 @@ def stop_forkserver(at_exit: bool = False) -> None:
         server._stop_unlocked()  # closes the alive pipe, reaps the server, unlinks its socket
     except (AttributeError, OSError):
         pass
-    if at_exit and os.path.basename(folder).startswith("pymp-"):
+    if at_exit:  # multiprocessing's own clean-up (its temporary folder), which os._exit would skip
+        from multiprocessing import util
+
         try:
-            os.rmdir(folder)  # only if empty: anything else of multiprocessing's stays
-        except OSError:
+            util._run_finalizers()
+        except Exception:  # clean-up only: never the reason a command fails
             pass
 
 
