@@ -99,6 +99,17 @@ class Interval(Choice):
     step = "step"
 
 
+class Strategy(Choice):
+    ddp = "ddp"  # every worker holds the whole model; gradients are averaged (DistributedDataParallel)
+    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded over the workers (FSDP2 fully_shard)
+
+
+class SnapshotFormat(Choice):
+    auto = "auto"  # dcp with trainer.strategy=fsdp, else file
+    file = "file"  # one verified file, written by rank 0 (snapshot-<step>.pt)
+    dcp = "dcp"  # a folder of shards, one per rank, by torch.distributed.checkpoint (step-<step>/)
+
+
 class OnNonFinite(Choice):
     stop = "stop"  # end the run (exit 1) naming the step; the last finite snapshot is kept
     skip = "skip"  # skip optimizer steps whose gradients are not finite (one host sync per step)
@@ -109,6 +120,17 @@ class OnNonFinite(Choice):
 class EarlyStopConfig:
     patience: int = 0  # validations without improvement of snapshot.monitor before the run ends; 0 = off
     min_delta: float = 0.0  # an improvement smaller than this does not count
+
+
+@dataclass
+class FSDPConfig:
+    """trainer.strategy=fsdp: how the model is sharded (runner.train.fsdp)."""
+
+    shard: Optional[str] = None  # class (dotted path or bare name) whose every module is sharded on its own; null = each top-level child
+    reshard_after_forward: bool = True  # free the gathered parameters after forward (less memory, a second all-gather in backward)
+    param_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype of forward/backward compute (weights stay float32); null = float32
+    reduce_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype the gradients are reduced in; null = param_dtype
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (CUDA workers)
 
 
 @dataclass
@@ -132,6 +154,8 @@ class TrainerConfig:
     val_every_steps: int = 0  # optimizer steps between validations inside an epoch; 0 = off
     test: bool = False  # evaluate the best (else final) snapshot on the test split at the end: results.json
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    strategy: Strategy = Strategy.ddp  # ddp | fsdp: how the model is spread over the workers
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     # The loss lives with the task now (task.loss for task=regression).
     # Fault injection, to rehearse recovery: rank `crash_rank` kills itself with SIGKILL at global
     # step `crash_at_step` (first attempt only, so the restarted workers go on).
@@ -183,7 +207,7 @@ class LaunchConfig:
 SnapshotConfig = dataclass(init=False, repr=False, eq=False)(type("SnapshotConfig", (), {
     "__doc__": "Where snapshots go, how many are kept and how a run resumes.",
     "__annotations__": {"dir": str, "keep_last": int, "milestone_every": int, "resume": str, "async": bool,
-                        "monitor": Optional[str], "mode": Mode, "keep_best": int},
+                        "monitor": Optional[str], "mode": Mode, "keep_best": int, "format": SnapshotFormat},
     "dir": "snapshots",  # inside the run directory
     "keep_last": 3,  # newest versions kept (milestones are kept on top)
     "milestone_every": 0,  # epochs; end-of-epoch snapshots at multiples of it are kept forever
@@ -192,6 +216,7 @@ SnapshotConfig = dataclass(init=False, repr=False, eq=False)(type("SnapshotConfi
     "monitor": None,  # a metric to keep the best versions by, e.g. val/accuracy (also early stopping's metric)
     "mode": Mode.min,  # min | max: which way `monitor` improves
     "keep_best": 1,  # best versions by `monitor` kept beyond keep_last
+    "format": SnapshotFormat.auto,  # auto | file | dcp: one file by rank 0, or a folder of shards by every rank
 }))
 
 
@@ -320,6 +345,8 @@ def check_ranges(cfg: DictConfig) -> None:
                  "host:port that every node can reach", "e.g. launch.rdzv_endpoint=node0:29400 on every node")
     if l.mode == LaunchMode.rpc:
         check_rpc(cfg)
+    if t.strategy == Strategy.fsdp:
+        check_fsdp(cfg)
     _require(s.keep_last >= 1, "snapshot.keep_last", s.keep_last, "must keep at least one version", "an integer >= 1", "e.g. snapshot.keep_last=3")
     _require(s.milestone_every >= 0, "snapshot.milestone_every", s.milestone_every, "must not be negative", "an integer >= 0 (0 = no milestones)")
     _require(bool(s.dir) and Path(str(s.dir)).name == str(s.dir) and str(s.dir) not in (".", ".."), "snapshot.dir", s.dir,
@@ -332,7 +359,7 @@ def check_ranges(cfg: DictConfig) -> None:
 
 # Sections of the schema and their dataclasses: a key `+`-added under one of them does nothing, so it is refused.
 def schema_sections() -> dict[str, type]:
-    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "data": DataConfig, "launch": LaunchConfig,
+    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig, "data": DataConfig, "launch": LaunchConfig,
             "snapshot": SnapshotConfig}
 
 
@@ -350,6 +377,33 @@ def check_unknown_keys(cfg: DictConfig) -> None:
                 close = [k for k in known if k.startswith(str(key)[:3])] or known
                 raise UserError(f"{section}.{key}", node.get(key), f"is not a setting of {section}: nothing would read it",
                                 f"one of: {', '.join(known)}", f"remove +{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close != known else ""))
+
+
+DTYPE_WORDS = ("bf16", "fp16", "32")
+
+
+def snapshot_format(cfg: DictConfig) -> SnapshotFormat:
+    """snapshot.format with auto decided: shards for a sharded model, one file otherwise."""
+    fmt = SnapshotFormat(str(cfg.snapshot.get("format", SnapshotFormat.auto)))
+    if fmt != SnapshotFormat.auto:
+        return fmt
+    return SnapshotFormat.dcp if str(cfg.trainer.get("strategy", Strategy.ddp)) == Strategy.fsdp else SnapshotFormat.file
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """Options that FSDP cannot honour, refused before any worker starts."""
+    t, f = cfg.trainer, cfg.trainer.fsdp
+    _require(cfg.launch.mode != LaunchMode.rpc, "trainer.strategy", "fsdp", "launch=rpc splits the model by stages itself",
+             "ddp with launch=rpc", "drop trainer.strategy=fsdp, or use launch=standalone")
+    _require(str(t.precision) != Precision.fp16, "trainer.precision", "fp16", "is not supported with trainer.strategy=fsdp "
+             "(its gradient scaler needs whole gradients)", "32 | bf16, or trainer.fsdp.param_dtype=bf16",
+             "use trainer.precision=bf16 or trainer.fsdp.param_dtype=bf16")
+    for key in ("param_dtype", "reduce_dtype"):
+        value = f.get(key)
+        _require(value is None or str(value) in DTYPE_WORDS, f"trainer.fsdp.{key}", value, "is not a dtype FSDP can compute in",
+                 "null | " + " | ".join(DTYPE_WORDS), f"e.g. trainer.fsdp.{key}=bf16")
+    _require(snapshot_format(cfg) == SnapshotFormat.dcp, "snapshot.format", cfg.snapshot.format,
+             "a sharded model is snapshotted as shards (every rank writes its own)", "auto | dcp", "use snapshot.format=auto")
 
 
 def check_rpc(cfg: DictConfig) -> None:
@@ -372,9 +426,11 @@ def check_rpc(cfg: DictConfig) -> None:
              "use trainer.on_nonfinite=stop")
     _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
              "scheduler=none", "add scheduler=none")
+    _require(snapshot_format(cfg) == SnapshotFormat.file, "snapshot.format", cfg.snapshot.format,
+             "launch=rpc writes one snapshot file (the lead gathers the stages' state)", "auto | file", "use snapshot.format=auto")
     t = cfg.trainer
     for key, value, default in (("accumulate", t.accumulate, 1), ("precision", str(t.precision), "32"), ("compile", t.compile, False),
-                                ("clip_grad_norm", t.clip_grad_norm, None)):
+                                ("clip_grad_norm", t.clip_grad_norm, None), ("strategy", str(t.strategy), "ddp")):
         _require(value == default, f"trainer.{key}", value, "is not supported with launch=rpc (the optimizer steps where the parameters live)",
                  str(default).lower() if default is not None else "null", f"drop trainer.{key}")
     _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,

@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.fileio import atomic_write, temporary_path
 from runner.rundir import CONFIG_FILE
-from runner.snapshot.format import MODEL_KEY, SnapshotError
+from runner.snapshot.format import MODEL_KEY, SHARDED_KEY, SnapshotError
 from runner.snapshot.manager import SnapshotManager
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ def read_run(run_dir: Union[str, Path], best: bool = True) -> RunWeights:
     manager = SnapshotManager(snapshot_dir)
     entry, state, chosen_by, notes = _choose_snapshot(manager, run_dir, best)
     weights = state.get(MODEL_KEY)
+    if state.get(SHARDED_KEY):  # a sharded version: its files are verified; gather the model's shards in this process
+        from runner.snapshot.sharded import full_model
+
+        weights = full_model(Path(state[SHARDED_KEY]))
     if not isinstance(weights, dict) or not weights:
         raise UserError("snapshot", snapshot_dir / entry["file"], f"holds no model weights (its '{MODEL_KEY}' part is "
                         f"{type(weights).__name__}{' and empty' if isinstance(weights, dict) else ''})",

@@ -159,6 +159,13 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
                             f"builds {type(model).__name__}" + (f" with {len(model)} layers" if isinstance(model, torch.nn.Sequential) else ""),
                             "a model that is an nn.Sequential with at least num_stages layers (e.g. model=mlp)",
                             "use model=mlp, or fewer stages")
+    if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.shard:
+        from runner.train.fsdp import shard_blocks
+
+        if not shard_blocks(model, str(cfg.trainer.fsdp.shard)):
+            kinds = sorted({type(m).__name__ for m in model.modules() if m is not model and any(True for _ in m.parameters())})
+            raise UserError("trainer.fsdp.shard", cfg.trainer.fsdp.shard, f"names no module of {cfg.model._target_}",
+                            f"a class of its modules: {', '.join(kinds[:8])}", "e.g. trainer.fsdp.shard=null (each top-level child)")
     params = list(model.parameters())
     if not params:
         raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters")

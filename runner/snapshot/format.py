@@ -27,6 +27,9 @@ TORCH_VERSION_KEY = "torch_version"
 WORLD_SIZE_KEY = "world_size"  # processes of the job that wrote it
 ALLREDUCE_KEY = "allreduce"  # how gradients were averaged (shm, gloo, nccl, rpc): the summation order
 METRICS_KEY = "metrics"
+# Set when a sharded (DCP) version was loaded: its folder. Model and optimizer are not in the
+# loaded state then; every rank reads its part of them from the folder (runner.snapshot.sharded).
+SHARDED_KEY = "sharded"
 
 
 class SnapshotError(Exception):

@@ -2,7 +2,10 @@
 
 Layout of a snapshot directory:
 
-    snapshot-000000120.pt   one version per global step (zero padded so names sort)
+    snapshot-000000120.pt   one version per global step (zero padded so names sort), or
+    step-000000120/         a sharded version (snapshot.format=dcp): every rank's shards
+                            (__<rank>_0.distcp), DCP's .metadata, and loop.pt (the loop's state,
+                            written by rank 0); each file has its own size and sha256 in the entry
     manifest.json           every complete version: file, step, epoch, size, sha256, time
 
 A version counts only once its manifest entry exists, and the entry is written after the file has
@@ -24,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -31,9 +35,10 @@ from typing import Any, Optional
 
 import torch
 
-from runner.fileio import atomic_write, temporary_path
-from runner.snapshot.format import FORMAT_VERSION, SnapshotError, load_bytes
-from runner.snapshot.manifest import describe, entry_problem, file_name_problem, parse_manifest, validate_manifest
+from runner.fileio import atomic_write, fsync_dir, temporary_path
+from runner.snapshot.format import FORMAT_VERSION, SHARDED_KEY, SnapshotError, load_bytes
+from runner.snapshot.manifest import (SHARD_FILE_PATTERN, describe, entry_problem, file_name_problem, parse_manifest,
+                                      validate_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,18 @@ def _out_of_space(directory: Path) -> bool:
 
 def snapshot_name(step: int) -> str:
     return f"snapshot-{step:09d}.pt"
+
+
+def folder_name(step: int) -> str:
+    """A sharded version's folder."""
+    return f"step-{step:09d}"
+
+
+LOOP_FILE = "loop.pt"  # a sharded version's loop state (position, RNG, metrics, schedules), written by the lead
+
+
+def _is_sharded(entry: dict[str, Any]) -> bool:
+    return entry.get("kind") == "dcp"
 
 
 def _sha256_of_file(path: Path, chunk: int = 16 * 2**20) -> tuple[str, int]:
@@ -158,10 +175,48 @@ class SnapshotManager:
             "epoch": int(epoch),
             "size": size,
             "sha256": sha256,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "milestone": bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
-            "commit_seconds": round(time.perf_counter() - started, 4),
         }
+        return self._record(entry, started, config, end_of_epoch, monitor, ended)
+
+    def commit_folder(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None, end_of_epoch: bool = False,
+                      monitor: Optional[dict] = None, ended: Optional[str] = None) -> dict[str, Any]:
+        """A sharded version: every rank's files and DCP's .metadata are complete in the temporary
+        folder `tmp` (DCP writes .metadata last, once every rank has written) and the lead has
+        added loop.pt. Hash and fsync each file, rename the folder into place, then list it, each
+        file with its own size and sha256: only the manifest entry makes it count."""
+        started = time.perf_counter()
+        name = folder_name(step)
+        final = self.dir / name
+        files = []
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name):
+            if not SHARD_FILE_PATTERN.fullmatch(path.name) or self._file_type_problem(path) is not None:
+                raise SnapshotError(f"{tmp} holds {path.name}, which a sharded snapshot never writes")
+            sha256, size = _sha256_of_file(path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files.append({"name": path.name, "size": size, "sha256": sha256})
+        fsync_dir(tmp)
+        aside = None
+        if os.path.lexists(final):  # this step was written before (a torn version, resumed from an older one)
+            aside = final.with_name(f".{name}.old-{os.getpid()}")
+            os.replace(final, aside)
+        os.replace(tmp, final)  # the manifest's directory fsync below persists this rename
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        entry = {"file": name, "kind": "dcp", "step": int(step), "epoch": int(epoch),
+                 "size": sum(f["size"] for f in files), "sha256": digest, "files": files}
+        try:
+            return self._record(entry, started, config, end_of_epoch, monitor, ended)
+        finally:
+            if aside is not None:
+                self._remove_folder(aside)
+
+    def _record(self, entry: dict[str, Any], started: float, config: Optional[dict], end_of_epoch: bool,
+                monitor: Optional[dict], ended: Optional[str]) -> dict[str, Any]:
+        """List a complete version in the manifest (atomically), then apply retention."""
+        epoch, name = entry["epoch"], entry["file"]
+        entry.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     milestone=bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
+                     commit_seconds=round(time.perf_counter() - started, 4))
         if monitor is not None:  # {"name": "val/accuracy", "value": 0.97}: what retention keeps the best by
             entry["monitor"] = {"name": str(monitor["name"]), "value": float(monitor["value"])}
         if ended is not None:  # training ended here for good (early stop): re-invoking does not train on
@@ -178,7 +233,7 @@ class SnapshotManager:
             manifest["config"] = config
         atomic_write(self.manifest_path, json.dumps(manifest, indent=1))
         for old in dropped:  # only after the manifest no longer lists them
-            self._delete_version(old["file"])
+            self._delete_version(old)
         return entry
 
     def _trusted_entries(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -188,12 +243,25 @@ class SnapshotManager:
         step, count as the newest version and push the real ones out)."""
         trusted = []
         for entry in self._checked_entries(manifest)[0]:
-            problem = self._file_type_problem(self.dir / entry["file"])
+            problem = self._entry_type_problem(entry)
             if problem is not None:
                 log.warning("%s: dropping entry (%s) without touching its file: %s", self.manifest_path, describe(entry), problem)
                 continue
             trusted.append(entry)
         return trusted
+
+    def _entry_type_problem(self, entry: dict[str, Any]) -> Optional[str]:
+        """Why what the entry names is not what its kind must be (a regular file, or a real folder), or None."""
+        path = self.dir / entry["file"]
+        if not _is_sharded(entry):
+            return self._file_type_problem(path)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(mode):
+            return f"{path} is a symlink (never followed)"
+        return None if stat.S_ISDIR(mode) else f"{path} is not a folder"
 
     @staticmethod
     def _file_type_problem(path: Path) -> Optional[str]:
@@ -208,18 +276,36 @@ class SnapshotManager:
             return f"{path} is not a regular file"
         return None
 
-    def _delete_version(self, name: str) -> None:
-        """Delete one pruned version: only a regular file of ours, directly inside the snapshot directory."""
-        problem = file_name_problem(name)
+    def _delete_version(self, entry: dict[str, Any]) -> None:
+        """Delete one pruned version: only a regular file (or a real folder of shards) of ours,
+        directly inside the snapshot directory."""
+        name = entry["file"]
+        problem = file_name_problem(name, entry.get("kind", "file"))
         path = self.dir / name
         if problem is None:
-            problem = self._file_type_problem(path)
+            problem = self._entry_type_problem(entry)
         if problem is None and path.resolve().parent != self.dir.resolve():
             problem = f"{path} resolves outside {self.dir}"
         if problem is not None:
             log.warning("retention: not deleting %r: %s", name, problem)
             return
-        path.unlink(missing_ok=True)
+        if _is_sharded(entry):
+            self._remove_folder(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def _remove_folder(self, path: Path) -> None:
+        """Remove a folder of shards: the files a sharded snapshot writes, then the folder itself
+        (anything else in it is left, with a warning)."""
+        if not path.is_dir() or path.is_symlink():
+            return
+        for child in path.iterdir():
+            if SHARD_FILE_PATTERN.fullmatch(child.name) and self._file_type_problem(child) is None:
+                child.unlink(missing_ok=True)
+        try:
+            path.rmdir()
+        except OSError:
+            log.warning("retention: %s holds files a snapshot never writes: left in place", path)
 
     def _retain(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
         """Keep the newest `keep_last` versions, every milestone and the `keep_best` best ones."""
@@ -248,6 +334,9 @@ class SnapshotManager:
             for tmp in self.dir.glob(".*.tmp-*"):
                 if tmp.is_file() and not tmp.is_symlink():
                     tmp.unlink(missing_ok=True)
+            for tmp in [*self.dir.glob(".step-*.tmp-*"), *self.dir.glob(".step-*.old-*")]:
+                if tmp.is_dir() and not tmp.is_symlink():  # a sharded version that never became one
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- reading --------------------------------------------------------------------------
     def verify(self, entry: dict[str, Any]) -> bytes:
@@ -258,36 +347,86 @@ class SnapshotManager:
         problem = entry_problem(entry)
         if problem is not None:
             raise SnapshotError(f"manifest entry ({describe(entry)}) in {self.dir} is invalid: {problem}")
+        if _is_sharded(entry):
+            return self._verify_folder(entry)
         path = self.dir / entry["file"]
         data = self._read_regular_file(path, entry["size"])
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
         return data
 
-    def _read_regular_file(self, path: Path, size: int) -> bytes:
-        """Its bytes, refusing links and special files, and never reading far past `size`."""
-        problem = self._file_type_problem(path)
+    def _verify_folder(self, entry: dict[str, Any]) -> bytes:
+        """Every file of a sharded version matches its size and sha256 (a torn or missing shard of
+        any rank makes the whole version invalid); returns loop.pt's bytes."""
+        folder = self.dir / entry["file"]
+        problem = self._entry_type_problem(entry)
+        if problem is None and not folder.is_dir():
+            problem = f"{folder} is missing"
         if problem is not None:
             raise SnapshotError(problem)
-        try:
-            fd = os.open(path, _OPEN_FLAGS)  # O_NOFOLLOW: a link swapped in after the lstat is refused too
-        except FileNotFoundError:
-            raise SnapshotError(f"{path} is missing") from None
-        except OSError as err:
-            raise SnapshotError(f"{path} cannot be opened ({err.strerror or err})") from None
+        loop_bytes = b""
+        for item in entry["files"]:
+            path = folder / item["name"]
+            if item["name"] == LOOP_FILE:
+                loop_bytes = self._read_regular_file(path, item["size"])
+                sha256 = hashlib.sha256(loop_bytes).hexdigest()
+            else:
+                sha256 = self._hash_regular_file(path, item["size"])
+            if sha256 != item["sha256"]:
+                raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
+        return loop_bytes
+
+    def _hash_regular_file(self, path: Path, size: int) -> str:
+        """sha256 of a regular file of exactly `size` bytes, read in chunks (shards can be large)."""
+        fd = self._open_regular(path)
+        digest, seen = hashlib.sha256(), 0
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise SnapshotError(f"{path} is not a regular file")
-            if st.st_size != size:
-                raise SnapshotError(f"{path} has {st.st_size} bytes, the manifest says {size} (truncated or torn)")
+            self._check_size(path, os.fstat(f.fileno()), size)
+            while chunk := f.read(16 * 2**20):
+                digest.update(chunk)
+                seen += len(chunk)
+        if seen != size:
+            raise SnapshotError(f"{path} has {seen} bytes, the manifest says {size} (truncated or torn)")
+        return digest.hexdigest()
+
+    def _read_regular_file(self, path: Path, size: int) -> bytes:
+        """Its bytes, refusing links and special files, and never reading far past `size`."""
+        fd = self._open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            self._check_size(path, os.fstat(f.fileno()), size)
             data = f.read(size + 1)
         if len(data) != size:
             raise SnapshotError(f"{path} has {len(data)} bytes, the manifest says {size} (truncated or torn)")
         return data
 
+    def _open_regular(self, path: Path) -> int:
+        problem = self._file_type_problem(path)
+        if problem is not None:
+            raise SnapshotError(problem)
+        try:
+            return os.open(path, _OPEN_FLAGS)  # O_NOFOLLOW: a link swapped in after the lstat is refused too
+        except FileNotFoundError:
+            raise SnapshotError(f"{path} is missing") from None
+        except OSError as err:
+            raise SnapshotError(f"{path} cannot be opened ({err.strerror or err})") from None
+
+    @staticmethod
+    def _check_size(path: Path, st: os.stat_result, size: int) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"{path} is not a regular file")
+        if st.st_size != size:
+            raise SnapshotError(f"{path} has {st.st_size} bytes, the manifest says {size} (truncated or torn)")
+
     def load_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
-        return load_bytes(self.verify(entry), self.dir / entry["file"])
+        """A verified version's state. For a sharded version: the loop state, with SHARDED_KEY naming
+        the folder the model and optimizer are read from (by every rank, or by `sharded.full_model`)."""
+        data = self.verify(entry)
+        if not _is_sharded(entry):
+            return load_bytes(data, self.dir / entry["file"])
+        folder = self.dir / entry["file"]
+        state = load_bytes(data, folder / LOOP_FILE)
+        state[SHARDED_KEY] = str(folder)
+        return state
 
     def load_latest(self) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
         """(entry, state) of the newest valid version; None when there is none at all.

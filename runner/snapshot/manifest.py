@@ -2,7 +2,8 @@
 
 The manifest lives in the run directory, so whoever can write there can write it. An entry is only
 ever allowed to name one of our own files directly inside the snapshot directory
-(snapshot-<digits>.pt); an entry that breaks the schema is reported and dropped, so it is never
+(snapshot-<digits>.pt, or a folder step-<digits> of shards whose files are listed one by one, each
+with its size and sha256); an entry that breaks the schema is reported and dropped, so it is never
 opened, never trusted as "the newest version" and never deleted by retention.
 """
 
@@ -17,6 +18,9 @@ from typing import Any, Optional, Union
 from runner.snapshot.format import SnapshotError
 
 FILE_PATTERN = re.compile(r"snapshot-[0-9]+\.pt")  # [0-9], not \d: no other scripts' digits
+FOLDER_PATTERN = re.compile(r"step-[0-9]+")  # a sharded version (kind "dcp")
+SHARD_FILE_PATTERN = re.compile(r"\.metadata|__[0-9]+_[0-9]+\.distcp|loop\.pt")  # what DCP and the lead write into one
+KINDS = ("file", "dcp")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 REQUIRED_COUNTS = ("step", "epoch", "size")
 
@@ -65,9 +69,16 @@ def entry_problem(entry: Any) -> Optional[str]:
     """Why `entry` breaks the schema, or None when it may be used."""
     if not isinstance(entry, dict):
         return f"an entry must be an object, not {_kind(entry)}"
-    problem = file_name_problem(entry.get("file"))
+    kind = entry.get("kind", "file")
+    if kind not in KINDS:
+        return f"'kind' must be one of {', '.join(KINDS)}, not {_shown(kind)}"
+    problem = file_name_problem(entry.get("file"), kind)
     if problem is not None:
         return problem
+    if kind == "dcp":
+        problem = shard_list_problem(entry.get("files"))
+        if problem is not None:
+            return problem
     for key in REQUIRED_COUNTS:
         if not _is_count(entry.get(key)):
             return f"{key!r} must be an integer >= 0, not {_shown(entry.get(key))}"
@@ -77,7 +88,7 @@ def entry_problem(entry: Any) -> Optional[str]:
     return _optional_problem(entry)
 
 
-def file_name_problem(name: Any) -> Optional[str]:
+def file_name_problem(name: Any, kind: str = "file") -> Optional[str]:
     """Why `name` may not be opened or deleted inside the snapshot directory, or None.
 
     Only a bare name of our own pattern passes, so no entry can reach outside the directory
@@ -86,8 +97,36 @@ def file_name_problem(name: Any) -> Optional[str]:
         return f"'file' must be a file name, not {_shown(name)}"
     if "\x00" in name or "/" in name or "\\" in name or name in (".", "..") or Path(name).is_absolute():
         return f"'file' must be a plain file name inside the snapshot directory, not {_shown(name)}"
-    if not FILE_PATTERN.fullmatch(name):
+    if kind == "dcp":
+        if not FOLDER_PATTERN.fullmatch(name):
+            return f"'file' of a sharded version must look like step-<step>, not {_shown(name)}"
+    elif not FILE_PATTERN.fullmatch(name):
         return f"'file' must look like snapshot-<step>.pt, not {_shown(name)}"
+    return None
+
+
+def shard_list_problem(files: Any) -> Optional[str]:
+    """Why a sharded version's `files` list cannot be trusted, or None: every item names one of
+    the files DCP or the lead writes (no paths), once, with its size and sha256."""
+    if not isinstance(files, list) or not files:
+        return f"'files' must be a non-empty list of {{name, size, sha256}}, not {_shown(files)}"
+    seen = set()
+    for item in files:
+        if not isinstance(item, dict):
+            return f"'files' items must be objects, not {_shown(item)}"
+        name = item.get("name")
+        if not isinstance(name, str) or not SHARD_FILE_PATTERN.fullmatch(name):
+            return f"'files' may only name .metadata, __<rank>_<n>.distcp and loop.pt, not {_shown(name)}"
+        if name in seen:
+            return f"'files' names {name} twice"
+        seen.add(name)
+        if not _is_count(item.get("size")):
+            return f"'size' of {name} must be an integer >= 0, not {_shown(item.get('size'))}"
+        sha = item.get("sha256")
+        if not (isinstance(sha, str) and SHA256_PATTERN.fullmatch(sha)):
+            return f"'sha256' of {name} must be 64 lowercase hex digits, not {_shown(sha)}"
+    if not {".metadata", "loop.pt"} <= seen:
+        return "'files' must list .metadata and loop.pt"
     return None
 
 

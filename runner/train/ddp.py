@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Optional, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runner.config import Interval, Precision
+from runner.snapshot import sharded
+from runner.snapshot.format import SHARDED_KEY
 from runner.tasks import training_output
 from runner.train import rng
 from runner.train.collectives import Collectives
@@ -22,6 +25,11 @@ from runner.train.collectives import Collectives
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard under FSDP), the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -47,11 +55,19 @@ class DDPEngine:
         self.last_lr = self._current_lr()
         if compile:
             model.compile()  # in place: the module keeps its own state_dict keys
-        self.ddp_model: Optional[DDP] = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.wrapped: Optional[torch.nn.Module] = self._wrap(model, shared_memory)  # what a training step calls
+
+    def _wrap(self, model: torch.nn.Module, shared_memory) -> torch.nn.Module:
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if shared_memory is not None:
             from runner.train.shm_allreduce import shm_allreduce_hook
 
-            self.ddp_model.register_comm_hook(shared_memory, shm_allreduce_hook)
+            ddp.register_comm_hook(shared_memory, shm_allreduce_hook)
+        return ddp
+
+    def _no_sync(self) -> ContextManager[Any]:
+        """Accumulate this micro-batch's gradients locally (no all-reduce)."""
+        return self.wrapped.no_sync()
 
     def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """One optimizer step over the micro-batches of a window: (mean loss, mean logs), detached
@@ -61,10 +77,10 @@ class DDPEngine:
         logs: dict[str, torch.Tensor] = {}
         last = len(batches) - 1
         for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == last else self.ddp_model.no_sync()
+            sync = contextlib.nullcontext() if i == last else self._no_sync()
             with sync:
                 with autocast(self.device, self.precision):
-                    loss, step_logs = training_output(self.task.training_step(self.ddp_model, batch))
+                    loss, step_logs = training_output(self.task.training_step(self.wrapped, batch))
                 scaled = loss / len(batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = loss.detach() if total is None else total + loss.detach()
@@ -76,7 +92,7 @@ class DDPEngine:
         n = len(batches)
         logs = {k: v / n for k, v in logs.items()}  # means over the window's micro-batches
         if self.clip_grad_norm is not None:  # one norm per step (before clipping), not a mean
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm)).detach()
+            logs["grad_norm"] = local(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm))).detach()
         if self.skip_nonfinite and self.scaler is None and not self._step_finite(total):
             return None  # agreed across ranks: every rank skips
         self.last_lr = self._current_lr()
@@ -105,7 +121,7 @@ class DDPEngine:
     def _step_finite(self, loss: torch.Tensor) -> bool:
         """This step's loss on every rank and its averaged gradients are finite (a loss that overflows
         with finite gradients would still push the weights to inf). One small collective, one sync."""
-        flags = [loss.detach().isfinite()] + [p.grad.isfinite().all() for p in self.model.parameters() if p.grad is not None]
+        flags = [loss.detach().isfinite()] + [local(p.grad).isfinite().all() for p in self.model.parameters() if p.grad is not None]
         bad = (~torch.stack(flags).all()).to(torch.float64).reshape(1)
         return self.collectives.max_(bad).item() == 0
 
@@ -125,21 +141,48 @@ class DDPEngine:
 
     def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
         model = self.model.state_dict()
-        if copy_unstepped:  # whatever the optimizer does not step may change in forward (BatchNorm statistics)
-            stepped = {p.data_ptr() for group in self.optimizer.param_groups for p in group["params"]}
-            for name, tensor in model.items():
-                if tensor.data_ptr() not in stepped:
-                    model[name] = tensor.clone()
-        return {"model": model, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        if copy_unstepped:
+            model = self._copy_unstepped(model)
+        return {"model": model, "optimizer": self.optimizer.state_dict(), **self._schedule_state()}
+
+    def _schedule_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def load_model_state(self, model: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(model)
+    def _copy_unstepped(self, model: dict[str, Any]) -> dict[str, Any]:
+        """Whatever the optimizer does not step may change in forward (BatchNorm statistics): copies of those."""
+        stepped = {local(p).data_ptr() for group in self.optimizer.param_groups for p in group["params"]}
+        return {name: tensor if local(tensor).data_ptr() in stepped else tensor.clone() for name, tensor in model.items()}
+
+    def sharded_state(self, copy_unstepped: bool = False) -> dict[str, Any]:
+        """{"model", "optimizer"} keyed by parameter names, as torch.distributed.checkpoint saves and
+        reshards them (each rank's shards with FSDP; replicas with DDP, which DCP writes once), and
+        the schedules (scheduler, scaler) beside them, which the lead writes."""
+        model, optimizer = sharded.get_state_dict(self.model, self.optimizer)
+        if copy_unstepped:
+            model = self._copy_unstepped(model)
+        return {"model": model, "optimizer": optimizer, **self._schedule_state()}
+
+    def load_model_state(self, model: Union[dict[str, torch.Tensor], Path]) -> None:
+        """The weights alone: a state dict, or a sharded snapshot's folder (every rank reads its part)."""
+        if isinstance(model, Path):
+            sharded.load_model(self.model, model)
+        else:
+            self.model.load_state_dict(model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        folder = state.get(SHARDED_KEY)
+        if folder is not None:  # every rank reads its part; DCP reshards to this run's ranks
+            sharded.load(self.model, self.optimizer, Path(folder))
+        else:
+            self._load_whole(state)
+        self._load_schedules(state)
+
+    def _load_whole(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_schedules(self, state: dict[str, Any]) -> None:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -147,7 +190,7 @@ class DDPEngine:
         self.last_lr = self._current_lr()
 
     def parameters_finite(self) -> bool:
-        flags = [p.isfinite().all() for p in self.model.parameters()]
+        flags = [local(p).isfinite().all() for p in self.model.parameters()]
         return bool(torch.stack(flags).all()) if flags else True
 
     def capture_rng(self) -> list[dict]:
@@ -159,4 +202,4 @@ class DDPEngine:
     def close(self) -> None:
         # A DDP model holding a Python comm hook must be gone before the interpreter shuts down
         # (destroying it during shutdown aborts the process).
-        self.ddp_model = None
+        self.wrapped = None

@@ -8,7 +8,8 @@ the processes it drives) are captured and restored.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Optional, Protocol
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional, Protocol, Union
 
 import torch
 
@@ -46,11 +47,16 @@ class Engine(Protocol):
         (buffers, frozen parameters: the forward pass may change them) as a copy, for a snapshot
         copied while the next step runs."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ...
+    def sharded_state(self, copy_unstepped: bool = False) -> dict[str, Any]:
+        """The same parts for a sharded snapshot (snapshot.format=dcp): model and optimizer keyed by
+        parameter names as torch.distributed.checkpoint saves them, this rank's shards only."""
 
-    def load_model_state(self, model: dict[str, torch.Tensor]) -> None:
-        """The model's weights alone (a best snapshot, before testing)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A loaded snapshot: whole parts, or (SHARDED_KEY) a folder every rank reads its part from."""
+
+    def load_model_state(self, model: Union[dict[str, torch.Tensor], Path]) -> None:
+        """The model's weights alone (a best snapshot, before testing): a state dict, or a sharded
+        version's folder."""
 
     def parameters_finite(self) -> bool:
         """Every weight is finite (checked before a snapshot is written; one host sync)."""

@@ -25,7 +25,9 @@ def evaluate(engine, task, batches) -> dict[str, float]:
     collective at the end (no host sync per batch)."""
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=engine.device)
+    extra = _batches_behind(engine, batches)
     with engine.evaluation() as model:
+        batch = None
         for batch in batches:
             n = task.batch_size(batch)
             for name, value in task.validation_step(model, batch).items():
@@ -34,11 +36,26 @@ def evaluate(engine, task, batches) -> dict[str, float]:
                     acc = sums[name] = torch.zeros((), dtype=torch.float64, device=count.device)
                 acc.add_(value.detach().double(), alpha=n)
             count += n
+        for _ in range(extra):  # keep step with the ranks that have more batches; the results are not counted
+            task.validation_step(model, batch)
     names = sorted(sums)
     total = torch.stack([count, *(sums[k] for k in names)])
     engine.collectives.sum_(total)
     values = total.tolist()
     return task.finish({k: v / values[0] for k, v in zip(names, values[1:])})
+
+
+def _batches_behind(engine, batches) -> int:
+    """With a sharded model every forward is collective, so every rank must run as many as the rank
+    with the most batches (a split need not divide evenly): how many this rank repeats its last."""
+    if not getattr(engine, "lockstep_evaluation", False) or engine.collectives.world_size == 1:
+        return 0
+    mine = len(batches)
+    most = int(engine.collectives.max_(torch.tensor([float(mine)], dtype=torch.float64)).item())
+    if mine == 0 and most > 0:
+        raise RuntimeError(f"rank {engine.collectives.rank} has no evaluation batch while others do: with "
+                           "trainer.strategy=fsdp every rank needs at least one sample of the split")
+    return most - mine
 
 
 class Monitor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from typing import Any, Optional
 
 import torch
@@ -107,9 +108,10 @@ class TrainLoop:
                 return states
             rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
             return None
-        log.warning("snapshot was written by %d processes, this run has %d: the data order continues exactly, "
-                    "random streams are reseeded (results will not be bitwise equal to an uninterrupted run)",
-                    saved, self.engine.processes)
+        if self.lead:
+            log.warning("snapshot was written by %d processes, this run has %d: the data order continues exactly, "
+                        "random streams are reseeded (results will not be bitwise equal to an uninterrupted run)",
+                        saved, self.engine.processes)
         rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
         return None
 
@@ -396,19 +398,27 @@ class TrainLoop:
             return False
         names = sorted(self.log_sums)
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
-        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums))
+        tag = uuid.uuid4().hex[:12] if self.lead else None  # names a sharded version's temporary folder on every rank
+        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag))
+        sharded = getattr(self.writer, "sharded", False)  # every rank writes its own part
+        if not (self.lead or sharded):
+            return True
+        copy = self.writer.asynchronous
+        parts = self.engine.sharded_state(copy_unstepped=copy) if sharded else self.engine.state_dict(copy_unstepped=copy)
+        shards = {"model": parts.pop("model"), "optimizer": parts.pop("optimizer")} if sharded else None
+        state = None
         if self.lead:
-            parts = self.engine.state_dict(copy_unstepped=self.writer.asynchronous)
             state = snap.make_state(
-                **parts,
+                **(dict(parts, model=None, optimizer=None) if sharded else parts),
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
                              "epoch_loss_per_rank": [r[1] for r in per_rank], "log_names": names,
                              "skipped_steps": self.skipped_steps, **self.watch.state()},
                 rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
                 allreduce=self.engine.allreduce, metrics=self.history)
-            step, metrics = self.validated
-            monitored = metrics.get(self.watch.name) if self.watch.name and step == self.global_step else None
-            self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch,
-                             monitor=None if monitored is None else {"name": self.watch.name, "value": monitored},
-                             ended=self.watch.ended)
+        step, metrics = self.validated
+        monitored = metrics.get(self.watch.name) if self.watch.name and step == self.global_step else None
+        marks = dict(monitor=None if monitored is None else {"name": self.watch.name, "value": monitored}, ended=self.watch.ended)
+        if sharded:
+            marks.update(shards=shards, tag=per_rank[0][2])
+        self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch, **marks)
         return True

@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import resume_path
+from runner.config import SnapshotFormat, resume_path, snapshot_format
 from runner.loggers import build_logger
 from runner.logs import LOG_DIR, rank_log_path
 from runner.snapshot import NullWriter, SnapshotManager, SnapshotWriter, load_path
+from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.fileio import atomic_write
 from runner.snapshot import format as snap
 from runner.train.batches import DataSource
@@ -53,11 +54,14 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     lead = engine.collectives.rank == 0
     manager = snapshot_manager(cfg, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
+    asynchronous = bool(cfg.snapshot["async"])
     if lead:
-        manager.remove_stale_temporaries()
-        writer, metrics = SnapshotWriter(manager, config, bool(cfg.snapshot["async"])), MetricsWriter(run_dir / METRICS_FILE)
+        manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
+    if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
+        writer = ShardedSnapshotWriter(manager, lead, config if lead else None, asynchronous, engine.device)
     else:
-        writer, metrics = NullWriter(), None
+        writer = SnapshotWriter(manager, config, asynchronous) if lead else NullWriter()
+    metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
     logger = build_logger(cfg, run_dir) if lead else None
     stop = StopRequest(engine.collectives)
     loop = TrainLoop(cfg, config, engine, data, task, writer, stop, metrics, logger)
@@ -80,6 +84,8 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         return summary
     finally:
         stop.restore()
+        if isinstance(writer, ShardedSnapshotWriter):
+            writer.close()
         if logger is not None:
             logger.close()
         engine.close()
@@ -90,7 +96,11 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     holds) on the test split; the lead writes results.json."""
     loop.engine.collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
     best = manager.best_entry()
-    state = manager.load_entry(best)[snap.MODEL_KEY] if best is not None else None
+    state = None
+    if best is not None:
+        loaded = manager.load_entry(best)
+        sharded = loaded.get(snap.SHARDED_KEY)
+        state = Path(sharded) if sharded else loaded[snap.MODEL_KEY]  # a sharded version: every rank reads its part
     metrics = loop.test(state)
     chosen = best or loop.writer.last_entry or {}
     results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,

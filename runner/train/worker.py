@@ -20,13 +20,14 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import OnNonFinite, Runtime
+from runner.config import OnNonFinite, Runtime, Strategy
 from runner.launch.start import settle_in
 from runner.logs import setup_worker_logging
 from runner.rundir import CONFIG_FILE
 from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.ddp import DDPEngine
+from runner.train.fsdp import FSDPEngine, shard_model
 from runner.train.batches import DataSource
 from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.loop import planned_steps
@@ -110,13 +111,21 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     data = DataSource(cfg, rank, dist.get_world_size(), device)
     task = instantiate(cfg.task)
     model = instantiate(cfg.model).to(device)
+    fsdp = str(t.strategy) == Strategy.fsdp
+    if fsdp:  # before the optimizer: its parameters become this rank's shards
+        blocks = shard_model(model, device, t.fsdp)
+        log.info("model sharded over %d workers (FSDP2): %d blocks%s", dist.get_world_size(), len(blocks),
+                 f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if blocks else "", extra={"console": False})
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = build_scheduler(cfg.get("scheduler"), optimizer, planned_steps(t, data.train.batches_per_epoch()))
     rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
 
     collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
-    engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory,
-                       skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip, precision=str(t.precision),
-                       clip_grad_norm=t.clip_grad_norm, compile=bool(t.compile),
-                       scheduler_interval=scheduler_interval(cfg.get("scheduler")))
+    options = dict(skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip, precision=str(t.precision),
+                   clip_grad_norm=t.clip_grad_norm, compile=bool(t.compile), scheduler_interval=scheduler_interval(cfg.get("scheduler")))
+    if fsdp:  # the shared memory still carries the loop's small collectives; FSDP's own go through the group
+        engine = FSDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, None,
+                            backend=runtime.backend, **options)
+    else:
+        engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory, **options)
     return train(cfg, run_dir, engine, data, task)

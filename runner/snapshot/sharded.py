@@ -1,0 +1,183 @@
+"""Sharded snapshots (snapshot.format=dcp): every rank writes its own part through
+torch.distributed.checkpoint (DCP), and DCP reshards at load time, so a run snapshotted by N
+workers resumes on M.
+
+One version is a folder, `step-<N>/`, written as a hidden temporary folder first:
+
+    __<rank>_0.distcp   each rank's shards of the model and the optimizer (DCP writes replicated
+                        tensors, as with DDP, once: the ranks share the writing)
+    .metadata           DCP's index of the shards, written last by rank 0 once every rank is done
+    loop.pt             the loop's state (position, every rank's RNG, metrics, scheduler, config),
+                        written by rank 0 alone, a weights-only pickle like a single-file snapshot
+
+Only when all of them are on disk does rank 0 hash and fsync each file, rename the folder into
+place and list it in the manifest, each file with its own size and sha256
+(`SnapshotManager.commit_folder`); until then the version does not exist. A load verifies every
+file first, so one torn shard of any rank makes the whole version invalid and the previous one is
+used.
+
+Asynchronous (`snapshot.async=true`): DCP's `async_save` stages the tensors into CPU buffers
+that are allocated once and reused (pinned on CUDA), on a staging thread, while the loop runs the
+next step's forward and backward; the loop waits for the staging only before the optimizer next
+changes the parameters (`wait_staged`). The writes, the collectives DCP needs (on a process group
+of its own, so they never interleave with training's) and the commit follow in the background.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from runner.snapshot.manager import LOOP_FILE, SnapshotManager, folder_name
+
+log = logging.getLogger(__name__)
+
+
+# ---- state dicts keyed by parameter names, as DCP saves and reshards them ------------------------
+def get_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts keyed by fully qualified parameter names: DTensor shards for an
+    FSDP model, plain tensors otherwise; the same names whatever the number of ranks."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict as dcp_get_state_dict
+
+    return dcp_get_state_dict(model, optimizer)
+
+
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Collective: every rank reads its part of the model and optimizer from a verified version."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_model(model: torch.nn.Module, folder: Path) -> None:
+    """Collective: the model's weights alone (the best version, before testing)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+
+
+def full_model(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from a verified version, in this process alone: no process
+    group, no model needed (what an export reads)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        warnings.filterwarnings("ignore", message=".*torch.distributed is.*")
+        loaded = _load_state_dict_from_keys("model", checkpoint_id=str(folder))
+    return dict(loaded["model"])
+
+
+# ---- the writer ---------------------------------------------------------------------------------
+class ShardedSnapshotWriter:
+    """Every rank's writer of sharded versions; the lead (rank 0) also writes loop.pt and commits.
+    The same interface as `SnapshotWriter`, but `save` is collective: every rank calls it."""
+
+    sharded = True
+
+    def __init__(self, manager: SnapshotManager, lead: bool, config: Optional[dict] = None,
+                 asynchronous: bool = False, device: Optional[torch.device] = None) -> None:
+        self.manager, self.lead, self.config, self.asynchronous = manager, lead, config, asynchronous
+        # DCP's own collectives (plans, metadata) on a group of their own: an asynchronous save runs
+        # them on a background thread while the training step runs its own on the default group.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._cuda = device is not None and device.type == "cuda"
+        self._stager = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
+        self._inflight: Optional[Future] = None
+        self._staged: Optional[Future] = None
+        self.last_entry: Optional[dict[str, Any]] = None
+        self.stall_seconds: list[float] = []
+
+    def save(self, state: Optional[dict[str, Any]], step: int, epoch: int, end_of_epoch: bool = False, *,
+             shards: dict[str, Any], tag: str, **marks: Any) -> None:
+        """`shards`: this rank's {"model", "optimizer"} (DCP state dicts); `state`: the lead's loop
+        state (None on the other ranks); `tag`: the lead's name for this write, the same on every
+        rank (it names the temporary folder)."""
+        import torch.distributed.checkpoint as dcp
+
+        started = time.perf_counter()
+        self.wait()
+        tmp = self.manager.dir / f".{folder_name(step)}.tmp-{tag}"
+        loop_bytes = None
+        if self.lead:
+            self.manager.dir.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # now: the loop goes on changing its lists (metrics)
+            loop_bytes = buffer.getvalue()
+        if self.asynchronous:
+            response = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=self._group, async_stager=self._stager_for())
+            self._staged = response.staging_completion
+            upload = response.upload_completion
+            self._inflight = self._pool.submit(self._finish, upload, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
+        else:
+            dcp.save(shards, checkpoint_id=str(tmp), process_group=self._group)
+            self._inflight = self._pool.submit(self._finish, None, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
+        self.stall_seconds.append(time.perf_counter() - started)
+
+    def _stager_for(self):
+        """One stager for the run: its CPU buffers are allocated at the first snapshot and reused."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=self._cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=self._cuda))
+        return self._stager
+
+    def _finish(self, upload: Optional[Future], tmp: Path, loop_bytes: Optional[bytes], step: int, epoch: int,
+                end_of_epoch: bool, marks: dict[str, Any]) -> None:
+        if upload is not None:
+            upload.result()  # this rank's shards are written; on the lead, every rank's and .metadata too
+        if not self.lead:
+            return
+        with open(tmp / LOOP_FILE, "wb") as f:
+            f.write(loop_bytes)
+        self.last_entry = self.manager.commit_folder(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks)
+        log.info("snapshot %s written (epoch %d, step %d, %d files, %.1f MB)", self.last_entry["file"], epoch, step,
+                 len(self.last_entry["files"]), self.last_entry["size"] / 1e6)
+
+    def wait_staged(self) -> None:
+        """Block until DCP holds its own copy of this rank's shards; then the live tensors may change."""
+        staged, self._staged = self._staged, None
+        if staged is None or staged.done():
+            return
+        started = time.perf_counter()
+        staged.result()
+        self.stall_seconds[-1] += time.perf_counter() - started
+
+    def check(self) -> None:
+        if self._inflight is not None and self._inflight.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the version in flight is written (and, on the lead, committed); surface its failure."""
+        if self._inflight is None:
+            return
+        inflight, self._inflight = self._inflight, None
+        err = inflight.exception()
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, f"{err.strerror} (writing a snapshot)", err.filename) from err
+        if err is not None:
+            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        self._pool.shutdown(wait=True)
+

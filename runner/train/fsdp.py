@@ -1,0 +1,96 @@
+"""The FSDP engine: parameters, gradients and optimizer state sharded over the workers (FSDP2,
+`torch.distributed.fsdp.fully_shard` over a 1-D device mesh of all workers).
+
+Each block (every module of the class `trainer.fsdp.shard` names, else each top-level child that
+has parameters) is sharded on its own, the root last, so a forward gathers one block's parameters
+at a time and frees them again (`reshard_after_forward`); gradients are reduce-scattered, and each
+rank's optimizer steps its own shard. Per worker that holds about 1/N of the parameters,
+gradients and optimizer state plus one gathered block, where DDP holds all of it.
+
+Everything else is the DDP engine's: the step over a window of micro-batches (gradient sync only
+on the last, through `set_requires_gradient_sync`), autocast, clipping (the norm of the whole
+sharded gradient), the schedules. Snapshots are sharded (runner.snapshot.sharded): every rank
+writes its own shards, and a run resumes on another number of workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+
+from runner.train.ddp import DDPEngine
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "32": torch.float32}
+
+
+def shard_blocks(model: torch.nn.Module, shard: Optional[str]) -> list[torch.nn.Module]:
+    """The modules sharded on their own before the root: every module whose class is `shard` (its
+    name, or module.Name), else each top-level child that holds parameters."""
+    if not shard:
+        return [child for child in model.children() if any(True for _ in child.parameters())]
+    return [m for m in model.modules() if m is not model and shard in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")]
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, options: Any) -> list[str]:
+    """Shard `model` in place over all workers (call before building the optimizer: its parameters
+    become DTensors). Returns the names of the blocks sharded on their own."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": bool(options.reshard_after_forward)}
+    param_dtype = DTYPES.get(str(options.param_dtype)) if options.param_dtype is not None else None
+    reduce_dtype = DTYPES.get(str(options.reduce_dtype)) if options.reduce_dtype is not None else None
+    if param_dtype is not None or reduce_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype or param_dtype)
+    if options.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = shard_blocks(model, options.shard)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return [names[id(b)] for b in blocks]
+
+
+class FSDPEngine(DDPEngine):
+    """`model` is already sharded (`shard_model`) and the optimizer built over its DTensor parameters."""
+
+    lockstep_evaluation = True  # every forward gathers parameters from every rank: all ranks run the same number
+
+    def __init__(self, model: torch.nn.Module, *args: Any, backend: str = "gloo", **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.allreduce = f"fsdp-{backend}"  # reduce-scatter over the process group (recorded in snapshots)
+
+    def _wrap(self, model: torch.nn.Module, shared_memory) -> torch.nn.Module:
+        return model  # fully_shard changed the module itself
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
+        """The whole model on one rank is what FSDP avoids: snapshots are sharded (`sharded_state`)."""
+        raise RuntimeError("an FSDP model is snapshotted in shards: snapshot.format=dcp")
+
+    def _load_whole(self, state: dict[str, Any]) -> None:
+        """A single-file snapshot (written by a DDP run of the same model): every rank loads the whole
+        state and keeps its shards. The optimizer's state is keyed by parameter index there and by
+        name here."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        names = [name for name, _ in self.model.named_parameters()]
+        saved = state["optimizer"]
+        optimizer = {"state": {names[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]}
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optimizer,
+                       options=StateDictOptions(full_state_dict=True))
+
+
