@@ -23,6 +23,9 @@ NON_DEFINING_KEYS = (
     "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank", "trainer.max_steps", "trainer.val_every",
     "trainer.val_every_steps", "trainer.test", "trainer.early_stop", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.prefetch_factor", "data.eval_batch_size", "data.loader",
+    # How the model is spread over the workers, not what it computes: a run may move between
+    # ddp and fsdp, and between numbers of workers (sharded snapshots reshard at load).
+    "trainer.strategy", "trainer.fsdp.shard", "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload",
 )
 # What a snapshot's config must share with the current one for a resume to make sense.
 # trainer.batch_size changes the data order and the steps (and names the run directory like these).

@@ -1,0 +1,131 @@
+"""Sharded versions (snapshot.format=dcp) in the snapshot manager: a folder per version, every file
+verified, retention, and the same refusals as single files. Written here by DCP in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from runner import snapshot as snap
+from runner.snapshot import SnapshotError, SnapshotManager
+from runner.snapshot.sharded import full_model
+
+REQUIRED_PARTS = {"optimizer": None, "model": None, "train_state": {"step": 0}, "rng": [], "metrics": []}
+
+
+def write_version(mgr: SnapshotManager, step: int, epoch: int = 0, **marks) -> dict:
+    """What the sharded writer leaves for the lead to commit: DCP's files in a temporary folder, and loop.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = mgr.dir / f".step-{step:09d}.tmp-test"
+    model = {"w": torch.full((4, 3), float(step)), "b": torch.arange(3.0) + step}
+    dcp.save({"model": model, "optimizer": {"state": {"w": {"exp_avg": torch.ones(4, 3) * step}}}}, checkpoint_id=str(tmp),
+             no_dist=True)
+    torch.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, **REQUIRED_PARTS, "train_state": {"step": step}}, tmp / "loop.pt")
+    return mgr.commit_folder(tmp, step, epoch, **marks)
+
+
+def test_a_version_is_a_folder_listed_file_by_file(tmp_path):
+    mgr = SnapshotManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        entry = write_version(mgr, step)
+    assert entry["file"] == "step-000000030" and entry["kind"] == "dcp"
+    names = [f["name"] for f in entry["files"]]
+    assert names[0] == ".metadata" and "loop.pt" in names and any(n.endswith(".distcp") for n in names)
+    for f in entry["files"]:
+        assert (tmp_path / entry["file"] / f["name"]).stat().st_size == f["size"] and len(f["sha256"]) == 64
+    # Retention removed the oldest folder with its files; no temporary folder is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-000000020", "step-000000030"]
+    loaded_entry, state = mgr.load_latest()
+    assert loaded_entry["step"] == 30 and state["train_state"] == {"step": 30}
+    assert state[snap.SHARDED_KEY] == str(tmp_path / "step-000000030")
+    weights = full_model(tmp_path / "step-000000030")  # no process group: what an export reads
+    assert torch.equal(weights["w"], torch.full((4, 3), 30.0)) and torch.equal(weights["b"], torch.arange(3.0) + 30)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "metadata"])
+def test_one_damaged_shard_invalidates_the_version_and_the_previous_is_used(tmp_path, damage, caplog):
+    mgr = SnapshotManager(tmp_path, keep_last=3)
+    write_version(mgr, 10)
+    newest = write_version(mgr, 20)
+    shard = next(tmp_path / newest["file"] / f["name"] for f in newest["files"] if f["name"].endswith(".distcp"))
+    if damage == "truncate":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        (tmp_path / newest["file"] / ".metadata").write_bytes(b"not dcp")
+    with caplog.at_level(logging.WARNING):
+        entry, state = mgr.load_latest()
+    assert entry["step"] == 10 and state["train_state"] == {"step": 10}
+    assert "skipping snapshot step-000000020" in caplog.text
+
+
+def test_entries_naming_paths_or_foreign_files_are_refused(tmp_path, caplog):
+    mgr = SnapshotManager(tmp_path, keep_last=3)
+    good = write_version(mgr, 10)
+    manifest = json.loads(mgr.manifest_path.read_text())
+    bad_names = ["../step-000000010", "step-1/..", "snapshot-000000010.pt"]
+    bad_files = [[{"name": "../../etc/passwd", "size": 1, "sha256": "0" * 64}], [], "x",
+                 [f for f in good["files"] if f["name"] != ".metadata"]]
+    for name in bad_names:
+        manifest["snapshots"].append(dict(good, file=name, step=11))
+    for i, files in enumerate(bad_files):
+        manifest["snapshots"].append(dict(good, file=f"step-{20 + i:09d}", step=20 + i, files=files))
+    mgr.manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        assert [e["step"] for e in mgr.entries()] == [10]
+    assert caplog.text.count("ignoring entry") == len(bad_names) + len(bad_files)
+
+
+def test_a_symlinked_version_folder_is_neither_followed_nor_deleted(tmp_path):
+    outside = tmp_path / "outside"
+    mgr = SnapshotManager(tmp_path / "snaps", keep_last=1)
+    entry = write_version(mgr, 10)
+    (tmp_path / "snaps" / entry["file"]).rename(outside)
+    (tmp_path / "snaps" / entry["file"]).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(SnapshotError, match="symlink"):
+        mgr.load_latest()
+    write_version(mgr, 20)  # retention drops step 10 from the manifest without touching the link's target
+    assert outside.is_dir() and (outside / ".metadata").is_file()
+
+
+def test_a_folder_with_a_foreign_file_is_not_committed(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    mgr = SnapshotManager(tmp_path)
+    tmp = tmp_path / ".step-000000010.tmp-test"
+    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(tmp), no_dist=True)
+    (tmp / "loop.pt").write_bytes(b"x")
+    (tmp / "notes.txt").write_text("?")
+    with pytest.raises(SnapshotError, match="notes.txt"):
+        mgr.commit_folder(tmp, 10, 0)
+    assert mgr.entries() == []
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    mgr = SnapshotManager(tmp_path)
+    write_version(mgr, 10)
+    stale = tmp_path / ".step-000000020.tmp-abc"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"half")
+    mgr.remove_stale_temporaries()
+    assert not stale.exists() and (tmp_path / "step-000000010").is_dir()
+
+
+def test_rewriting_a_step_replaces_its_folder(tmp_path):
+    mgr = SnapshotManager(tmp_path)
+    write_version(mgr, 10)
+    write_version(mgr, 20)
+    os.truncate(next((tmp_path / "step-000000020").glob("*.distcp")), 1)  # torn: a resume falls back to 10...
+    write_version(mgr, 20)  # ...and training writes step 20 again
+    entry, _ = mgr.load_latest()
+    assert entry["step"] == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-000000010", "step-000000020"]
