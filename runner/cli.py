@@ -273,6 +273,15 @@ def objective(summary: dict) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _worker_memory(summary: dict) -> str:
+    """Every rank's peak (what decides whether a model fits: FSDP spreads it over the workers)."""
+    ranks = summary.get("peak_rss_mb_per_rank") or [summary.get("peak_rss_mb", 0)]
+    if len(ranks) == 1:
+        return f"rank 0 {ranks[0]:.0f} MB"
+    shown = ", ".join(f"{mb:.0f}" for mb in ranks[:8]) + (", ..." if len(ranks) > 8 else "")
+    return f"ranks {shown} MB"
+
+
 def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -> None:
     if not summary:
         print(f"done: this node's workers finished; rank 0's node reports the summary ({_short(run_dir)})")
@@ -290,9 +299,12 @@ def _print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) -
         (f"throughput    : {sps:,.0f} samples/s" if sps else "throughput    : n/a")
         + (" (gradients through shared memory)" if summary.get("allreduce") == "shm" else ""),
         f"wall time     : {wall:.1f} s",
-        f"peak memory   : driver {peak_rss_mb():.0f} MB, rank 0 {summary.get('peak_rss_mb', 0):.0f} MB",
+        f"peak memory   : driver {peak_rss_mb():.0f} MB, " + _worker_memory(summary),
         f"snapshot      : {_short(run_dir / cfg.snapshot.dir / snapshot)}" if snapshot else "snapshot      : none written",
     ]
+    stalls = summary.get("snapshot_stall_seconds") or []
+    if snapshot and stalls:
+        lines[-1] += f" (training waited {sum(stalls):.2f} s for {len(stalls)} snapshot{'s' if len(stalls) > 1 else ''})"
     unit = next((k for k in summary if k.endswith("_per_s") and k != "samples_per_s" and summary[k]), None)
     if unit:
         lines[3] += f", {summary[unit]:,.0f} {unit[:-6]}/s"

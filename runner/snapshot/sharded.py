@@ -120,13 +120,16 @@ class ShardedSnapshotWriter:
             buffer = io.BytesIO()
             torch.save(state, buffer)  # now: the loop goes on changing its lists (metrics)
             loop_bytes = buffer.getvalue()
+        # No fsync per file here: the lead's commit fsyncs every file (as it does a single file)
+        # while training goes on, so a synchronous snapshot waits only for the write.
+        writer = dcp.FileSystemWriter(str(tmp), sync_files=False)
         if self.asynchronous:
-            response = dcp.async_save(shards, checkpoint_id=str(tmp), process_group=self._group, async_stager=self._stager_for())
+            response = dcp.async_save(shards, storage_writer=writer, process_group=self._group, async_stager=self._stager_for())
             self._staged = response.staging_completion
             upload = response.upload_completion
             self._inflight = self._pool.submit(self._finish, upload, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
         else:
-            dcp.save(shards, checkpoint_id=str(tmp), process_group=self._group)
+            dcp.save(shards, storage_writer=writer, process_group=self._group)
             self._inflight = self._pool.submit(self._finish, None, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
         self.stall_seconds.append(time.perf_counter() - started)
 

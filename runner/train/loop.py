@@ -164,6 +164,7 @@ class TrainLoop:
             self.save_snapshot(end_of_epoch=self.samples_in_epoch == 0)
         self.writer.wait()
         wall = time.perf_counter() - started
+        peaks = self.engine.collectives.gather(peak_rss_mb())  # each rank's peak (collective: every rank)
         train_wall = wall - self.val_seconds
         final = next((r for r in reversed(self.history) if train_loss(r) is not None), {})
         summary = {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": train_loss(final),
@@ -171,7 +172,8 @@ class TrainLoop:
                    "val_seconds": self.val_seconds, "resumed_from": self.resumed_from, "world_size": self.engine.processes,
                    "allreduce": self.engine.allreduce, "skipped_steps": self.skipped_steps,
                    "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
-                   "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peak_rss_mb(),
+                   "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peaks[0],
+                   "peak_rss_mb_per_rank": peaks,
                    "val": self.validated[1], "ended": self.watch.ended, "monitor": self.watch.name, "best": self.watch.best,
                    "best_step": self.watch.best_step}
         if self.task.unit and train_wall > 0:
