@@ -393,8 +393,6 @@ def snapshot_format(cfg: DictConfig) -> SnapshotFormat:
 def check_fsdp(cfg: DictConfig) -> None:
     """Options that FSDP cannot honour, refused before any worker starts."""
     t, f = cfg.trainer, cfg.trainer.fsdp
-    _require(cfg.launch.mode != LaunchMode.rpc, "trainer.strategy", "fsdp", "launch=rpc splits the model by stages itself",
-             "ddp with launch=rpc", "drop trainer.strategy=fsdp, or use launch=standalone")
     _require(str(t.precision) != Precision.fp16, "trainer.precision", "fp16", "is not supported with trainer.strategy=fsdp "
              "(its gradient scaler needs whole gradients)", "32 | bf16, or trainer.fsdp.param_dtype=bf16",
              "use trainer.precision=bf16 or trainer.fsdp.param_dtype=bf16")
@@ -426,11 +424,13 @@ def check_rpc(cfg: DictConfig) -> None:
              "use trainer.on_nonfinite=stop")
     _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
              "scheduler=none", "add scheduler=none")
+    _require(str(cfg.trainer.strategy) == Strategy.ddp, "trainer.strategy", cfg.trainer.strategy,
+             "launch=rpc splits the model over its stages itself", "ddp with launch=rpc", "drop trainer.strategy, or use launch=standalone")
     _require(snapshot_format(cfg) == SnapshotFormat.file, "snapshot.format", cfg.snapshot.format,
              "launch=rpc writes one snapshot file (the lead gathers the stages' state)", "auto | file", "use snapshot.format=auto")
     t = cfg.trainer
     for key, value, default in (("accumulate", t.accumulate, 1), ("precision", str(t.precision), "32"), ("compile", t.compile, False),
-                                ("clip_grad_norm", t.clip_grad_norm, None), ("strategy", str(t.strategy), "ddp")):
+                                ("clip_grad_norm", t.clip_grad_norm, None)):
         _require(value == default, f"trainer.{key}", value, "is not supported with launch=rpc (the optimizer steps where the parameters live)",
                  str(default).lower() if default is not None else "null", f"drop trainer.{key}")
     _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,

@@ -83,6 +83,9 @@ def check_machine(cfg: DictConfig) -> None:
             raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
                             "auto | gloo", "use launch.backend=auto (gloo on CPU)")
     runtime = resolve_runtime(launch)
+    if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.cpu_offload and runtime.device != "cuda":
+        raise UserError("trainer.fsdp.cpu_offload", True, "moves a GPU worker's sharded state into CPU memory, and these "
+                        "workers train on the CPU already", "false on CPU workers", "drop trainer.fsdp.cpu_offload=true")
     check_gpu_count(runtime, len(visible_gpus()), launch.nproc_per_node)
     check_start_method(launch, runtime)
     # Refused unless shm was moot (one worker on one machine: nothing to average).

@@ -149,7 +149,25 @@ def test_fsdp_mistakes_are_refused_before_launch(tmp_path):
     cases = [(["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
              (["trainer.strategy=fsdp", "trainer.fsdp.param_dtype=float8"], "trainer.fsdp.param_dtype"),
              (["trainer.strategy=fsdp", "snapshot.format=file"], "snapshot.format"),
-             (["trainer.strategy=fsdp", "model=mlp", "trainer.fsdp.shard=Conv2d"], "trainer.fsdp.shard")]
+             (["trainer.strategy=fsdp", "model=mlp", "trainer.fsdp.shard=Conv2d"], "trainer.fsdp.shard"),
+             (["trainer.strategy=fsdp", "launch.backend=gloo", "trainer.fsdp.cpu_offload=true"], "trainer.fsdp.cpu_offload"),
+             (["trainer.strategy=fsdp", "launch=rpc"], "trainer.strategy")]
     for overrides, key in cases:
-        res = run_cli([*overrides, "launch=local", *QUIET], tmp_path)
+        launch = [] if any(o.startswith("launch=") for o in overrides) else ["launch=local"]
+        res = run_cli([*overrides, *launch, *QUIET], tmp_path)
         assert res.returncode == 2 and key in res.stderr and "Traceback" not in res.stderr, res.output
+
+
+def test_a_ddp_run_continues_as_fsdp_with_uneven_evaluation(tmp_path):
+    """The strategy does not name the run: a DDP run's single-file snapshot resumes under FSDP and
+    trains on exactly as DDP would. 409 validation samples one at a time give the ranks 205 and
+    204 batches, which FSDP's collective forwards must still meet."""
+    val = ["data.val_fraction=0.1", "data.eval_batch_size=1"]
+    run_ok([*RUN, *val, "name=switch", "trainer.total_epochs=1"], tmp_path)
+    res = run_ok([*RUN, *val, "name=switch", "trainer.total_epochs=2", "trainer.strategy=fsdp"], tmp_path)
+    assert "resumed from snapshot-000000058.pt" in res.output
+    run_ok([*RUN, *val, "name=plain", "trainer.total_epochs=2"], tmp_path)
+    switched, plain = metrics(tmp_path / "outputs" / "switch"), metrics(tmp_path / "outputs" / "plain")
+    for key in ("train/loss", "val/loss"):
+        assert [r[key] for r in switched] == pytest.approx([r[key] for r in plain], rel=1e-5)
+    assert versions(tmp_path / "outputs" / "switch")[-1]["file"] == "step-000000116"
