@@ -348,6 +348,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError("snapshot.resume", "must", f"no snapshot in {manager.dir} to resume from",
                         f"{ResumeWord.words()} | a snapshot file path", "use snapshot.resume=auto to start fresh when there is none")
     path = resume_path(resume)
-    if path is not None and not path.is_file():
-        raise UserError("snapshot.resume", resume, "no such snapshot file", f"{ResumeWord.words()} | path to an existing snapshot-*.pt",
+    if path is not None and not (path.is_file() or (path.is_dir() and (path / ".metadata").is_file())):
+        raise UserError("snapshot.resume", resume, "no such snapshot file or sharded snapshot folder",
+                        f"{ResumeWord.words()} | path to an existing snapshot-*.pt or step-* folder",
                         "check the path (relative paths start from the current directory)")

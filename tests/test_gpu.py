@@ -274,3 +274,23 @@ def test_gpu_worker_counts_resolve_against_the_visible_gpus(workdir):
     assert "epochs        : 1 (64 steps, 1 worker)" in res.stdout, res.output
     runtime = runtime_of(workdir / "outputs" / "auto")
     assert (runtime.backend, runtime.device, runtime.nproc_per_node) == ("nccl", "cuda", 1)
+
+
+def test_fsdp_on_the_gpu_writes_pinned_async_shards_and_resumes(tmp_path):
+    """FSDP2 over a one-GPU NCCL mesh with bf16 compute, asynchronous sharded snapshots staged
+    into pinned memory, a resume, and an export gathered on the CPU."""
+    args = ["model=mlp", "optimizer=adam", "dataset.size=4096", "trainer.save_every_steps=20", "trainer.strategy=fsdp",
+            "trainer.fsdp.param_dtype=bf16", "trainer.fsdp.reduce_dtype=32", "snapshot.async=true", "name=fsdp", *GPU]
+    res = cli([*args, "trainer.total_epochs=1"], tmp_path)
+    assert res.returncode == 0 and DEVICE_LINE in res.output, res.output
+    res = cli([*args, "trainer.total_epochs=2"], tmp_path)
+    assert res.returncode == 0 and "resumed from step-000000128" in res.output, res.output
+    run_dir = tmp_path / "outputs" / "fsdp"
+    newest = manifest(run_dir)["snapshots"][-1]
+    assert newest["kind"] == "dcp" and newest["file"] == "step-000000256"
+    losses = [r["train/loss"] for r in metrics(run_dir)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+    from runner.export import load_model
+
+    model = load_model(run_dir)
+    assert next(model.parameters()).device.type == "cpu" and all(torch.isfinite(p).all() for p in model.parameters())

@@ -479,5 +479,8 @@ def load_path(path: Path | str) -> dict[str, Any]:
     for entry in manager.entries() if manager.manifest_path.exists() else []:
         if entry["file"] == path.name:
             return manager.load_entry(entry)
+    if path.is_dir():  # a sharded version: its files can only be trusted through their manifest entry
+        raise SnapshotError(f"{path} is a folder not (validly) listed in {manager.manifest_path}: a sharded snapshot "
+                            "is loaded only through its manifest entry")
     log.warning("%s is not (validly) listed in a manifest; loading it without a checksum", path)
     return load_bytes(path.read_bytes(), path)
