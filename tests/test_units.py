@@ -125,3 +125,20 @@ def test_gpu_worker_counts_resolve_as_torchrun_does_and_too_many_are_refused():
         check_gpu_count(runtime("4"), 2, "4")
     assert "4 GPU workers need a GPU each, and 2 are visible" in str(err.value)
     check_gpu_count(runtime("4", backend="gloo"), 2, "4")  # CPU workers on a GPU machine
+
+
+def test_fsdp_units_look_inside_containers_and_leave_tied_weights_to_the_root():
+    from runner.examples.charlm import TinyGPT
+    from runner.models import MLP
+    from runner.train.fsdp import shard_blocks
+
+    def names(model, shard):
+        named = {id(m): n for n, m in model.named_modules()}
+        return [named[id(b)] for b in shard_blocks(model, shard)]
+
+    gpt = TinyGPT(n_layer=2)
+    # tok_emb and head share one weight: sharded apart they would hold it twice; the root keeps it.
+    assert names(gpt, None) == ["pos_emb", "blocks.0", "blocks.1", "ln_f"]
+    assert names(gpt, "Block") == names(gpt, "runner.examples.charlm.Block") == ["blocks.0", "blocks.1"]
+    assert names(gpt, "ModuleList") == []  # a container without forward is never a unit
+    assert names(MLP(2, 1, depth=2), None) == ["0", "2", "4"]  # activations hold no parameters

@@ -27,10 +27,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "32": torch.float32}
 
 def shard_blocks(model: torch.nn.Module, shard: Optional[str]) -> list[torch.nn.Module]:
     """The modules sharded on their own before the root: every module whose class is `shard` (its
-    name, or module.Name), else each top-level child that holds parameters."""
-    if not shard:
-        return [child for child in model.children() if any(True for _ in child.parameters())]
-    return [m for m in model.modules() if m is not model and shard in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")]
+    name, or module.Name), else each top-level child that holds parameters, looking inside
+    containers that have no forward of their own (ModuleList, ModuleDict). A unit that shares a
+    parameter with another (tied embedding and head) is left to the root, which holds it once."""
+    if shard:
+        candidates = [m for m in model.modules() if m is not model and _has_forward(m)
+                      and shard in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")]
+    else:
+        candidates = list(_top_level_units(model))
+    owners: dict[int, int] = {}
+    for unit in candidates:
+        for p in unit.parameters():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [u for u in candidates if any(True for _ in u.parameters()) and all(owners[id(p)] == 1 for p in u.parameters())]
+
+
+def _has_forward(module: torch.nn.Module) -> bool:
+    return type(module).forward is not torch.nn.Module.forward
+
+
+def _top_level_units(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    for child in module.children():
+        if _has_forward(child):
+            yield child
+        else:  # a container: its members are the units
+            yield from _top_level_units(child)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, options: Any) -> list[str]:
