@@ -376,6 +376,17 @@ class SnapshotManager:
                 raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
         return loop_bytes
 
+    def _verify_loop_file(self, entry: dict[str, Any]) -> bytes:
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise SnapshotError(f"manifest entry ({describe(entry)}) in {self.dir} is invalid: {problem}")
+        item = next(f for f in entry["files"] if f["name"] == LOOP_FILE)
+        path = self.dir / entry["file"] / LOOP_FILE
+        data = self._read_regular_file(path, item["size"])
+        if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
+        return data
+
     def _hash_regular_file(self, path: Path, size: int) -> str:
         """sha256 of a regular file of exactly `size` bytes, read in chunks (shards can be large)."""
         fd = self._open_regular(path)
@@ -417,10 +428,12 @@ class SnapshotManager:
         if st.st_size != size:
             raise SnapshotError(f"{path} has {st.st_size} bytes, the manifest says {size} (truncated or torn)")
 
-    def load_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+    def load_entry(self, entry: dict[str, Any], verified: bool = False) -> dict[str, Any]:
         """A verified version's state. For a sharded version: the loop state, with SHARDED_KEY naming
-        the folder the model and optimizer are read from (by every rank, or by `sharded.full_model`)."""
-        data = self.verify(entry)
+        the folder the model and optimizer are read from (by every rank, or by `sharded.full_model`).
+        `verified`: another process (the lead) has just verified the shards of this sharded
+        version; only loop.pt is checked here."""
+        data = self._verify_loop_file(entry) if verified and _is_sharded(entry) else self.verify(entry)
         if not _is_sharded(entry):
             return load_bytes(data, self.dir / entry["file"])
         folder = self.dir / entry["file"]

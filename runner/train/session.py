@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config import SnapshotFormat, resume_path, snapshot_format
 from runner.loggers import build_logger
 from runner.logs import LOG_DIR, rank_log_path
-from runner.snapshot import NullWriter, SnapshotManager, SnapshotWriter, load_path
+from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, SnapshotWriter, load_path
 from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.fileio import atomic_write
 from runner.snapshot import format as snap
@@ -66,7 +66,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     stop = StopRequest(engine.collectives)
     loop = TrainLoop(cfg, config, engine, data, task, writer, stop, metrics, logger)
     try:
-        loaded = find_resume_state(cfg, manager)
+        loaded = find_resume_state(cfg, manager, engine.collectives if isinstance(writer, ShardedSnapshotWriter) else None)
         if loaded is not None:
             entry, state = loaded
             loop.resume(state, entry)
@@ -112,10 +112,28 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     return results
 
 
-def find_resume_state(cfg: DictConfig, manager: SnapshotManager):
+def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=None):
     """(entry, state) to resume from: the run directory's newest valid snapshot wins, else a
-    snapshot path given by the user, else None (start fresh)."""
-    latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
+    snapshot path given by the user, else None (start fresh).
+
+    With `collectives` (sharded snapshots) the lead verifies every file of the candidates and the
+    others take its choice, checking only the small loop.pt themselves: a sharded version is read
+    by all ranks, and hashing all of it once per rank would multiply the cost of a resume."""
+    if collectives is not None and collectives.world_size > 1:
+        latest, choice = None, None
+        if collectives.rank == 0:
+            try:
+                latest = manager.load_latest()
+                choice = ("entry", latest[0]) if latest is not None else ("none", None)
+            except SnapshotError as err:
+                choice = ("error", str(err))
+        kind, value = collectives.gather(choice)[0]
+        if kind == "error":
+            raise SnapshotError(value)
+        if kind == "entry" and latest is None:
+            latest = value, manager.load_entry(value, verified=value.get("kind") == "dcp")
+    else:
+        latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
     if latest is not None:
         return latest
     path = resume_path(cfg.snapshot.resume)
