@@ -252,27 +252,21 @@ class SnapshotManager:
 
     def _entry_type_problem(self, entry: dict[str, Any]) -> Optional[str]:
         """Why what the entry names is not what its kind must be (a regular file, or a real folder), or None."""
-        path = self.dir / entry["file"]
-        if not _is_sharded(entry):
-            return self._file_type_problem(path)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return None
-        if stat.S_ISLNK(mode):
-            return f"{path} is a symlink (never followed)"
-        return None if stat.S_ISDIR(mode) else f"{path} is not a folder"
+        return self._file_type_problem(self.dir / entry["file"], folder=_is_sharded(entry))
 
     @staticmethod
-    def _file_type_problem(path: Path) -> Optional[str]:
-        """Why `path` (not followed if a link) is not a regular file; None if it is one or is missing."""
+    def _file_type_problem(path: Path, folder: bool = False) -> Optional[str]:
+        """Why `path` (not followed if a link) is not a regular file (a folder with `folder`); None
+        if it is one or is missing."""
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
             return None
         if stat.S_ISLNK(mode):
             return f"{path} is a symlink (never followed)"
-        if not stat.S_ISREG(mode):
+        if folder and not stat.S_ISDIR(mode):
+            return f"{path} is not a folder"
+        if not folder and not stat.S_ISREG(mode):
             return f"{path} is not a regular file"
         return None
 

@@ -29,7 +29,7 @@ import io
 import logging
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from runner.snapshot.manager import LOOP_FILE, SnapshotManager, folder_name
+from runner.snapshot.writer import BackgroundWrites
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def full_model(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- the writer ---------------------------------------------------------------------------------
-class ShardedSnapshotWriter:
+class ShardedSnapshotWriter(BackgroundWrites):
     """Every rank's writer of sharded versions; the lead (rank 0) also writes loop.pt and commits.
     The same interface as `SnapshotWriter`, but `save` is collective: every rank calls it."""
 
@@ -92,17 +93,14 @@ class ShardedSnapshotWriter:
 
     def __init__(self, manager: SnapshotManager, lead: bool, config: Optional[dict] = None,
                  asynchronous: bool = False, device: Optional[torch.device] = None) -> None:
-        self.manager, self.lead, self.config, self.asynchronous = manager, lead, config, asynchronous
+        super().__init__(manager, config, asynchronous)
+        self.lead = lead
         # DCP's own collectives (plans, metadata) on a group of their own: an asynchronous save runs
         # them on a background thread while the training step runs its own on the default group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._cuda = device is not None and device.type == "cuda"
         self._stager = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
-        self._inflight: Optional[Future] = None
         self._staged: Optional[Future] = None
-        self.last_entry: Optional[dict[str, Any]] = None
-        self.stall_seconds: list[float] = []
 
     def save(self, state: Optional[dict[str, Any]], step: int, epoch: int, end_of_epoch: bool = False, *,
              shards: dict[str, Any], tag: str, **marks: Any) -> None:
@@ -162,21 +160,6 @@ class ShardedSnapshotWriter:
         started = time.perf_counter()
         staged.result()
         self.stall_seconds[-1] += time.perf_counter() - started
-
-    def check(self) -> None:
-        if self._inflight is not None and self._inflight.done():
-            self.wait()
-
-    def wait(self) -> None:
-        """Block until the version in flight is written (and, on the lead, committed); surface its failure."""
-        if self._inflight is None:
-            return
-        inflight, self._inflight = self._inflight, None
-        err = inflight.exception()
-        if isinstance(err, OSError) and err.errno is not None:
-            raise OSError(err.errno, f"{err.strerror} (writing a snapshot)", err.filename) from err
-        if err is not None:
-            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
 
     def close(self) -> None:
         if self._stager is not None:

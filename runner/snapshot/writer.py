@@ -34,15 +34,38 @@ from runner.snapshot.manager import SnapshotManager
 log = logging.getLogger(__name__)
 
 
-class SnapshotWriter:
-    def __init__(self, manager: SnapshotManager, config: Optional[dict] = None, asynchronous: bool = False) -> None:
+class BackgroundWrites:
+    """At most one snapshot in flight on a thread of its own, and its failure surfaced, never lost."""
+
+    def __init__(self, manager: SnapshotManager, config: Optional[dict], asynchronous: bool) -> None:
         self.manager, self.config, self.asynchronous = manager, config, asynchronous
-        self._buffers: dict[tuple, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
         self._inflight: Optional[Future] = None
-        self._staged: Optional[threading.Event] = None  # set once the snapshot in flight has copied the state
         self.last_entry: Optional[dict[str, Any]] = None
-        self.stall_seconds: list[float] = []  # time the training loop spent inside save()
+        self.stall_seconds: list[float] = []  # time the training loop spent inside save() and wait_staged()
+
+    def check(self) -> None:
+        """Raise the failure of a background write, if one has failed (cheap: called every step)."""
+        if self._inflight is not None and self._inflight.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the snapshot in flight (if any) is committed, then surface its failure."""
+        if self._inflight is None:
+            return
+        inflight, self._inflight = self._inflight, None
+        err = inflight.exception()
+        if isinstance(err, OSError) and err.errno is not None:  # ENOSPC, EACCES...: reported as such, with the path
+            raise OSError(err.errno, f"{err.strerror} (writing a snapshot)", err.filename) from err
+        if err is not None:
+            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
+
+
+class SnapshotWriter(BackgroundWrites):
+    def __init__(self, manager: SnapshotManager, config: Optional[dict] = None, asynchronous: bool = False) -> None:
+        super().__init__(manager, config, asynchronous)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._staged: Optional[threading.Event] = None  # set once the snapshot in flight has copied the state
 
     def save(self, state: dict[str, Any], step: int, epoch: int, end_of_epoch: bool = False, **marks: Any) -> None:
         """`marks`: what the manifest entry records beside the file (`monitor`, `ended`). With
@@ -101,23 +124,6 @@ class SnapshotWriter:
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._lay_out(v, path + (i,), copies)[0] for i, v in enumerate(obj)), copies
         return obj, copies
-
-    def check(self) -> None:
-        """Raise the failure of a background write, if one has failed (cheap: called every step)."""
-        if self._inflight is not None and self._inflight.done():
-            self.wait()
-
-    def wait(self) -> None:
-        """Block until the snapshot in flight (if any) is committed, then surface its failure."""
-        if self._inflight is None:
-            return
-        inflight, self._inflight = self._inflight, None
-        err = inflight.exception()
-        if isinstance(err, OSError) and err.errno is not None:  # ENOSPC, EACCES...: reported as such, with the path
-            raise OSError(err.errno, f"{err.strerror} (writing a snapshot)", err.filename) from err
-        if err is not None:
-            raise RuntimeError(f"writing a snapshot failed: {type(err).__name__}: {err}") from err
-
 
 class NullWriter:
     """Ranks other than 0 write nothing."""
