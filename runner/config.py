@@ -131,6 +131,7 @@ class FSDPConfig:
     param_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype of forward/backward compute (weights stay float32); null = float32
     reduce_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype the gradients are reduced in; null = param_dtype
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (CUDA workers)
+    meta_init: bool = False  # build the model without memory, shard it, then initialise each rank's shards (reset_parameters / init_weights): no worker ever holds the whole model; not the same initial values as a whole-model build
 
 
 @dataclass
@@ -347,6 +348,12 @@ def check_ranges(cfg: DictConfig) -> None:
         check_rpc(cfg)
     if t.strategy == Strategy.fsdp:
         check_fsdp(cfg)
+    else:
+        for key, default in FSDPConfig().__dict__.items():
+            value = t.fsdp.get(key)
+            _require(value == default, f"trainer.fsdp.{key}", value, "is read only with trainer.strategy=fsdp",
+                     f"{str(default).lower() if default is not None else 'null'} with trainer.strategy={t.strategy}",
+                     f"add trainer.strategy=fsdp, or drop trainer.fsdp.{key}")
     _require(s.keep_last >= 1, "snapshot.keep_last", s.keep_last, "must keep at least one version", "an integer >= 1", "e.g. snapshot.keep_last=3")
     _require(s.milestone_every >= 0, "snapshot.milestone_every", s.milestone_every, "must not be negative", "an integer >= 0 (0 = no milestones)")
     _require(bool(s.dir) and Path(str(s.dir)).name == str(s.dir) and str(s.dir) not in (".", ".."), "snapshot.dir", s.dir,

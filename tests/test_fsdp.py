@@ -151,7 +151,8 @@ def test_fsdp_mistakes_are_refused_before_launch(tmp_path):
              (["trainer.strategy=fsdp", "snapshot.format=file"], "snapshot.format"),
              (["trainer.strategy=fsdp", "model=mlp", "trainer.fsdp.shard=Conv2d"], "trainer.fsdp.shard"),
              (["trainer.strategy=fsdp", "launch.backend=gloo", "trainer.fsdp.cpu_offload=true"], "trainer.fsdp.cpu_offload"),
-             (["trainer.strategy=fsdp", "launch=rpc"], "trainer.strategy")]
+             (["trainer.strategy=fsdp", "launch=rpc"], "trainer.strategy"),
+             (["trainer.fsdp.param_dtype=bf16"], "trainer.fsdp.param_dtype")]  # read only by fsdp: refused with ddp
     for overrides, key in cases:
         launch = [] if any(o.startswith("launch=") for o in overrides) else ["launch=local"]
         res = run_cli([*overrides, *launch, *QUIET], tmp_path)
@@ -171,3 +172,11 @@ def test_a_ddp_run_continues_as_fsdp_with_uneven_evaluation(tmp_path):
     for key in ("train/loss", "val/loss"):
         assert [r[key] for r in switched] == pytest.approx([r[key] for r in plain], rel=1e-5)
     assert versions(tmp_path / "outputs" / "switch")[-1]["file"] == "step-000000116"
+
+
+def test_meta_init_builds_no_whole_model_and_trains(tmp_path):
+    res = run_ok([*FSDP, "model.dropout=0.0", "trainer.fsdp.meta_init=true", "trainer.total_epochs=2", "name=meta"], tmp_path)
+    run_dir = tmp_path / "outputs" / "meta"
+    assert "initialised shard by shard" in (run_dir / "train.log").read_text()
+    losses = [r["train/loss"] for r in metrics(run_dir)]
+    assert len(losses) == 2 and losses[1] < losses[0] / 10, res.output

@@ -16,6 +16,7 @@ writes its own shards, and a run resumes on another number of workers.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -75,6 +76,28 @@ def shard_model(model: torch.nn.Module, device: torch.device, options: Any) -> l
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return [names[id(b)] for b in blocks]
+
+
+def initialise_shards(model: torch.nn.Module, device: torch.device, options: Any, seed: int, rank: int) -> None:
+    """Give a model built on the meta device and sharded its memory and initial values, shard by
+    shard: `model.init_weights()` when the model has one (torchtitan's convention), else every
+    module's `reset_parameters()`. Each rank draws its shards from its own stream (seed, rank), so
+    shards of one weight are independent draws from the distribution the whole tensor's init uses
+    (its bounds come from the global shape); the values differ from a whole-model build's."""
+    from runner.train import rng
+
+    model.to_empty(device="cpu" if options.cpu_offload else device)
+    rng.seed_everything(seed * 1009 + 7919 * (rank + 1))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
+        init = getattr(model, "init_weights", None)
+        if callable(init):
+            init()
+        else:
+            for module in model.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
 
 
 class FSDPEngine(DDPEngine):

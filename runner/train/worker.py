@@ -8,6 +8,7 @@ run directory's config.yaml, written (resolved and validated) by the driver, and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -27,7 +28,7 @@ from runner.rundir import CONFIG_FILE
 from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.ddp import DDPEngine
-from runner.train.fsdp import FSDPEngine, shard_model
+from runner.train.fsdp import FSDPEngine, initialise_shards, shard_model
 from runner.train.batches import DataSource
 from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.loop import planned_steps
@@ -110,12 +111,23 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     rng.seed_everything(t.seed)  # identical model init on every rank
     data = DataSource(cfg, rank, dist.get_world_size(), device)
     task = instantiate(cfg.task)
-    model = instantiate(cfg.model).to(device)
     fsdp = str(t.strategy) == Strategy.fsdp
+    meta = fsdp and bool(t.fsdp.meta_init)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = instantiate(cfg.model)
     if fsdp:  # before the optimizer: its parameters become this rank's shards
+        # Built in CPU memory (or on the meta device: no memory at all); fully_shard moves one unit
+        # at a time to the device and keeps this rank's shard of it, so a GPU never holds more than
+        # its shards and one whole unit.
         blocks = shard_model(model, device, t.fsdp)
+        if meta:
+            initialise_shards(model, device, t.fsdp, seed=int(t.seed), rank=rank)
+            log.info("model built on the meta device and initialised shard by shard (trainer.fsdp.meta_init)",
+                     extra={"console": False})
         log.info("model sharded over %d workers (FSDP2): %d blocks%s", dist.get_world_size(), len(blocks),
                  f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if blocks else "", extra={"console": False})
+    else:
+        model = model.to(device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = build_scheduler(cfg.get("scheduler"), optimizer, planned_steps(t, data.train.batches_per_epoch()))
     rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
