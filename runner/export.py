@@ -103,7 +103,7 @@ def read_run(run_dir: Union[str, Path], best: bool = True) -> RunWeights:
     if state.get(SHARDED_KEY):  # a sharded version: its files are verified; gather the model's shards in this process
         from runner.snapshot.sharded import full_model
 
-        weights = full_model(Path(state[SHARDED_KEY]))
+        weights = full_model(state[SHARDED_KEY])
     if not isinstance(weights, dict) or not weights:
         raise UserError("snapshot", snapshot_dir / entry["file"], f"holds no model weights (its '{MODEL_KEY}' part is "
                         f"{type(weights).__name__}{' and empty' if isinstance(weights, dict) else ''})",

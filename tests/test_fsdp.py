@@ -24,9 +24,12 @@ def versions(run_dir) -> list[dict]:
 
 
 def newest_model(run_dir) -> dict:
+    """The whole model of the newest version, read as an export reads it (verified, no process group)."""
+    from runner.snapshot import SHARDED_KEY, SnapshotManager
     from runner.snapshot.sharded import full_model
 
-    return full_model(run_dir / "snapshots" / versions(run_dir)[-1]["file"])
+    manager = SnapshotManager(run_dir / "snapshots")
+    return full_model(manager.load_entry(manager.entries()[-1])[SHARDED_KEY])
 
 
 def newest_optimizer_state(run_dir) -> dict:
@@ -161,9 +164,9 @@ def test_fsdp_mistakes_are_refused_before_launch(tmp_path):
 
 def test_a_ddp_run_continues_as_fsdp_with_uneven_evaluation(tmp_path):
     """The strategy does not name the run: a DDP run's single-file snapshot resumes under FSDP and
-    trains on exactly as DDP would. 409 validation samples one at a time give the ranks 205 and
-    204 batches, which FSDP's collective forwards must still meet."""
-    val = ["data.val_fraction=0.1", "data.eval_batch_size=1"]
+    trains on exactly as DDP would. 409 validation samples in batches of 51 give the ranks 205 and
+    204 samples, 5 and 4 batches, which FSDP's collective forwards must still meet."""
+    val = ["data.val_fraction=0.1", "data.eval_batch_size=51"]
     run_ok([*RUN, *val, "name=switch", "trainer.total_epochs=1"], tmp_path)
     res = run_ok([*RUN, *val, "name=switch", "trainer.total_epochs=2", "trainer.strategy=fsdp"], tmp_path)
     assert "resumed from snapshot-000000058.pt" in res.output
@@ -180,3 +183,18 @@ def test_meta_init_builds_no_whole_model_and_trains(tmp_path):
     assert "initialised shard by shard" in (run_dir / "train.log").read_text()
     losses = [r["train/loss"] for r in metrics(run_dir)]
     assert len(losses) == 2 and losses[1] < losses[0] / 10, res.output
+
+
+def test_fsdp_tests_the_best_version_whether_a_ddp_file_or_its_own_shards(tmp_path):
+    """trainer.test evaluates the best version: a single file the DDP part of the run wrote (whole
+    weights, which every FSDP rank shards), and the sharded version of an FSDP run."""
+    base = ["experiment=digits", "data.num_workers=0", "trainer.early_stop.patience=0", *FAST]
+    run_dir = tmp_path / "outputs" / "digits"
+    run_ok([*base, "trainer.total_epochs=1", "trainer.test=false"], tmp_path)
+    # mode=min: the second epoch's better accuracy is no "best", so the best stays the DDP file.
+    res = run_ok([*base, "trainer.total_epochs=2", "trainer.strategy=fsdp", "snapshot.mode=min"], tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["snapshot"] == "snapshot-000000010.pt" and results["test/accuracy"] > 0.5, res.output
+    res = run_ok([*base, "trainer.total_epochs=1", "trainer.strategy=fsdp", "name=sharded"], tmp_path)
+    results = json.loads((tmp_path / "outputs" / "sharded" / "results.json").read_text())
+    assert results["snapshot"] == "step-000000010" and results["test/accuracy"] > 0.5, res.output

@@ -42,8 +42,9 @@ def test_a_version_is_a_folder_listed_file_by_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-000000020", "step-000000030"]
     loaded_entry, state = mgr.load_latest()
     assert loaded_entry["step"] == 30 and state["train_state"] == {"step": 30}
-    assert state[snap.SHARDED_KEY] == str(tmp_path / "step-000000030")
-    weights = full_model(tmp_path / "step-000000030")  # no process group: what an export reads
+    version = state[snap.SHARDED_KEY]
+    assert version.folder == tmp_path / "step-000000030" and version.files == {f["name"] for f in entry["files"]}
+    weights = full_model(version)  # no process group: what an export reads
     assert torch.equal(weights["w"], torch.full((4, 3), 30.0)) and torch.equal(weights["b"], torch.arange(3.0) + 30)
 
 
@@ -129,3 +130,68 @@ def test_rewriting_a_step_replaces_its_folder(tmp_path):
     write_version(mgr, 20)  # ...and training writes step 20 again
     entry, _ = mgr.load_latest()
     assert entry["step"] == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-000000010", "step-000000020"]
+
+
+class Payload:
+    """Unpickling this runs code (it writes a marker file): what a tampered snapshot would carry."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def relisted(mgr: SnapshotManager, entry: dict, **changes) -> None:
+    """Rewrite the manifest's entry as someone who can write the run directory could."""
+    manifest = json.loads(mgr.manifest_path.read_text())
+    manifest["snapshots"] = [dict(entry, **changes)]
+    mgr.manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_tampered_metadata_pickle_never_runs(tmp_path):
+    import hashlib
+    import pickle
+
+    mgr = SnapshotManager(tmp_path / "snaps")
+    entry = write_version(mgr, 10)
+    Payload.marker = tmp_path / "pwned"
+    metadata = tmp_path / "snaps" / entry["file"] / ".metadata"
+    metadata.write_bytes(pickle.dumps(Payload()))
+    data = metadata.read_bytes()
+    files = [dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
+             for f in entry["files"]]
+    relisted(mgr, entry, files=files)
+    _, state = mgr.load_latest()  # the bytes match the (rewritten) manifest...
+    with pytest.raises(SnapshotError, match="cannot be read safely"):
+        full_model(state[snap.SHARDED_KEY])  # ...but nothing in them is executed
+    assert not Payload.marker.exists()
+
+
+def test_a_shard_the_entry_does_not_list_is_never_opened(tmp_path):
+    mgr = SnapshotManager(tmp_path / "snaps")
+    entry = write_version(mgr, 10)
+    folder = tmp_path / "snaps" / entry["file"]
+    shard = next(folder.glob("*.distcp"))
+    outside = tmp_path / "outside.distcp"
+    shard.rename(outside)
+    shard.symlink_to(outside)  # unlisted, so never verified: a link to anywhere
+    relisted(mgr, entry, files=[f for f in entry["files"] if not f["name"].endswith(".distcp")])
+    _, state = mgr.load_latest()
+    with pytest.raises(SnapshotError, match="not a shard file its manifest entry lists"):
+        full_model(state[snap.SHARDED_KEY])
+
+
+def test_non_tensor_values_load_weights_only(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    Payload.marker = tmp_path / "pwned"
+    mgr = SnapshotManager(tmp_path / "snaps")
+    tmp = mgr.dir / ".step-000000010.tmp-test"
+    dcp.save({"model": {"w": torch.ones(2), "extra": Payload()}}, checkpoint_id=str(tmp), no_dist=True)
+    Payload.marker.unlink(missing_ok=True)  # (saving pickles it; only loading would call it)
+    torch.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, **REQUIRED_PARTS}, tmp / "loop.pt")
+    mgr.commit_folder(tmp, 10, 0)
+    _, state = mgr.load_latest()
+    with pytest.raises(SnapshotError, match="cannot be loaded safely"):
+        full_model(state[snap.SHARDED_KEY])
+    assert not Payload.marker.exists()

@@ -7,6 +7,7 @@ would run code when unpickled is refused.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,6 +31,15 @@ METRICS_KEY = "metrics"
 # Set when a sharded (DCP) version was loaded: its folder. Model and optimizer are not in the
 # loaded state then; every rank reads its part of them from the folder (runner.snapshot.sharded).
 SHARDED_KEY = "sharded"
+
+
+@dataclass(frozen=True)
+class ShardedVersion:
+    """A verified sharded version: its folder and the file names its manifest entry lists (the
+    only files a load may open)."""
+
+    folder: Path
+    files: frozenset
 
 
 class SnapshotError(Exception):

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 from runner.fileio import atomic_write, fsync_dir, temporary_path
-from runner.snapshot.format import FORMAT_VERSION, SHARDED_KEY, SnapshotError, load_bytes
+from runner.snapshot.format import FORMAT_VERSION, SHARDED_KEY, ShardedVersion, SnapshotError, load_bytes
 from runner.snapshot.manifest import (SHARD_FILE_PATTERN, describe, entry_problem, file_name_problem, parse_manifest,
                                       validate_manifest)
 
@@ -432,7 +432,7 @@ class SnapshotManager:
             return load_bytes(data, self.dir / entry["file"])
         folder = self.dir / entry["file"]
         state = load_bytes(data, folder / LOOP_FILE)
-        state[SHARDED_KEY] = str(folder)
+        state[SHARDED_KEY] = ShardedVersion(folder, frozenset(f["name"] for f in entry["files"]))
         return state
 
     def load_latest(self) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:

@@ -25,17 +25,19 @@ of its own, so they never interleave with training's) and the commit follow in t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import pickle
 import time
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from runner.snapshot.format import ShardedVersion, SnapshotError
 from runner.snapshot.manager import LOOP_FILE, SnapshotManager, folder_name
 from runner.snapshot.writer import BackgroundWrites
 
@@ -51,37 +53,64 @@ def get_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return dcp_get_state_dict(model, optimizer)
 
 
-def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, version: ShardedVersion) -> None:
     """Collective: every rank reads its part of the model and optimizer from a verified version."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from runner.snapshot.dcp_reading import SafeLoadPlanner, VerifiedReader
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
+    with refused_unsafe(version):
+        dcp.load(state, storage_reader=VerifiedReader(version), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def load_model(model: torch.nn.Module, folder: Path) -> None:
+def load_model(model: torch.nn.Module, version: ShardedVersion) -> None:
     """Collective: the model's weights alone (the best version, before testing)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from runner.snapshot.dcp_reading import SafeLoadPlanner, VerifiedReader
+
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder))
+    with refused_unsafe(version):
+        dcp.load(state, storage_reader=VerifiedReader(version), planner=SafeLoadPlanner())
     set_model_state_dict(model, state["model"])
 
 
-def full_model(folder: Path) -> dict[str, torch.Tensor]:
-    """The whole model's state dict from a verified version, in this process alone: no process
-    group, no model needed (what an export reads)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+def full_model(version: ShardedVersion) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from a verified version, in this process alone (no collective
+    even where a process group exists, no model needed): what an export reads."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what _load_state_dict_from_keys runs
 
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        warnings.filterwarnings("ignore", message=".*torch.distributed is.*")
-        loaded = _load_state_dict_from_keys("model", checkpoint_id=str(folder))
-    return dict(loaded["model"])
+    from runner.snapshot.dcp_reading import SafeWholeLoadPlanner, VerifiedReader
+
+    state: dict[str, Any] = {}
+    with refused_unsafe(version):
+        _load_state_dict(state, storage_reader=VerifiedReader(version), planner=SafeWholeLoadPlanner(keys={"model"}), no_dist=True)
+    return dict(state["model"])
+
+
+@contextlib.contextmanager
+def refused_unsafe(version: ShardedVersion) -> Iterator[None]:
+    """A version that cannot be read safely (a tampered .metadata, a pickle that is not weights
+    only) is a SnapshotError naming it, whichever rank DCP reports it from."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except CheckpointException as err:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        first = next((c for c in causes if isinstance(c, SnapshotError)), causes[0] if causes else err)
+        raise SnapshotError(f"{version.folder} cannot be loaded safely: {type(first).__name__}: "
+                            f"{str(first).splitlines()[0] if str(first) else ''}") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as err:
+        raise SnapshotError(f"{version.folder} cannot be loaded safely: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 # ---- the writer ---------------------------------------------------------------------------------

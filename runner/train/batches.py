@@ -205,7 +205,11 @@ class EvalBatches:
                                      **loader_options(data_cfg, device, seed))
 
     def __len__(self) -> int:
+        """Samples this rank evaluates."""
         return len(self.indices)
+
+    def num_batches(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         if self.tensors is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any, ContextManager, Iterator, Optional, Union
 
 import torch
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runner.config import Interval, Precision
 from runner.snapshot import sharded
-from runner.snapshot.format import SHARDED_KEY
+from runner.snapshot.format import SHARDED_KEY, ShardedVersion
 from runner.tasks import training_output
 from runner.train import rng
 from runner.train.collectives import Collectives
@@ -163,17 +162,20 @@ class DDPEngine:
             model = self._copy_unstepped(model)
         return {"model": model, "optimizer": optimizer, **self._schedule_state()}
 
-    def load_model_state(self, model: Union[dict[str, torch.Tensor], Path]) -> None:
-        """The weights alone: a state dict, or a sharded snapshot's folder (every rank reads its part)."""
-        if isinstance(model, Path):
+    def load_model_state(self, model: Union[dict[str, torch.Tensor], ShardedVersion]) -> None:
+        """The weights alone: a state dict, or a sharded version (every rank reads its part)."""
+        if isinstance(model, ShardedVersion):
             sharded.load_model(self.model, model)
         else:
-            self.model.load_state_dict(model)
+            self._load_whole_model(model)
+
+    def _load_whole_model(self, model: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        folder = state.get(SHARDED_KEY)
-        if folder is not None:  # every rank reads its part; DCP reshards to this run's ranks
-            sharded.load(self.model, self.optimizer, Path(folder))
+        version = state.get(SHARDED_KEY)
+        if version is not None:  # every rank reads its part; DCP reshards to this run's ranks
+            sharded.load(self.model, self.optimizer, version)
         else:
             self._load_whole(state)
         self._load_schedules(state)

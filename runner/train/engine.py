@@ -8,7 +8,6 @@ the processes it drives) are captured and restored.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Protocol, Union
 
 import torch
@@ -52,11 +51,11 @@ class Engine(Protocol):
         parameter names as torch.distributed.checkpoint saves them, this rank's shards only."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A loaded snapshot: whole parts, or (SHARDED_KEY) a folder every rank reads its part from."""
+        """A loaded snapshot: whole parts, or (SHARDED_KEY) a sharded version every rank reads its part of."""
 
-    def load_model_state(self, model: Union[dict[str, torch.Tensor], Path]) -> None:
+    def load_model_state(self, model: Union[dict[str, torch.Tensor], Any]) -> None:
         """The model's weights alone (a best snapshot, before testing): a state dict, or a sharded
-        version's folder."""
+        version (runner.snapshot.format.ShardedVersion)."""
 
     def parameters_finite(self) -> bool:
         """Every weight is finite (checked before a snapshot is written; one host sync)."""

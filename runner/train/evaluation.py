@@ -50,7 +50,7 @@ def _batches_behind(engine, batches) -> int:
     with the most batches (a split need not divide evenly): how many this rank repeats its last."""
     if not getattr(engine, "lockstep_evaluation", False) or engine.collectives.world_size == 1:
         return 0
-    mine = len(batches)
+    mine = batches.num_batches() if hasattr(batches, "num_batches") else len(batches)
     most = int(engine.collectives.max_(torch.tensor([float(mine)], dtype=torch.float64)).item())
     if mine == 0 and most > 0:
         raise RuntimeError(f"rank {engine.collectives.rank} has no evaluation batch while others do: with "

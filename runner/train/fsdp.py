@@ -124,6 +124,12 @@ class FSDPEngine(DDPEngine):
         """The whole model on one rank is what FSDP avoids: snapshots are sharded (`sharded_state`)."""
         raise RuntimeError("an FSDP model is snapshotted in shards: snapshot.format=dcp")
 
+    def _load_whole_model(self, model: dict[str, torch.Tensor]) -> None:
+        """Whole weights (a single-file best snapshot of the DDP part of the run): each rank keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, model, options=StateDictOptions(full_state_dict=True))
+
     def _load_whole(self, state: dict[str, Any]) -> None:
         """A single-file snapshot (written by a DDP run of the same model): every rank loads the whole
         state and keeps its shards. The optimizer's state is keyed by parameter index there and by

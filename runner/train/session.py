@@ -100,7 +100,7 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     if best is not None:
         loaded = manager.load_entry(best)
         sharded = loaded.get(snap.SHARDED_KEY)
-        state = Path(sharded) if sharded else loaded[snap.MODEL_KEY]  # a sharded version: every rank reads its part
+        state = sharded if sharded is not None else loaded[snap.MODEL_KEY]  # a sharded version: every rank reads its part
     metrics = loop.test(state)
     chosen = best or loop.writer.last_entry or {}
     results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,
