@@ -10,6 +10,7 @@ Nothing here writes to disk.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import inspect
 import os
 import re
@@ -27,6 +28,8 @@ from runner.config import (Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeW
 from runner.errors import UserError
 from runner.rundir import check_name, existing_ancestor, identity, identity_diff
 from runner.snapshot import SnapshotError, SnapshotManager
+
+log = logging.getLogger(__name__)
 
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 # torch optimizers say "Invalid learning rate: -1"; map the phrase to the config key.
@@ -162,6 +165,8 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
                             f"builds {type(model).__name__}" + (f" with {len(model)} layers" if isinstance(model, torch.nn.Sequential) else ""),
                             "a model that is an nn.Sequential with at least num_stages layers (e.g. model=mlp)",
                             "use model=mlp, or fewer stages")
+    if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.meta_init:
+        check_meta_init(model, str(cfg.model._target_))
     if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.shard:
         from runner.train.fsdp import shard_blocks
 
@@ -199,6 +204,25 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     except Exception as err:
         raise _build_error("task", cfg.task, err, where["task"]) from None
     return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+
+
+def check_meta_init(model: torch.nn.Module, target: str) -> None:
+    """trainer.fsdp.meta_init fills the model's memory with `init_weights()` or each module's
+    `reset_parameters()`: anything neither reaches would train from whatever the memory held."""
+    if callable(getattr(model, "init_weights", None)):
+        return
+    uncovered = [f"{prefix + '.' if prefix else ''}{name}" for prefix, module in model.named_modules()
+                 if not callable(getattr(module, "reset_parameters", None))
+                 for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+    if uncovered:
+        shown = ", ".join(uncovered[:4]) + (f" and {len(uncovered) - 4} more" if len(uncovered) > 4 else "")
+        raise UserError("trainer.fsdp.meta_init", True, f"{target} has no init_weights(), and {shown} belong to modules "
+                        "without reset_parameters(): after a build on the meta device nothing would initialise them",
+                        "a model with init_weights() (called after sharding), or whose every parameter and buffer is "
+                        "in a module with reset_parameters()", "add an init_weights() method to the model, or drop "
+                        "trainer.fsdp.meta_init (the model is then built whole and sharded)")
+    log.warning("trainer.fsdp.meta_init: %s has no init_weights(), so each module's reset_parameters() initialises it; "
+                "an initialisation its constructor applies (a custom std, tied weights) is not replayed", target)
 
 
 def check_loggers(node: DictConfig, where: str) -> None:
@@ -348,7 +372,18 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError("snapshot.resume", "must", f"no snapshot in {manager.dir} to resume from",
                         f"{ResumeWord.words()} | a snapshot file path", "use snapshot.resume=auto to start fresh when there is none")
     path = resume_path(resume)
-    if path is not None and not (path.is_file() or (path.is_dir() and (path / ".metadata").is_file())):
+    if path is not None and not (path.is_file() or path.is_dir()):
         raise UserError("snapshot.resume", resume, "no such snapshot file or sharded snapshot folder",
                         f"{ResumeWord.words()} | path to an existing snapshot-*.pt or step-* folder",
                         "check the path (relative paths start from the current directory)")
+    if path is not None and path.is_dir():
+        beside = SnapshotManager(path.parent)
+        try:
+            listed = any(e["file"] == path.name and e.get("kind") == "dcp" for e in beside.entries())
+        except SnapshotError:
+            listed = False
+        if not listed:
+            raise UserError("snapshot.resume", resume, f"is a folder that {beside.manifest_path} does not list as a sharded "
+                            "snapshot (its files are verified through that entry)",
+                            "a step-* folder inside the snapshots/ folder of the run that wrote it",
+                            "pass the step-* folder where the run left it, next to its manifest.json")

@@ -142,3 +142,22 @@ def test_fsdp_units_look_inside_containers_and_leave_tied_weights_to_the_root():
     assert names(gpt, "Block") == names(gpt, "runner.examples.charlm.Block") == ["blocks.0", "blocks.1"]
     assert names(gpt, "ModuleList") == []  # a container without forward is never a unit
     assert names(MLP(2, 1, depth=2), None) == ["0", "2", "4"]  # activations hold no parameters
+
+
+def test_meta_init_is_refused_where_nothing_would_initialise_a_parameter(caplog):
+    import logging
+
+    from runner.errors import UserError
+    from runner.examples.charlm import TinyGPT
+    from runner.models import MLP
+    from runner.preflight import check_meta_init
+
+    with torch.device("meta"):
+        attention, mlp, gpt = torch.nn.MultiheadAttention(8, 2), MLP(2, 1), TinyGPT(n_layer=1)
+    with pytest.raises(UserError, match="in_proj_weight") as err:  # MHA initialises in _reset_parameters, not reset_parameters
+        check_meta_init(attention, "torch.nn.MultiheadAttention")
+    assert "init_weights" in str(err.value)
+    check_meta_init(mlp, "runner.models.MLP")  # Linear layers: reset_parameters covers every weight
+    with caplog.at_level(logging.WARNING):
+        check_meta_init(gpt, "TinyGPT")  # covered, but its own init (std 0.02, tying) is not replayed: said
+    assert "not replayed" in caplog.text

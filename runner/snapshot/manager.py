@@ -67,6 +67,22 @@ def folder_name(step: int) -> str:
 LOOP_FILE = "loop.pt"  # a sharded version's loop state (position, RNG, metrics, schedules), written by the lead
 
 
+# sha256 of shard files this process has hashed (written or verified), by file identity: the driver,
+# the lead at resume and the test of the best version would otherwise read a large version again.
+_HASHED: dict[tuple, str] = {}
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _remember_hash(path: Path, sha256: str) -> None:
+    try:
+        _HASHED[_identity(os.lstat(path))] = sha256
+    except OSError:
+        pass
+
+
 def _is_sharded(entry: dict[str, Any]) -> bool:
     return entry.get("kind") == "dcp"
 
@@ -200,7 +216,14 @@ class SnapshotManager:
         if os.path.lexists(final):  # this step was written before (a torn version, resumed from an older one)
             aside = final.with_name(f".{name}.old-{os.getpid()}")
             os.replace(final, aside)
-        os.replace(tmp, final)  # the manifest's directory fsync below persists this rename
+        try:
+            os.replace(tmp, final)  # the manifest's directory fsync below persists this rename
+        except BaseException:
+            if aside is not None:  # put back what was there
+                os.replace(aside, final)
+            raise
+        for item in files:
+            _remember_hash(final / item["name"], item["sha256"])
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         entry = {"file": name, "kind": "dcp", "step": int(step), "epoch": int(epoch),
                  "size": sum(f["size"] for f in files), "sha256": digest, "files": files}
@@ -222,9 +245,12 @@ class SnapshotManager:
         if ended is not None:  # training ended here for good (early stop): re-invoking does not train on
             entry["ended"] = str(ended)
         manifest = self.read_manifest()
-        kept = [e for e in self._trusted_entries(manifest) if e["step"] != entry["step"] and e["file"] != name]
+        trusted = self._trusted_entries(manifest)
+        kept = [e for e in trusted if e["step"] != entry["step"] and e["file"] != name]
+        replaced = [e for e in trusted if e["step"] == entry["step"] and e["file"] != name]  # the same step in the other format
         kept = sorted(kept + [entry], key=lambda e: e["step"])
         kept, dropped = self._retain(kept)
+        dropped += replaced
         manifest.update(format_version=FORMAT_VERSION, snapshots=kept)
         best = self._best(kept)
         if best:
@@ -382,16 +408,22 @@ class SnapshotManager:
         return data
 
     def _hash_regular_file(self, path: Path, size: int) -> str:
-        """sha256 of a regular file of exactly `size` bytes, read in chunks (shards can be large)."""
+        """sha256 of a regular file of exactly `size` bytes, read in chunks (shards can be large);
+        not read again in this process while the file is unchanged (same inode, size, mtime)."""
         fd = self._open_regular(path)
         digest, seen = hashlib.sha256(), 0
         with os.fdopen(fd, "rb") as f:
-            self._check_size(path, os.fstat(f.fileno()), size)
+            st = os.fstat(f.fileno())
+            self._check_size(path, st, size)
+            known = _HASHED.get(_identity(st))
+            if known is not None:
+                return known
             while chunk := f.read(16 * 2**20):
                 digest.update(chunk)
                 seen += len(chunk)
         if seen != size:
             raise SnapshotError(f"{path} has {seen} bytes, the manifest says {size} (truncated or torn)")
+        _HASHED[_identity(st)] = digest.hexdigest()
         return digest.hexdigest()
 
     def _read_regular_file(self, path: Path, size: int) -> bytes:

@@ -30,6 +30,7 @@ import io
 import logging
 import pickle
 import time
+from datetime import timedelta
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -94,6 +95,22 @@ def full_model(version: ShardedVersion) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
+def unwrapped_failures() -> Iterator[None]:
+    """DCP reports a failed write as a CheckpointException (a BaseException) holding each rank's
+    error: raise the first one itself (a full disk stays an OSError with its errno and path)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        cause = next((c for c in causes if isinstance(c, OSError)), causes[0] if causes else None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RuntimeError(f"writing a sharded snapshot failed: {str(err).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
 def refused_unsafe(version: ShardedVersion) -> Iterator[None]:
     """A version that cannot be read safely (a tampered .metadata, a pickle that is not weights
     only) is a SnapshotError naming it, whichever rank DCP reports it from."""
@@ -121,12 +138,13 @@ class ShardedSnapshotWriter(BackgroundWrites):
     sharded = True
 
     def __init__(self, manager: SnapshotManager, lead: bool, config: Optional[dict] = None,
-                 asynchronous: bool = False, device: Optional[torch.device] = None) -> None:
+                 asynchronous: bool = False, device: Optional[torch.device] = None, timeout_s: float = 600.0) -> None:
         super().__init__(manager, config, asynchronous)
         self.lead = lead
         # DCP's own collectives (plans, metadata) on a group of their own: an asynchronous save runs
         # them on a background thread while the training step runs its own on the default group.
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                       if dist.is_initialized() else None)
         self._cuda = device is not None and device.type == "cuda"
         self._stager = None
         self._staged: Optional[Future] = None
@@ -156,7 +174,8 @@ class ShardedSnapshotWriter(BackgroundWrites):
             upload = response.upload_completion
             self._inflight = self._pool.submit(self._finish, upload, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
         else:
-            dcp.save(shards, storage_writer=writer, process_group=self._group)
+            with unwrapped_failures():
+                dcp.save(shards, storage_writer=writer, process_group=self._group)
             self._inflight = self._pool.submit(self._finish, None, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
         self.stall_seconds.append(time.perf_counter() - started)
 
@@ -172,7 +191,8 @@ class ShardedSnapshotWriter(BackgroundWrites):
     def _finish(self, upload: Optional[Future], tmp: Path, loop_bytes: Optional[bytes], step: int, epoch: int,
                 end_of_epoch: bool, marks: dict[str, Any]) -> None:
         if upload is not None:
-            upload.result()  # this rank's shards are written; on the lead, every rank's and .metadata too
+            with unwrapped_failures():
+                upload.result()  # this rank's shards are written; on the lead, every rank's and .metadata too
         if not self.lead:
             return
         with open(tmp / LOOP_FILE, "wb") as f:

@@ -58,7 +58,8 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     if lead:
         manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
     if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
-        writer = ShardedSnapshotWriter(manager, lead, config if lead else None, asynchronous, engine.device)
+        writer = ShardedSnapshotWriter(manager, lead, config if lead else None, asynchronous, engine.device,
+                                       timeout_s=float(cfg.launch.collective_timeout))
     else:
         writer = SnapshotWriter(manager, config, asynchronous) if lead else NullWriter()
     metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
@@ -94,11 +95,15 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
 def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best snapshot (else the model as training left it, which the final snapshot
     holds) on the test split; the lead writes results.json."""
-    loop.engine.collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
+    collectives = loop.engine.collectives
+    collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
     best = manager.best_entry()
     state = None
     if best is not None:
-        loaded = manager.load_entry(best)
+        if best.get("kind") == "dcp" and collectives.world_size > 1:  # one rank verifies, as at resume
+            loaded = _lead_verified(manager, best, collectives)
+        else:
+            loaded = manager.load_entry(best)
         sharded = loaded.get(snap.SHARDED_KEY)
         state = sharded if sharded is not None else loaded[snap.MODEL_KEY]  # a sharded version: every rank reads its part
     metrics = loop.test(state)
@@ -110,6 +115,21 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
         log.info("test: %s (%s, %s)", " ".join(f"{k} {v:.6g}" for k, v in metrics.items()), results["snapshot"],
                  results["chosen_by"])
     return results
+
+
+def _lead_verified(manager: SnapshotManager, entry: dict[str, Any], collectives) -> dict[str, Any]:
+    """A sharded version's loop state on every rank, all of its files verified by the lead alone;
+    the lead's failure is every rank's (no rank is left waiting in a collective)."""
+    loaded, problem = None, None
+    if collectives.rank == 0:
+        try:
+            loaded = manager.load_entry(entry)
+        except SnapshotError as err:
+            problem = str(err)
+    problem = collectives.gather(problem)[0]
+    if problem is not None:
+        raise SnapshotError(problem)
+    return loaded if loaded is not None else manager.load_entry(entry, verified=True)
 
 
 def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=None):
