@@ -121,7 +121,7 @@ class DDPEngine:
         """This step's loss on every rank and its averaged gradients are finite (a loss that overflows
         with finite gradients would still push the weights to inf). One small collective, one sync."""
         flags = [loss.detach().isfinite()] + [local(p.grad).isfinite().all() for p in self.model.parameters() if p.grad is not None]
-        bad = (~torch.stack(flags).all()).to(torch.float64).reshape(1)
+        bad = (~torch.stack([f.to(loss.device) for f in flags]).all()).to(torch.float64).reshape(1)  # offloaded gradients live on the CPU
         return self.collectives.max_(bad).item() == 0
 
     def _current_lr(self) -> float:
