@@ -43,7 +43,7 @@ def test_a_version_is_a_folder_listed_file_by_file(tmp_path):
     loaded_entry, state = mgr.load_latest()
     assert loaded_entry["step"] == 30 and state["train_state"] == {"step": 30}
     version = state[snap.SHARDED_KEY]
-    assert version.folder == tmp_path / "step-000000030" and version.files == {f["name"] for f in entry["files"]}
+    assert version.folder == tmp_path / "step-000000030" and set(version.files) == {f["name"] for f in entry["files"]}
     weights = full_model(version)  # no process group: what an export reads
     assert torch.equal(weights["w"], torch.full((4, 3), 30.0)) and torch.equal(weights["b"], torch.arange(3.0) + 30)
 
@@ -195,3 +195,27 @@ def test_non_tensor_values_load_weights_only(tmp_path):
     with pytest.raises(SnapshotError, match="cannot be loaded safely"):
         full_model(state[snap.SHARDED_KEY])
     assert not Payload.marker.exists()
+
+
+@pytest.mark.parametrize("prefix", [
+    b"cpathlib\nPosixPath\n(N}V_str\nV/etc\nstb0",  # BUILD on a class: every Path of the process would be /etc
+    b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(I0\ntR(N}V_value_\nI7\nstb0",  # BUILD on an enum member
+])
+def test_metadata_cannot_change_anything_outside_what_it_builds(tmp_path, prefix):
+    import hashlib
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    mgr = SnapshotManager(tmp_path / "snaps")
+    entry = write_version(mgr, 10)
+    metadata = tmp_path / "snaps" / entry["file"] / ".metadata"
+    data = prefix + metadata.read_bytes()  # then the real metadata, which alone loads
+    metadata.write_bytes(data)
+    files = [dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
+             for f in entry["files"]]
+    relisted(mgr, entry, files=files)
+    _, state = mgr.load_latest()
+    with pytest.raises(SnapshotError, match="refusing .*state"):
+        full_model(state[snap.SHARDED_KEY])
+    assert str(Path("/x")) == "/x" and _MEM_FORMAT_ENCODING(0).value == 0

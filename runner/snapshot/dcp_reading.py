@@ -1,70 +1,181 @@
-"""Reading a sharded version as untrusted input: DCP's own reader unpickles `.metadata` with plain
-`pickle` and its planner loads non-tensor values with `torch.load(weights_only=False)`, and it
-opens whatever file names the metadata gives. Here `.metadata` is unpickled with an allow-list of
-DCP's own metadata classes, every file it names must be one the manifest entry lists (and the load
-has verified), and non-tensor values load weights-only: a tampered version cannot run code or
-reach outside its folder, as a single-file snapshot cannot.
+"""Reading a sharded version as untrusted input. DCP's own reader unpickles `.metadata` with plain
+`pickle`, its planner loads non-tensor values with `torch.load(weights_only=False)`, and it opens
+whatever file names the metadata gives, following links. Here:
+
+- `.metadata` must match its sha256 in the manifest entry at the moment it is read, and is then
+  unpickled by an unpickler that knows only DCP's metadata dataclasses, dtypes, `torch.Size` and
+  the memory-format enum, sets state only on instances of those dataclasses and only their own
+  fields, and turns paths and layouts into plain values: it cannot run code nor change anything
+  outside the objects it builds;
+- every file the metadata names must be one the entry lists, and is opened relative to the
+  version's folder (opened once, not through a link), never through a link itself, only if it is
+  a regular file of the listed size;
+- non-tensor values (the optimizer's hyperparameters) load weights-only.
+
+A tampered version therefore cannot run code or read outside its folder, as a single-file
+snapshot cannot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import io
 import os
 import pickle
-from typing import Any
+import stat
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from runner.snapshot.format import ShardedVersion, SnapshotError
-from runner.snapshot.manifest import SHARD_FILE_PATTERN
 
-_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in
-    ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
-     "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path"), ("collections", "OrderedDict")}
+_DATACLASSES = {getattr(dcp_metadata, name) for name in
+                ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata")} | {dcp_filesystem._StorageInfo}
+_LAYOUTS = {str(layout): layout for layout in (getattr(torch, n, None) for n in
+            ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"))
+            if isinstance(layout, torch.layout)}
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _path_as_text(*parts: Any) -> str:
+    """A pickled pathlib path, as plain text (the real classes are never handed to the unpickler)."""
+    return os.path.join(*(str(p) for p in parts)) if parts else ""
+
+
+def _layout(name: Any) -> torch.layout:
+    if name not in _LAYOUTS:
+        raise pickle.UnpicklingError(f"unknown tensor layout {name!r}")
+    return _LAYOUTS[name]
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be restricted
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
+        if module == "torch.distributed.checkpoint.metadata" and name == "_MEM_FORMAT_ENCODING":
+            return dcp_metadata._MEM_FORMAT_ENCODING
+        for cls in _DATACLASSES:
+            if (module, name) == (cls.__module__, cls.__qualname__):
+                return cls
+        if (module, name) == ("torch", "Size"):
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout
+        if module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return _path_as_text
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+    def load_build(self) -> None:
+        """State is set only on instances of DCP's dataclasses, and only their own fields."""
+        state = self.stack[-1]
+        inst = self.stack[-2]
+        if type(inst) not in _DATACLASSES:
+            raise pickle.UnpicklingError(f"refusing to set state on {type(inst).__name__}")
+        if "__setstate__" in type(inst).__dict__:  # DCP's own setter (TensorProperties) takes its own state
+            pickle._Unpickler.load_build(self)
+            return
+        fields = {f.name for f in dataclasses.fields(inst)}
+        parts = state if isinstance(state, tuple) else (state,)
+        for part in parts:
+            if part is not None and not (isinstance(part, dict) and all(isinstance(k, str) and k in fields for k in part)):
+                raise pickle.UnpicklingError(f"refusing state {sorted(part) if isinstance(part, dict) else type(part).__name__} "
+                                             f"for {type(inst).__name__}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+class _ConfinedFileSystem(dcp_filesystem.FileSystem):
+    """Opens only the files the version lists, relative to its folder, never through a link."""
+
+    def __init__(self, version: ShardedVersion) -> None:
+        super().__init__()
+        self.version = version
+        try:
+            self.folder_fd = os.open(version.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as err:
+            raise SnapshotError(f"{version.folder} cannot be opened as a folder ({err.strerror or err})") from None
+
+    def close(self) -> None:
+        if self.folder_fd is not None:
+            os.close(self.folder_fd)
+            self.folder_fd = None
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[io.IOBase]:
+        path = Path(path)
+        name = path.name
+        if mode != "rb" or path.parent != self.version.folder or name not in self.version.files:
+            raise SnapshotError(f"{path}: not a file the manifest entry of {self.version.folder.name} lists")
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=self.folder_fd)
+        except OSError as err:
+            raise SnapshotError(f"{path} cannot be opened ({err.strerror or err})") from None
+        f = os.fdopen(fd, "rb")
+        with f:
+            st = os.fstat(f.fileno())
+            size = self.version.files[name][0]
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise SnapshotError(f"{path} is not the regular file of {size} bytes its manifest entry lists")
+            yield f
 
 
 class VerifiedReader(FileSystemReader):
-    """DCP's file reader, confined to the files of one verified version."""
+    """DCP's file reader, confined to the files of one verified version; the metadata is read and
+    checked when the reader is made, so a bad one is a SnapshotError before DCP starts."""
 
     def __init__(self, version: ShardedVersion) -> None:
         super().__init__(str(version.folder))
+        self.fs = _ConfinedFileSystem(version)
         self.version = version
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self.version.folder / ".metadata"
-        if kwargs.get("rank") is not None or ".metadata" not in self.version.files:
-            raise SnapshotError(f"{path}: a sharded snapshot is read through its one listed .metadata")
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            with os.fdopen(fd, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            self.metadata = self._checked_metadata()
+        except BaseException:
+            self.fs.close()
+            raise
+
+    def _checked_metadata(self) -> Metadata:
+        path = self.version.folder / ".metadata"
+        if ".metadata" not in self.version.files:
+            raise SnapshotError(f"{path} is not listed in its manifest entry")
+        with self.fs.create_stream(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != self.version.files[".metadata"][1]:
+            raise SnapshotError(f"{path} does not match its sha256 (changed since it was verified)")
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except Exception as err:
             raise SnapshotError(f"{path} cannot be read safely ({type(err).__name__}: {err})") from None
         if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
             raise SnapshotError(f"{path} is not DCP metadata")
         for info in metadata.storage_data.values():
             name = getattr(info, "relative_path", None)
-            if not (isinstance(name, str) and name in self.version.files and SHARD_FILE_PATTERN.fullmatch(name)
-                    and name.endswith(".distcp")):
+            if not (isinstance(name, str) and name in self.version.files and name.endswith(".distcp")):
                 raise SnapshotError(f"{path} names {name!r}, which is not a shard file its manifest entry lists")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not fall back to per-rank metadata files
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+    def close(self) -> None:
+        self.fs.close()
 
 
 class _WeightsOnlyBytes:

@@ -35,11 +35,11 @@ SHARDED_KEY = "sharded"
 
 @dataclass(frozen=True)
 class ShardedVersion:
-    """A verified sharded version: its folder and the file names its manifest entry lists (the
-    only files a load may open)."""
+    """A verified sharded version: its folder and the files its manifest entry lists, name ->
+    (size, sha256): the only files a load may open."""
 
     folder: Path
-    files: frozenset
+    files: dict
 
 
 class SnapshotError(Exception):

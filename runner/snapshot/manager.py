@@ -421,9 +421,11 @@ class SnapshotManager:
             while chunk := f.read(16 * 2**20):
                 digest.update(chunk)
                 seen += len(chunk)
+            unchanged = _identity(os.fstat(f.fileno())) == _identity(st)
         if seen != size:
             raise SnapshotError(f"{path} has {seen} bytes, the manifest says {size} (truncated or torn)")
-        _HASHED[_identity(st)] = digest.hexdigest()
+        if unchanged:  # not written to while it was read
+            _HASHED[_identity(st)] = digest.hexdigest()
         return digest.hexdigest()
 
     def _read_regular_file(self, path: Path, size: int) -> bytes:
@@ -464,7 +466,7 @@ class SnapshotManager:
             return load_bytes(data, self.dir / entry["file"])
         folder = self.dir / entry["file"]
         state = load_bytes(data, folder / LOOP_FILE)
-        state[SHARDED_KEY] = ShardedVersion(folder, frozenset(f["name"] for f in entry["files"]))
+        state[SHARDED_KEY] = ShardedVersion(folder, {f["name"]: (f["size"], f["sha256"]) for f in entry["files"]})
         return state
 
     def load_latest(self) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:

@@ -59,12 +59,12 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, version: Shar
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from runner.snapshot.dcp_reading import SafeLoadPlanner, VerifiedReader
+    from runner.snapshot.dcp_reading import SafeLoadPlanner
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    with refused_unsafe(version):
-        dcp.load(state, storage_reader=VerifiedReader(version), planner=SafeLoadPlanner())
+    with reading(version) as reader:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -73,11 +73,11 @@ def load_model(model: torch.nn.Module, version: ShardedVersion) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from runner.snapshot.dcp_reading import SafeLoadPlanner, VerifiedReader
+    from runner.snapshot.dcp_reading import SafeLoadPlanner
 
     state = {"model": get_model_state_dict(model)}
-    with refused_unsafe(version):
-        dcp.load(state, storage_reader=VerifiedReader(version), planner=SafeLoadPlanner())
+    with reading(version) as reader:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     set_model_state_dict(model, state["model"])
 
 
@@ -86,48 +86,73 @@ def full_model(version: ShardedVersion) -> dict[str, torch.Tensor]:
     even where a process group exists, no model needed): what an export reads."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what _load_state_dict_from_keys runs
 
-    from runner.snapshot.dcp_reading import SafeWholeLoadPlanner, VerifiedReader
+    from runner.snapshot.dcp_reading import SafeWholeLoadPlanner
 
     state: dict[str, Any] = {}
-    with refused_unsafe(version):
-        _load_state_dict(state, storage_reader=VerifiedReader(version), planner=SafeWholeLoadPlanner(keys={"model"}), no_dist=True)
+    with reading(version) as reader:
+        _load_state_dict(state, storage_reader=reader, planner=SafeWholeLoadPlanner(keys={"model"}), no_dist=True)
     return dict(state["model"])
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """The per-rank errors a CheckpointException holds ({rank: (error, traceback)} in torch 2.13)."""
+    failures = getattr(err, "failures", {}) or {}
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values() if isinstance(f, (tuple, BaseException))]
+
+
+def _first_cause(err: BaseException, prefer: tuple) -> BaseException:
+    """An interrupt (Ctrl-C, exit) wins over everything, then the kinds in `prefer`, then the first."""
+    causes = [c for c in _causes(err) if isinstance(c, BaseException)]
+    for wanted in ((lambda c: not isinstance(c, Exception)), (lambda c: isinstance(c, prefer))):
+        found = next((c for c in causes if wanted(c)), None)
+        if found is not None:
+            return found
+    return causes[0] if causes else err
 
 
 @contextlib.contextmanager
 def unwrapped_failures() -> Iterator[None]:
     """DCP reports a failed write as a CheckpointException (a BaseException) holding each rank's
-    error: raise the first one itself (a full disk stays an OSError with its errno and path)."""
+    error: raise the error itself (a full disk stays an OSError with its errno and path; a Ctrl-C
+    stays a KeyboardInterrupt)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
     except CheckpointException as err:
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
-        cause = next((c for c in causes if isinstance(c, OSError)), causes[0] if causes else None)
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise RuntimeError(f"writing a sharded snapshot failed: {str(err).splitlines()[0]}") from None
+        cause = _first_cause(err, (OSError,))
+        if cause is err:
+            raise RuntimeError(f"writing a sharded snapshot failed: {str(err).splitlines()[0]}") from None
+        raise cause from None
 
 
 @contextlib.contextmanager
-def refused_unsafe(version: ShardedVersion) -> Iterator[None]:
-    """A version that cannot be read safely (a tampered .metadata, a pickle that is not weights
-    only) is a SnapshotError naming it, whichever rank DCP reports it from."""
+def reading(version: ShardedVersion) -> Iterator[Any]:
+    """A reader confined to `version`'s listed, verified files (runner.snapshot.dcp_reading). What
+    shows the version cannot be read safely (a tampered .metadata, a pickle that is not weights
+    only, a file that changed) is a SnapshotError naming it; any other failure is raised as itself."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from runner.snapshot.dcp_reading import VerifiedReader
+
+    reader = VerifiedReader(version)
+    unsafe = (SnapshotError, pickle.UnpicklingError)
     try:
-        yield
-    except SnapshotError:
-        raise
+        yield reader
     except CheckpointException as err:
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
-        first = next((c for c in causes if isinstance(c, SnapshotError)), causes[0] if causes else err)
-        raise SnapshotError(f"{version.folder} cannot be loaded safely: {type(first).__name__}: "
-                            f"{str(first).splitlines()[0] if str(first) else ''}") from None
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as err:
-        raise SnapshotError(f"{version.folder} cannot be loaded safely: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        cause = _first_cause(err, unsafe)
+        if isinstance(cause, unsafe):
+            raise SnapshotError(f"{version.folder} cannot be loaded safely: {_one_line(cause)}") from None
+        raise (cause if cause is not err else RuntimeError(_one_line(err))) from None
+    except pickle.UnpicklingError as err:
+        raise SnapshotError(f"{version.folder} cannot be loaded safely: {_one_line(err)}") from None
+    finally:
+        reader.close()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 # ---- the writer ---------------------------------------------------------------------------------

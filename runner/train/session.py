@@ -94,18 +94,29 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
 
 def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best snapshot (else the model as training left it, which the final snapshot
-    holds) on the test split; the lead writes results.json."""
+    holds) on the test split; the lead writes results.json. With sharded snapshots the lead picks
+    and verifies the best version and every rank takes its choice (one read of a large version)."""
     collectives = loop.engine.collectives
     collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
-    best = manager.best_entry()
+    loaded: dict[str, Any] = {}
+    if isinstance(loop.writer, ShardedSnapshotWriter) and collectives.world_size > 1:
+        def best_verified() -> Optional[dict[str, Any]]:
+            entry = manager.best_entry()
+            if entry is not None:
+                loaded["state"] = manager.load_entry(entry)
+            return entry
+
+        best = lead_decides(collectives, best_verified)
+        if best is not None and "state" not in loaded:
+            loaded["state"] = manager.load_entry(best, verified=best.get("kind") == "dcp")
+    else:
+        best = manager.best_entry()
+        if best is not None:
+            loaded["state"] = manager.load_entry(best)
     state = None
     if best is not None:
-        if best.get("kind") == "dcp" and collectives.world_size > 1:  # one rank verifies, as at resume
-            loaded = _lead_verified(manager, best, collectives)
-        else:
-            loaded = manager.load_entry(best)
-        sharded = loaded.get(snap.SHARDED_KEY)
-        state = sharded if sharded is not None else loaded[snap.MODEL_KEY]  # a sharded version: every rank reads its part
+        sharded = loaded["state"].get(snap.SHARDED_KEY)
+        state = sharded if sharded is not None else loaded["state"][snap.MODEL_KEY]  # sharded: every rank reads its part
     metrics = loop.test(state)
     chosen = best or loop.writer.last_entry or {}
     results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,
@@ -117,19 +128,21 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     return results
 
 
-def _lead_verified(manager: SnapshotManager, entry: dict[str, Any], collectives) -> dict[str, Any]:
-    """A sharded version's loop state on every rank, all of its files verified by the lead alone;
-    the lead's failure is every rank's (no rank is left waiting in a collective)."""
-    loaded, problem = None, None
+def lead_decides(collectives, decide: Callable[[], Any]) -> Any:
+    """`decide()` on the lead alone; its (small, picklable) result on every rank. Its failure is
+    every rank's too, so no rank is left waiting in a collective the others never reach."""
+    result, failure = None, None
     if collectives.rank == 0:
         try:
-            loaded = manager.load_entry(entry)
-        except SnapshotError as err:
-            problem = str(err)
-    problem = collectives.gather(problem)[0]
-    if problem is not None:
-        raise SnapshotError(problem)
-    return loaded if loaded is not None else manager.load_entry(entry, verified=True)
+            result = decide()
+        except Exception as err:
+            failure = err
+    shared = collectives.gather((result, None if failure is None else f"{type(failure).__name__}: {failure}"))[0]
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise SnapshotError(f"rank 0 could not choose a snapshot: {shared[1]}")
+    return shared[0]
 
 
 def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=None):
@@ -140,18 +153,18 @@ def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=Non
     others take its choice, checking only the small loop.pt themselves: a sharded version is read
     by all ranks, and hashing all of it once per rank would multiply the cost of a resume."""
     if collectives is not None and collectives.world_size > 1:
-        latest, choice = None, None
-        if collectives.rank == 0:
-            try:
-                latest = manager.load_latest()
-                choice = ("entry", latest[0]) if latest is not None else ("none", None)
-            except SnapshotError as err:
-                choice = ("error", str(err))
-        kind, value = collectives.gather(choice)[0]
-        if kind == "error":
-            raise SnapshotError(value)
-        if kind == "entry" and latest is None:
-            latest = value, manager.load_entry(value, verified=value.get("kind") == "dcp")
+        found: dict[str, Any] = {}
+
+        def newest_verified() -> Optional[dict[str, Any]]:
+            latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
+            if latest is not None:
+                found["latest"] = latest
+            return latest[0] if latest is not None else None
+
+        entry = lead_decides(collectives, newest_verified)
+        latest = found.get("latest")
+        if entry is not None and latest is None:
+            latest = entry, manager.load_entry(entry, verified=entry.get("kind") == "dcp")
     else:
         latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
     if latest is not None:
