@@ -1,8 +1,11 @@
 """Hydra callback that validates a single run before Hydra creates its output directory.
 
 Hydra calls `on_run_start` after composing the config and before `run_job` makes the run
-directory, so a rejected command leaves nothing behind. (Sweep jobs are validated by the task
-itself, which writes their status for the sweep's table.)
+directory. The quick checks run first; then the run directory's lock is taken (creating the
+directory for its lock file), then the slow checks (objects, data, snapshots), so a second command
+on a run in use is refused before it builds anything. A refused command gives the lock up and
+removes what taking it created: it leaves no trace. The job (runner.cli.run) keeps the lock.
+(Sweep jobs are validated and locked by the task itself.)
 """
 
 from __future__ import annotations
@@ -14,20 +17,28 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runner.config import LaunchMode
 from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 
 
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from runner.lock import RunDirLock
         from runner.preflight import preflight
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        lock = RunDirLock(run_dir, shared=task_cfg.launch.mode == LaunchMode.multinode)
         try:
-            preflight(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task))
+            preflight(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task),
+                      lock=lock.acquire)
         except UserError as err:
+            lock.abandon()
             if full_errors_requested():
                 raise
             report_user_error(err)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except BaseException:
+            lock.abandon()
+            raise

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from runner import sweep
-from runner.config import LaunchMode, ResumeWord, register_schema, resume_path
+from runner.config import LaunchMode, ResumeWord, quote_path_overrides, register_schema, resume_path
 from runner.launch.start import stop_forkserver
 from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.rundir import run_dir_name, write_run_files
@@ -36,8 +36,14 @@ def _run_dir_name_resolver(name, overrides) -> str:
     return run_dir_name(name, items)
 
 
+def _sweep_dir_resolver(root, name) -> str:
+    """A named sweep's jobs go under its name (each job then named from its own overrides)."""
+    return os.path.join(str(root), run_dir_name(name, [])) if name else str(root)
+
+
 register_schema()
 OmegaConf.register_new_resolver("run_dir_name", _run_dir_name_resolver, replace=True)
+OmegaConf.register_new_resolver("sweep_dir", _sweep_dir_resolver, replace=True)
 
 
 class Driver:
@@ -66,6 +72,14 @@ class Driver:
     def main(self) -> None:
         """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
         _register_plugins()
+        sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories' names hold = and ,
+        try:
+            sweep.check_plugins(sys.argv[1:])
+        except UserError as err:
+            if full_errors_requested():
+                raise
+            report_user_error(err)
+            raise SystemExit(EXIT_USER_ERROR) from None
         try:
             try:
                 hydra.main(version_base="1.3", config_path="pkg://runner.conf", config_name="config")(self.task)()
@@ -85,6 +99,9 @@ class Driver:
 def _register_plugins() -> None:
     """Hydra finds sweepers by scanning installed `hydra_plugins` packages, which misses ours in an
     editable install; registering it by hand works in every install."""
+    from runner import completion
+
+    completion.register()  # bash completion that also understands `python -m runner`
     try:
         from hydra.core.plugins import Plugins
 
@@ -95,7 +112,11 @@ def _register_plugins() -> None:
 
 
 def run(cfg: DictConfig) -> int:
-    """One job: validate (unless the preflight callback did), lock, prepare, launch, report. Returns an exit code."""
+    """One job: validate and lock (unless the preflight callback did), prepare, launch, report. Returns an exit code.
+
+    Only the holder of the run directory's lock writes into it. A refused sweep job leaves its row
+    in the sweep's table instead (the directory may hold another run's good status.json), and the
+    empty job directory Hydra made for it is removed."""
     from runner import preflight
     from runner.lock import RunDirInUse, RunDirLock
 
@@ -104,20 +125,23 @@ def run(cfg: DictConfig) -> int:
     overrides = list(hydra_cfg.overrides.task)
     job = {"overrides": overrides, "job_num": int(hydra_cfg.job.get("num") or 0)}
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    lock = RunDirLock(run_dir, shared=cfg.launch.mode == LaunchMode.multinode)
+    lock = RunDirLock.held(run_dir) or RunDirLock(run_dir, shared=cfg.launch.mode == LaunchMode.multinode)
     try:
-        if multirun or "preflight" not in (hydra_cfg.get("callbacks") or {}):  # single runs: validated before Hydra made the directory
-            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides))
-        lock.acquire()
+        if not lock.holding:  # single runs: the preflight callback checked and locked before Hydra made the directory
+            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides), lock=lock.acquire)
     except UserError as err:
+        lock.abandon()
         if full_errors_requested():
             raise
         report_user_error(err)
-        if multirun and not isinstance(err, RunDirInUse):  # the sweep's table lists the job (never in another's directory)
-            sweep.write_status(run_dir, "invalid config", exit_code=EXIT_USER_ERROR, **job)
-        else:
-            _remove_if_empty(run_dir)
+        if multirun:
+            sweep.write_refused(run_dir, "in use" if isinstance(err, RunDirInUse) else "invalid config",
+                                exit_code=EXIT_USER_ERROR, **job)
+        _remove_if_empty(run_dir)
         return EXIT_USER_ERROR
+    except BaseException:
+        lock.abandon()
+        raise
     try:
         return _run_locked(cfg, run_dir, hydra_cfg, job)
     finally:
@@ -222,7 +246,9 @@ def _launch_and_report(cfg: DictConfig, run_dir: Path, runtime) -> tuple[int, di
     from runner.train.session import stop_marker
 
     started = "" if cfg.launch.mode == LaunchMode.local else f", workers by {runtime.start_method}"
-    log.info("run directory %s: %s, launch=%s%s", _short(run_dir), runtime.describe(), cfg.launch.mode, started)
+    log.info("run directory %s: %s, launch=%s%s", _short(run_dir), runtime.describe(cfg.trainer.strategy),
+             cfg.launch.mode, started)
+    log.info("training: %s", training_setup(cfg, runtime))
     stop_marker(run_dir).unlink(missing_ok=True)
     started = time.perf_counter()
     try:
@@ -236,6 +262,25 @@ def _launch_and_report(cfg: DictConfig, run_dir: Path, runtime) -> tuple[int, di
         return _report_diverged(summary, cfg, run_dir), summary
     _print_summary(run_dir, summary, time.perf_counter() - started, cfg)
     return 0, summary
+
+
+def training_setup(cfg: DictConfig, runtime) -> str:
+    """Strategy, precision, accumulation and the global batch: what decides the numbers a run produces."""
+    from runner.config import parse_nnodes
+
+    t = cfg.trainer
+    precision = {"32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}.get(str(t.precision), str(t.precision))
+    if cfg.launch.mode == LaunchMode.rpc:
+        return f"{cfg.launch.topology} over RPC, precision {precision}"
+    nodes = (parse_nnodes(cfg.launch.nnodes) or (1, 1))[0] if cfg.launch.mode == LaunchMode.multinode else 1
+    workers = int(runtime.nproc_per_node) * nodes
+    accumulate = int(t.accumulate)
+    strategy = "one process (no DDP)" if workers == 1 and str(t.strategy) == "ddp" else f"strategy {t.strategy}"
+    parts = [f"{t.batch_size} per worker", f"{workers} worker{'s' if workers > 1 else ''}"]
+    if accumulate > 1:
+        parts.append(f"{accumulate} micro-batches")
+    return (f"{strategy}, precision {precision}, global batch {int(t.batch_size) * workers * accumulate} "
+            f"({' x '.join(parts)})")
 
 
 def _short(path: Path) -> str:
@@ -394,6 +439,22 @@ def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         return _report_stopped(run_dir, err.signum, cfg)
     if isinstance(err, SignalException):
         return _report_stopped(run_dir, int(err.sigval), cfg)
+    stop = getattr(err, "stop_request", None)  # this node's workers stopped on request (the signal went elsewhere)
+    if stop is not None:
+        import json
+
+        from runner.train.session import stop_marker
+
+        try:
+            return _report_stopped(run_dir, json.loads(stop_marker(run_dir).read_text()).get("signal"), cfg)
+        except (OSError, ValueError):  # rank 0 and its marker are on another machine
+            print(f"Stopped at step {stop.get('step')}: a stop was asked for on another node, whose rank 0 writes the "
+                  f"snapshot; run the same command again on every node to resume.", file=sys.stderr)
+            return 128 + (stop.get("signal") or signal.SIGTERM)
+    if isinstance(err, KeyboardInterrupt) and cfg.launch.mode != LaunchMode.local:  # before the agent took signals
+        print(f"Stopped by SIGINT while the workers were starting; run the same command again: "
+              f"{_resume_point(cfg, run_dir)}.", file=sys.stderr)
+        return 128 + signal.SIGINT
     if isinstance(err, KeyboardInterrupt):  # launch=local: a second signal while the first was being handled
         return _report_stopped(run_dir, signal.SIGINT, cfg, aborted=True)
     if full_errors_requested():
@@ -417,10 +478,13 @@ def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
     full = _disk_full(run_dir)
     if full and "No space left on device" not in what:
         what = f"No space left on device: {full} (then: {what})"
-    restarts = cfg.launch.max_restarts
+    restarts = getattr(err, "restarts_done", 0)  # set by runner.launch.elastic: the restarts that ran
+    if getattr(err, "repeated_failure", None):
+        after = f" (not restarting: the same error after restart {restarts})"
+    else:
+        after = f" (after {restarts} restart{'s' if restarts > 1 else ''})" if restarts else ""
     log_path = rank_log_path(run_dir, rank)
-    lines = [f"Error: training failed on rank {rank}" + (f" (after {restarts} restarts)" if restarts and cfg.launch.mode != LaunchMode.local else "")
-             + f": {what}"]
+    lines = [f"Error: training failed on rank {rank}{after}: {what}"]
     last = [line for line in tail(log_path, 60) if line.strip()][-8:]
     if last:
         lines.append(f"  last lines of {_short(log_path)}:")

@@ -135,6 +135,18 @@ class FSDPConfig:
 
 
 @dataclass
+class DDPConfig:
+    """trainer.strategy=ddp: options of DistributedDataParallel (runner.train.ddp), DDP's own defaults.
+    A single process (launch=local, or one worker in all) is not wrapped in DDP: nothing to average."""
+
+    broadcast_buffers: bool = True  # copy rank 0's buffers (BatchNorm statistics) to every rank before each forward
+    find_unused_parameters: bool = False  # find parameters a forward left unused (a model with branches): a graph walk per step
+    static_graph: bool = False  # the set of used parameters never changes between steps (lets DDP skip that search)
+    bucket_cap_mb: Optional[float] = None  # MiB of gradients averaged in one go; null = DDP's default (25)
+    gradient_as_bucket_view: bool = False  # gradients live in DDP's buckets: saves a copy and the memory of one
+
+
+@dataclass
 class TrainerConfig:
     total_epochs: int = 20  # epochs to train; raise it and re-run to continue a finished run
     max_steps: int = 0  # optimizer steps to train instead of epochs (0 = train total_epochs epochs)
@@ -142,7 +154,7 @@ class TrainerConfig:
     save_every: int = 0  # epochs between snapshots; 0 = only the final snapshot
     save_every_steps: int = 0  # steps between snapshots, for long epochs; 0 = off
     seed: int = 0  # model init and per-rank RNG seeds (data order uses it too)
-    log_every: int = 50  # steps between progress-bar loss updates (one host sync each)
+    log_every: int = 50  # optimizer steps between training rows (metrics.jsonl, trackers, bar or log line; one host sync each); 0 = off
     progress: bool = True  # tqdm bar on rank 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
     shuffle: bool = True  # shuffle the data every epoch (DistributedSampler)
@@ -157,6 +169,11 @@ class TrainerConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     strategy: Strategy = Strategy.ddp  # ddp | fsdp: how the model is spread over the workers
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)  # DistributedDataParallel's options (trainer.strategy=ddp)
+    # Start a new run from another run's model weights (fresh optimizer, schedule, step 0): a run directory (its
+    # best snapshot, else its newest), a snapshot file or step-* folder, or exported weights (model.safetensors,
+    # model.pt). Part of the run's identity; a run directory with snapshots of its own resumes from them instead.
+    init_from: Optional[str] = None
     # The loss lives with the task now (task.loss for task=regression).
     # Fault injection, to rehearse recovery: rank `crash_rank` kills itself with SIGKILL at global
     # step `crash_at_step` (first attempt only, so the restarted workers go on).
@@ -257,8 +274,15 @@ class Runtime:
     def from_config(cls, node: DictConfig) -> "Runtime":
         return cls(**{k: node[k] for k in cls.__dataclass_fields__ if k in node})
 
-    def describe(self) -> str:
-        comm = f"{self.backend}, gradients through shared memory" if self.allreduce == "shm" else self.backend
+    def describe(self, strategy: str = "ddp") -> str:
+        """`cpu x 2 (gloo, gradients through shared memory)`: where the workers run and how they
+        average gradients. FSDP reduce-scatters them through the process group's own collectives."""
+        if str(strategy) == Strategy.fsdp:
+            comm = f"{self.backend}, FSDP: gradients reduce-scattered by {self.backend}"
+        elif self.allreduce == "shm":
+            comm = f"{self.backend}, gradients through shared memory"
+        else:
+            comm = self.backend
         return f"{self.device} x {self.nproc_per_node} ({comm})"
 
 
@@ -280,6 +304,23 @@ def resume_path(resume: object) -> Optional[Path]:
     """snapshot.resume as a file path, or None when it is one of the words."""
     text = str(resume)
     return None if text in ResumeWord._value2member_map_ else Path(text)
+
+
+PATH_KEYS = ("trainer.init_from", "snapshot.resume")  # keys whose value may be a run directory's path
+
+
+def quote_path_overrides(args: list[str]) -> list[str]:
+    """Hydra reads `=` and `,` in a value as syntax, and run directories are named with both
+    (outputs/model=mlp,optimizer=adam): an existing path given to a PATH_KEYS key is quoted for
+    Hydra, so that it can be passed as the shell completes it. Anything else is left as it is."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if (sep and key.lstrip("+") in PATH_KEYS and value[:1] not in ("'", '"') and any(c in value for c in "=,")
+                and "'" not in value and "\\" not in value and Path(value).exists()):
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
 
 
 def parse_nnodes(text: object) -> Optional[tuple[int, int]]:
@@ -348,7 +389,19 @@ def check_ranges(cfg: DictConfig) -> None:
         check_rpc(cfg)
     if t.strategy == Strategy.fsdp:
         check_fsdp(cfg)
+        for key, default in DDPConfig().__dict__.items():  # FSDP reduces through its own collectives
+            value = t.ddp.get(key)
+            _require(value == default, f"trainer.ddp.{key}", value, "is read only with trainer.strategy=ddp",
+                     f"{str(default).lower() if default is not None else 'null'} with trainer.strategy=fsdp",
+                     f"drop trainer.ddp.{key}, or use trainer.strategy=ddp")
     else:
+        cap = t.ddp.bucket_cap_mb
+        _require(cap is None or cap > 0, "trainer.ddp.bucket_cap_mb", cap, "must be positive", "null (DDP's 25) or MiB > 0",
+                 "e.g. trainer.ddp.bucket_cap_mb=25")
+        _require(not (t.ddp.static_graph and t.accumulate > 1), "trainer.ddp.static_graph", True,
+                 f"cannot be combined with trainer.accumulate={t.accumulate}: DDP's no_sync (local accumulation) "
+                 "fails an internal assertion under a static graph", "false with trainer.accumulate > 1",
+                 "drop trainer.ddp.static_graph=true, or use trainer.accumulate=1")
         for key, default in FSDPConfig().__dict__.items():
             value = t.fsdp.get(key)
             _require(value == default, f"trainer.fsdp.{key}", value, "is read only with trainer.strategy=fsdp",
@@ -366,7 +419,7 @@ def check_ranges(cfg: DictConfig) -> None:
 
 # Sections of the schema and their dataclasses: a key `+`-added under one of them does nothing, so it is refused.
 def schema_sections() -> dict[str, type]:
-    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig, "data": DataConfig, "launch": LaunchConfig,
+    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig, "trainer.ddp": DDPConfig, "data": DataConfig, "launch": LaunchConfig,
             "snapshot": SnapshotConfig}
 
 

@@ -279,12 +279,12 @@ def _pick_format(fmt: str, out: Union[str, Path, None], weights: dict[str, Any],
     have_safetensors = importlib.util.find_spec("safetensors") is not None
     chosen = fmt if fmt != "auto" else by_suffix or ("safetensors" if have_safetensors else "pt")
     if fmt == "auto" and chosen == "pt" and by_suffix is None:
-        notes.append('safetensors is not installed: writing a plain torch.save file (pip install "runner[export]" for safetensors)')
+        notes.append('safetensors is not installed: writing a plain torch.save file (pip install "hydra-torch-runner[export]" for safetensors)')
     if chosen != "safetensors":
         return chosen
     if not have_safetensors:
         raise UserError("--format", "safetensors", "needs the safetensors package, which is not installed",
-                        "--format pt, or safetensors installed", 'pip install "runner[export]" (or pip install safetensors), or pass --format pt')
+                        "--format pt, or safetensors installed", 'pip install "hydra-torch-runner[export]" (or pip install safetensors), or pass --format pt')
     odd = [k for k, v in weights.items() if not isinstance(v, torch.Tensor) or v.layout != torch.strided]
     if odd:
         if fmt == "auto" and by_suffix is None:
@@ -351,7 +351,11 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[
     header["model"] = json.dumps(model_config)
     tmp = temporary_path(path)
     try:
+        with open(tmp, "wb"):  # created as any file of the run is (umask), since safetensors creates its files 0600
+            pass
+        mode = os.stat(tmp).st_mode & 0o777
         save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -4,7 +4,8 @@
 A logger is any object built from `_target_` with `log_dir` (resolved inside the run directory)
 and `run_dir`, that has `log(record: dict)` and `close()`, and optionally `finish(summary)` (the
 run finished: upload what it produced). Rank 0 alone logs, every record that goes into
-metrics.jsonl (one per epoch, one per validation inside an epoch), keyed by `step`.
+metrics.jsonl (a training row every `trainer.log_every` steps, one record per epoch and per
+validation), keyed by `step`; `tracked` says under which names.
 
 `Loggers` wraps them for the loop: a record already sent (before a worker restart or a resume,
 which redo the records after the snapshot with bitwise the same values) is not sent again, and a
@@ -34,6 +35,20 @@ def numeric_items(record: dict[str, Any]) -> dict[str, float]:
     """The record's metrics: numbers other than the position and the wall-clock time."""
     return {k: float(v) for k, v in record.items()
             if k not in ("epoch", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def tracked(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as trackers get it. Training rows (every trainer.log_every steps) carry `train/<name>`,
+    `lr` and throughput; an epoch's end carries the epoch's means, which trackers get as
+    `train/<name>_epoch` and `samples_per_s_epoch`, so that one name never holds two quantities at one step."""
+    if record.get("scope") == "step" or not any(k.startswith("train/") for k in record):
+        return record
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "lr":
+            continue  # the training rows carry it, at every row's step
+        out[f"{key}_epoch" if key.startswith("train/") or key.endswith("_per_s") else key] = value
+    return out
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -73,26 +88,34 @@ class TensorBoardLogger:
 
 
 class CSVLogger:
-    """`metrics.csv`: one row per record, a column per key (rewritten when a new key appears)."""
+    """`metrics.csv`: one row per record, a column per key. Rows are appended; the file is rewritten
+    only when a record brings a new column (a validation metric's first value, say)."""
 
     def __init__(self, log_dir: str, run_dir: Optional[str] = None, name: str = "metrics.csv") -> None:
         self.path = Path(log_dir) / name
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
         if self.path.exists():  # a resumed run: the rows logged before it
             with open(self.path, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                self.rows = list(reader)
+                self.columns = list(reader.fieldnames or [])
 
     def log(self, record: dict[str, Any]) -> None:
-        self.rows.append({"epoch": record.get("epoch"), "step": record.get("step"), **numeric_items(record)})
-        columns: list[str] = []
-        for row in self.rows:
-            columns += [k for k in row if k not in columns]
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
+        row = {"epoch": record.get("epoch"), "step": record.get("step"), **numeric_items(record)}
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, out.getvalue(), durable=False)
+        if new or not self.path.exists():
+            self.columns += new
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            atomic_write(self.path, out.getvalue(), durable=False)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
 
     def close(self) -> None:
         pass
@@ -202,6 +225,7 @@ class Loggers:
         """`index`: the record's position in the run's history (the same after a resume)."""
         if index < self.sent:
             return  # sent before a restart or resume: the redone record holds the same values
+        record = tracked(record)
         for i, logger in enumerate(self.loggers):
             self._call(i, logger.log, record)
         self.sent = index + 1

@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from hydra.utils import get_object, instantiate
@@ -37,13 +37,22 @@ TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": 
                  "beta": "betas", "epsilon": "eps", "dampening": "dampening", "step_size": "step_size"}
 
 
-def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = ()) -> None:
-    """`choices`: the config file picked per group (Hydra's runtime.choices); `overrides`: the command line."""
+def preflight(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = (),
+              lock: Optional[Callable[[], object]] = None) -> None:
+    """`choices`: the config file picked per group (Hydra's runtime.choices); `overrides`: the command line.
+
+    `lock` (taking the run directory's lock) is called between the quick checks and the slow ones
+    (importing and dry-building the objects, building the dataset, reading the snapshots): a
+    command whose run is in use is refused in milliseconds, and only the holder reads the snapshots."""
     check_unknown_keys(cfg)
     check_ranges(cfg)
     check_name(cfg.get("name"), run_dir.parent)
     check_machine(cfg)
+    check_run_dir(run_dir, 0)  # the lock file needs a writable directory
+    if lock is not None:
+        lock()
     param_bytes = check_objects(cfg, choices or {}, tuple(overrides))
+    check_init_from(cfg, run_dir)
     check_data(cfg, (choices or {}).get("dataset"))
     check_run_dir(run_dir, param_bytes)
     check_resume(cfg, run_dir)
@@ -91,11 +100,24 @@ def check_machine(cfg: DictConfig) -> None:
                         "workers train on the CPU already", "false on CPU workers", "drop trainer.fsdp.cpu_offload=true")
     check_gpu_count(runtime, len(visible_gpus()), launch.nproc_per_node)
     check_start_method(launch, runtime)
+    warn_gpu_options_on_cpu(cfg, runtime.device)
     # Refused unless shm was moot (one worker on one machine: nothing to average).
     moot = launch.mode != LaunchMode.multinode and runtime.nproc_per_node < 2
     if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and not moot:
         raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: {runtime.allreduce_reason}",
                         "auto | gloo", "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
+
+
+def warn_gpu_options_on_cpu(cfg: DictConfig, device: str) -> None:
+    """Options that only pay off on GPUs: allowed on CPU workers (the same command runs on both), said once."""
+    if device != "cpu":
+        return
+    if cfg.data.get("pin_memory"):
+        log.warning("data.pin_memory=true: the workers train on the CPU, where pinned (page-locked) batches only cost "
+                    "memory; drop it (the default pins on CUDA only)")
+    if str(cfg.trainer.precision) == "fp16":
+        log.warning("trainer.precision=fp16: the workers train on the CPU, where float16 autocast is usually slower than "
+                    "float32 and its gradient scaler guards nothing; use 32, or bf16 on a CPU with bfloat16 units")
 
 
 def _source(group: str, choices: dict[str, str], overrides: tuple) -> str:
@@ -206,6 +228,40 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     return sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
 
 
+def check_init_from(cfg: DictConfig, run_dir: Path) -> None:
+    """The two doors into another run's snapshot: trainer.init_from (its weights, for a new run) must name
+    weights that fit this model; snapshot.resume=<path> (its whole state: step, optimizer, schedule) must
+    leave something to train. Neither applies when the run directory has snapshots of its own."""
+    from runner.train import init_from
+
+    resume = str(cfg.snapshot.resume)
+    try:
+        own = resume != ResumeWord.never and bool(SnapshotManager(run_dir / cfg.snapshot.dir).entries())
+    except SnapshotError:
+        return  # check_resume reports the unreadable manifest
+    if own:
+        return
+    source = cfg.trainer.get("init_from")
+    if not source:
+        init_from.check_resume_target(cfg, resume_path(resume))
+        return
+    if resume_path(resume) is not None:
+        raise UserError("snapshot.resume", resume, f"restores another run's whole state, and trainer.init_from="
+                        f"{source} already starts this run from a run's weights", "one of them",
+                        "drop snapshot.resume to fine-tune (fresh optimizer, schedule and step), or drop "
+                        "trainer.init_from to continue that run's training")
+    if cfg.launch.mode == LaunchMode.rpc:
+        raise UserError("trainer.init_from", source, "launch=rpc builds its model inside the RPC stages, which do not "
+                        "load initial weights", "trainer.init_from with launch=standalone, local or multinode",
+                        "drop launch=rpc for the fine-tuning run")
+    if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.meta_init:
+        raise UserError("trainer.fsdp.meta_init", True, "builds the model without memory, so trainer.init_from="
+                        f"{source} has nothing to load its weights into before sharding",
+                        "trainer.fsdp.meta_init=false with trainer.init_from (each worker builds the model whole in "
+                        "CPU memory, loads the weights, then shards)", "drop trainer.fsdp.meta_init=true")
+    init_from.check_source(cfg)
+
+
 def check_meta_init(model: torch.nn.Module, target: str) -> None:
     """trainer.fsdp.meta_init fills the model's memory with `init_weights()` or each module's
     `reset_parameters()`: anything neither reaches would train from whatever the memory held."""
@@ -237,7 +293,8 @@ def check_loggers(node: DictConfig, where: str) -> None:
         if module is not None and importlib.util.find_spec(module) is None:
             name = str(item._target_).rsplit(".", 1)[-1]
             raise UserError(f"{key}._target_", item._target_, f"{name} needs the {module} package, which is not installed",
-                            f"logger=none, or {module} installed", f'pip install "runner[{extra}]", or drop the logger')
+                            f"logger=none, or {module} installed",
+                            f'pip install "hydra-torch-runner[{extra}]", or drop the logger')
 
 
 def check_data(cfg: DictConfig, choice: Optional[str] = None) -> None:

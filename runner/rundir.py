@@ -26,15 +26,16 @@ NON_DEFINING_KEYS = (
     # How the model is spread over the workers, not what it computes: a run may move between
     # ddp and fsdp, and between numbers of workers (sharded snapshots reshard at load).
     "trainer.strategy", "trainer.fsdp.shard", "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload",
+    "trainer.ddp",
 )
 # What a snapshot's config must share with the current one for a resume to make sense.
 # trainer.batch_size changes the data order and the steps (and names the run directory like these).
 IDENTITY_KEYS = ("dataset", "task", "model", "optimizer", "scheduler", "trainer.seed", "trainer.shuffle",
-                 "trainer.batch_size", "trainer.accumulate", "data.val_fraction", "data.drop_last")
+                 "trainer.batch_size", "trainer.accumulate", "data.val_fraction", "data.drop_last", "trainer.init_from")
 # Identity keys added after runs were already written: a snapshot without them still resumes (the
 # loss moved from trainer.loss to task.loss; a scheduler's `interval` defaults to epoch, as before).
 LATER_IDENTITY_KEYS = ("trainer.batch_size", "task", "trainer.accumulate", "data.val_fraction", "data.drop_last",
-                       "scheduler.interval")
+                       "scheduler.interval", "trainer.init_from")
 RETIRED_IDENTITY_KEYS = ("trainer.loss",)
 MAX_NAME = 80
 CONFIG_FILE = "config.yaml"
@@ -118,7 +119,13 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     for key in IDENTITY_KEYS:
         node = OmegaConf.select(copy, key)
         _flatten(key, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, flat)
+    flat["trainer.init_from"] = absolute_init_from(flat.get("trainer.init_from"))
     return flat
+
+
+def absolute_init_from(path: Any) -> Optional[str]:
+    """trainer.init_from as an absolute path: the same source whatever directory the command runs from."""
+    return os.path.abspath(str(path)) if path else None
 
 
 def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:
@@ -150,5 +157,7 @@ def write_run_files(run_dir: Path, cfg: DictConfig, hydra_cfg: Optional[DictConf
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["run_dir"] = str(run_dir.resolve())
     resolved["identity"] = identity(cfg)
+    if resolved.get("trainer", {}).get("init_from"):
+        resolved["trainer"]["init_from"] = absolute_init_from(resolved["trainer"]["init_from"])
     OmegaConf.save(OmegaConf.create(resolved), path)
     return path

@@ -65,10 +65,12 @@ def _no_constants(name: str):
     raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl, parsed strictly (NaN or Infinity would fail)."""
+def metrics(run_dir: Path, steps: bool = False) -> list[dict]:
+    """metrics.jsonl, parsed strictly (NaN or Infinity would fail): the epoch and validation records, or
+    with `steps` the training rows written every trainer.log_every steps (`"scope": "step"`)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line, parse_constant=_no_constants) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [json.loads(line, parse_constant=_no_constants) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if (r.get("scope") == "step") == steps]
 
 
 def manifest(run_dir: Path) -> dict:

@@ -116,7 +116,10 @@ def test_tensorboard_logger_writes_the_same_scalars_as_metrics_jsonl(workdir):
     run_dir = workdir / "outputs" / "default"  # the logger does not change what the run is
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
-    assert [e.step for e in events.Scalars("train/loss")] == [64, 128, 192]  # optimizer steps: 2048 / 32 per epoch
+    losses = [e.value for e in events.Scalars("train/loss_epoch")]
+    assert [e.step for e in events.Scalars("train/loss_epoch")] == [64, 128, 192]  # optimizer steps: 2048 / 32 per epoch
     assert losses == pytest.approx([r["train/loss"] for r in metrics(run_dir)], rel=1e-6)
+    rows = events.Scalars("train/loss")  # a training row every trainer.log_every (50) steps
+    assert [e.step for e in rows] == [50, 100, 150]
+    assert [e.value for e in rows] == pytest.approx([r["train/loss"] for r in metrics(run_dir, steps=True)], rel=1e-6)
     assert "lr" in events.Tags()["scalars"] and "samples_per_s" in events.Tags()["scalars"]

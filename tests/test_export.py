@@ -216,3 +216,13 @@ def test_import_runner_stays_cheap_and_exports_load_model():
             "from runner import load_model; import runner.export; assert load_model is runner.export.load_model")
     proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_exported_weights_get_the_permissions_of_the_runs_other_files(tmp_path, fmt):
+    """safetensors creates its files 0600: a weights file that a group sharing the run cannot read."""
+    run = make_run(tmp_path, MLP, [(10, trained(MLP, seed=4), None)])
+    path = export(run, fmt=fmt)
+    snapshot = next((run / "snaps").glob("snapshot-*.pt"))
+    mode_of = lambda p: oct(p.stat().st_mode & 0o777)  # noqa: E731
+    assert mode_of(path) == mode_of(snapshot) == mode_of(path.with_suffix(".yaml")) == mode_of(run / "config.yaml")

@@ -18,8 +18,13 @@ def test_csv_and_tensorboard_at_once_and_a_failing_logger_only_warns(workdir):
     run_dir = workdir / "outputs" / "many"
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["train/loss"]) for r in rows] == pytest.approx([r["train/loss"] for r in metrics(run_dir)])
-    assert all(r["val/loss"] for r in rows)
+    # An epoch's mean under train/loss_epoch, the training rows (every trainer.log_every steps) under train/loss.
+    epochs = [r for r in rows if r.get("train/loss_epoch")]
+    assert [float(r["train/loss_epoch"]) for r in epochs] == pytest.approx([r["train/loss"] for r in metrics(run_dir)])
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [50, 100, 150]  # 64 steps per epoch
+    assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == pytest.approx(
+        [r["train/loss"] for r in metrics(run_dir, steps=True)])
+    assert all(r["val/loss"] for r in epochs)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     broken = run_cli(["launch=local", "logger=csv", "logger.log_dir=/proc/no-such-dir", "trainer.total_epochs=3",
@@ -31,7 +36,7 @@ def test_csv_and_tensorboard_at_once_and_a_failing_logger_only_warns(workdir):
 def test_mlflow_holds_every_epoch_once_across_a_restart_and_a_resume(workdir):
     from mlflow.tracking import MlflowClient
 
-    args = ["logger=mlflow", "trainer.save_every=1", "name=tracked", *FAST]
+    args = ["logger=mlflow", "trainer.save_every=1", "trainer.log_every=16", "name=tracked", *FAST]
     first = run_cli([*args, "trainer.total_epochs=2", "trainer.crash_at_step=50"], workdir, timeout=300)
     assert first.returncode == 0 and "restart 1 after a worker failure" in first.output, first.output
     second = run_cli([*args, "trainer.total_epochs=3"], workdir, timeout=300)  # extend: resume
@@ -40,9 +45,13 @@ def test_mlflow_holds_every_epoch_once_across_a_restart_and_a_resume(workdir):
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     assert len(runs) == 1, "the resumed run continues the same MLflow run"
     run = runs[0]
-    history = client.get_metric_history(run.info.run_id, "train/loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss_epoch")
     assert [m.step for m in history] == [32, 64, 96]  # 2048 samples / (2 workers x 32) per epoch, each once
     assert [m.value for m in history] == pytest.approx([r["train/loss"] for r in metrics(workdir / "outputs" / "tracked")])
+    rows = client.get_metric_history(run.info.run_id, "train/loss")  # every 16 steps, each once across restart and resume
+    assert sorted(m.step for m in rows) == [16, 32, 48, 64, 80, 96]
+    assert [m.value for m in sorted(rows, key=lambda m: m.step)] == pytest.approx(
+        [r["train/loss"] for r in metrics(workdir / "outputs" / "tracked", steps=True)])
     assert run.data.params["optimizer.lr"] == "0.01" and run.data.params["trainer.batch_size"] == "32"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts and "snapshots" in artifacts and run.info.status == "FINISHED"

@@ -100,6 +100,7 @@ def _worker(rank: int, store_dir: str, out_dir: str) -> None:
     os._exit(0)  # the process group is broken (a peer is gone): no orderly teardown
 
 
+@pytest.mark.slow
 def test_shared_memory_allreduce(tmp_path):
     before = set(glob.glob("/dev/shm/runner-allreduce-*"))
     mp.start_processes(_worker, args=(str(tmp_path), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)

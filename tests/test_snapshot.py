@@ -123,6 +123,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killing_the_writer_mid_write_never_leaves_a_bad_version(tmp_path):
     """SIGKILL a process that writes 8 MB snapshots in a loop at many moments; every time, the
     newest listed version loads and holds exactly the tensor of its step."""

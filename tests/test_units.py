@@ -161,3 +161,23 @@ def test_meta_init_is_refused_where_nothing_would_initialise_a_parameter(caplog)
     with caplog.at_level(logging.WARNING):
         check_meta_init(gpt, "TinyGPT")  # covered, but its own init (std 0.02, tying) is not replayed: said
     assert "not replayed" in caplog.text
+
+
+def test_gpu_only_options_on_cpu_workers_warn_once_each(caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from runner.preflight import warn_gpu_options_on_cpu
+
+    cfg = OmegaConf.create({"data": {"pin_memory": True}, "trainer": {"precision": "fp16"}})
+    with caplog.at_level(logging.WARNING):
+        warn_gpu_options_on_cpu(cfg, "cuda")
+        assert caplog.records == []  # what they are for
+        warn_gpu_options_on_cpu(cfg, "cpu")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("data.pin_memory=true") and lines[1].startswith("trainer.precision=fp16")
+    caplog.clear()
+    warn_gpu_options_on_cpu(OmegaConf.create({"data": {"pin_memory": None}, "trainer": {"precision": "bf16"}}), "cpu")
+    assert caplog.records == []

@@ -1,6 +1,6 @@
 """Handwritten digits: scikit-learn's bundled 8x8 images and a small CNN (`experiment=digits`).
 
-The data ships with scikit-learn (1,797 images, no download): `pip install "runner[examples]"`.
+The data ships with scikit-learn (1,797 images, no download): `pip install "hydra-torch-runner[examples]"`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from runner.data import Splits
 
-INSTALL_HINT = 'the digits example needs scikit-learn: pip install "runner[examples]"'
+INSTALL_HINT = 'the digits example needs scikit-learn: pip install "hydra-torch-runner[examples]"'
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:

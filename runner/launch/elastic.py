@@ -4,6 +4,11 @@ The driver hands `runner.train.worker.main` (or the RPC roles' entry point) to `
 with the runtime decided in `runner.launch.runtime`. The agent sets RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR/PORT, restarts the worker group when a worker dies, and forwards SIGTERM/SIGINT to the
 workers, which snapshot and exit.
+
+Restarts: torch's agent restarts a failed group up to `launch.max_restarts` times, whatever the
+failure. Ours (`RestartPolicyAgent`) also ends the job when an attempt fails exactly like the one
+before (runner.train.faults: same exception, message and step), since a restart replays the same
+steps into the same bug; killed processes and lost peers are restarted as before.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import socket
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
 from runner.launch.start import driver_environment, ensure_forkserver
+from runner.train import faults
 
 log = logging.getLogger(__name__)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -89,6 +96,16 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
     )
 
 
+def _quiet_agent_logs() -> None:
+    """Silence the agent's own records ("Received 2 death signal, shutting down workers",
+    "Terminating process ... via signal SIGTERM" at a restart). torch gives each of its elastic
+    loggers a level of its own, so setting the parent's would not reach them."""
+    quiet = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    for name in [*quiet, *logging.root.manager.loggerDict]:
+        if name.startswith(quiet):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:
     from torch.distributed.launcher.api import elastic_launch
 
@@ -99,8 +116,8 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
     # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
     # (a known upstream problem); a store of their own makes restarts reliable.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    if not full_errors_requested():  # the driver reports failures itself, in a few lines
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not full_errors_requested():  # the driver reports failures and stops itself, in a few lines
+        _quiet_agent_logs()
     if runtime.cuda_visible_devices is not None:  # this job's share of the GPUs, read by its workers
         os.environ["CUDA_VISIBLE_DEVICES"] = runtime.cuda_visible_devices
     if runtime.omp_num_threads:
@@ -118,9 +135,83 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
             from runner.train.worker import main as entrypoint
         if runtime.start_method == "forkserver":
             ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
-        results = elastic_launch(config, entrypoint)(str(run_dir), driver_environment())
+        records = Path(error_reports.name) / "failures"
+        records.mkdir()
+        with restart_policy(records) as agents:
+            try:
+                results = elastic_launch(config, entrypoint)(str(run_dir), {**driver_environment(),
+                                                                            faults.FAILURE_RECORDS: str(records)})
+            except Exception as err:  # what the driver's report says about restarts
+                if agents:
+                    err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
+                    err.stop_request = agents[-1].stopped
+                raise
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         error_reports.cleanup()
     return next((r for _, r in sorted(results.items()) if r), None) if results else None
+
+
+def _agent_class():
+    from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class RestartPolicyAgent(LocalElasticAgent):
+        """torch's LocalElasticAgent that does not restart what a restart cannot help: workers that
+        stopped on request (a snapshot was written; on a node whose workers got no signal, the stop
+        came from another node), and a failure a restart replays (no failed worker of attempt N
+        was killed by a signal, and one recorded the failure signature of attempt N-1). torch's
+        own agent ends restarts the same way (`_remaining_restarts = 0`) when a worker is stuck."""
+
+        def __init__(self, *args, failure_records: Path, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.failure_records = failure_records
+            self.restarts_done = 0  # of the attempt that failed last: 0 = the first attempt
+            self.repeated: Optional[dict] = None
+            self.stopped: Optional[dict] = None  # {"signal", "step"}: the workers stopped on request
+
+        def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+            result = super()._monitor_workers(worker_group)
+            if result.state == WorkerState.FAILED:
+                self.restarts_done = worker_group.spec.max_restarts - self._remaining_restarts
+                killed = any(failure.exitcode < 0 for failure in result.failures.values())
+                self.stopped = faults.stop_request(self.failure_records, self.restarts_done)
+                if self.stopped is not None:  # a stop asked for (here, or on another node): not restarted
+                    self._remaining_restarts = 0
+                elif self._remaining_restarts > 0 and not killed:
+                    self.repeated = faults.repeated_failure(self.failure_records, self.restarts_done)
+                    if self.repeated is not None:
+                        self._remaining_restarts = 0
+            return result
+
+    return RestartPolicyAgent
+
+
+@contextmanager
+def restart_policy(failure_records: Path) -> Iterator[list]:
+    """While the job runs, `elastic_launch` builds a RestartPolicyAgent where it builds torch's
+    LocalElasticAgent; yields the agents built (one per launch), for their restart counts.
+
+    launch_agent (torch.distributed.launcher.api) takes no agent class, so its module's name for
+    the class is swapped for the duration of the call and restored after; the driver runs one
+    launch at a time. Without that name (another torch), jobs restart as torch decides."""
+    import torch.distributed.launcher.api as launcher_api
+
+    built: list = []
+    original = getattr(launcher_api, "LocalElasticAgent", None)
+    if original is None:
+        yield built
+        return
+    policy_agent = _agent_class()
+
+    def build(*args, **kwargs):
+        agent = policy_agent(*args, failure_records=failure_records, **kwargs)
+        built.append(agent)
+        return agent
+
+    launcher_api.LocalElasticAgent = build
+    try:
+        yield built
+    finally:
+        launcher_api.LocalElasticAgent = original

@@ -3,11 +3,16 @@ or the shared-memory all-reduce for CPU workers on one machine).
 
 One optimizer step is a window of `trainer.accumulate` micro-batches: DDP's `no_sync` on all but
 the last, so gradients are all-reduced once per step; autocast (bf16/fp16, fp16 with a gradient
-scaler), gradient clipping and the scheduler's per-step interval happen here too."""
+scaler), gradient clipping and the scheduler's per-step interval happen here too.
+
+DDP's options come from `trainer.ddp`. A job of one process is not wrapped in DDP at all: there is
+nothing to average, and DDP's buffer broadcast fails on some models even then (a buffer that is a
+transposed view, as in the classic positional encoding)."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Any, ContextManager, Iterator, Optional, Union
 
@@ -31,6 +36,36 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def restride_buffers(model: torch.nn.Module) -> list[str]:
+    """Give every buffer whose strides are not the plain row-major ones for its shape (a transposed
+    view: `pe.unsqueeze(0).transpose(0, 1)`) a row-major copy of its values. DDP's buffer broadcast
+    copies a lone buffer's bucket back onto the buffer's own memory with other strides, which torch
+    refuses ("some elements of the input tensor and the written-to tensor refer to a single memory
+    location", pytorch/pytorch#68407). Same values and state_dict; returns the names changed."""
+    changed, copies = [], {}  # copies by id: a buffer two modules share stays shared
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, buffer in module._buffers.items():
+            if buffer is None or buffer.stride() == torch.empty(buffer.shape, device="meta").stride():
+                continue
+            if id(buffer) not in copies:
+                copies[id(buffer)] = buffer.clone(memory_format=torch.contiguous_format)
+            module._buffers[attr] = copies[id(buffer)]
+            changed.append(f"{module_name}.{attr}" if module_name else attr)
+    if changed:
+        log.info("buffers given row-major strides for DDP's broadcast: %s", ", ".join(changed),
+                 extra={"console": False})
+    return changed
+
+
+def ddp_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """trainer.ddp as DDP's keyword arguments. Newer torch renamed broadcast_buffers to
+    forward_sync_buffers (the old name warns); the meaning is the same for the forward pass."""
+    arguments = dict(options)
+    if "broadcast_buffers" in arguments and "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        arguments["forward_sync_buffers"] = arguments.pop("broadcast_buffers")
+    return arguments
+
+
 def autocast(device: torch.device, precision: Precision):
     dtype = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -42,7 +77,8 @@ class DDPEngine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
                  device: torch.device, collectives: Collectives, allreduce: str, shared_memory=None, *,
                  skip_nonfinite: bool = False, precision: str = "32", clip_grad_norm: Optional[float] = None,
-                 compile: bool = False, scheduler_interval: str = "epoch") -> None:
+                 compile: bool = False, scheduler_interval: str = "epoch",
+                 ddp_options: Optional[dict] = None) -> None:
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
         self.device, self.collectives, self.allreduce = device, collectives, allreduce
         self.processes = collectives.world_size
@@ -52,12 +88,22 @@ class DDPEngine:
         self.step_scheduler = Interval(str(scheduler_interval)) == Interval.step
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == Precision.fp16 else None
         self.last_lr = self._current_lr()
+        self.ddp_options = {k: v for k, v in (ddp_options or {}).items() if v is not None}  # None: DDP's default
         if compile:
             model.compile()  # in place: the module keeps its own state_dict keys
         self.wrapped: Optional[torch.nn.Module] = self._wrap(model, shared_memory)  # what a training step calls
 
     def _wrap(self, model: torch.nn.Module, shared_memory) -> torch.nn.Module:
-        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        """DDP around the model, or the model itself when this job is one process."""
+        if self.processes == 1:
+            return model
+        if self.ddp_options.get("broadcast_buffers", True):
+            restride_buffers(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DDP(model, device_ids=device_ids, **ddp_arguments(self.ddp_options))
+        log.info("DistributedDataParallel: broadcast_buffers=%s, find_unused_parameters=%s, static_graph=%s, "
+                 "bucket_cap_mb=%g, gradient_as_bucket_view=%s", ddp.broadcast_buffers, ddp.find_unused_parameters,
+                 ddp.static_graph, ddp.bucket_bytes_cap / 2**20, ddp.gradient_as_bucket_view, extra={"console": False})
         if shared_memory is not None:
             from runner.train.shm_allreduce import shm_allreduce_hook
 
@@ -66,7 +112,7 @@ class DDPEngine:
 
     def _no_sync(self) -> ContextManager[Any]:
         """Accumulate this micro-batch's gradients locally (no all-reduce)."""
-        return self.wrapped.no_sync()
+        return self.wrapped.no_sync() if isinstance(self.wrapped, DDP) else contextlib.nullcontext()
 
     def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """One optimizer step over the micro-batches of a window: (mean loss, mean logs), detached

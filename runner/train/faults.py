@@ -1,17 +1,36 @@
-"""Fault injection (`trainer.crash_at_step`, `trainer.crash_rank`), to rehearse recovery for real.
+"""Faults: injected ones (`trainer.crash_at_step`, `trainer.crash_rank`), to rehearse recovery for
+real, and the record of real ones that lets the driver's elastic agent tell a bug from bad luck.
 
-The chosen rank kills itself with SIGKILL (no cleanup, like an OOM kill) at the chosen global
-step, on the first attempt only, so the workers the agent restarts go on and finish.
+Injection: the chosen rank kills itself with SIGKILL (no cleanup, like an OOM kill) at the chosen
+global step, on the first attempt only, so the workers the agent restarts go on and finish.
+
+Records: a worker that fails with an exception writes its signature (type, message, last optimizer
+step) to `<RUNNER_FAILURE_RECORDS>/attempt-<restart>-rank-<rank>.json`, a folder the driver makes
+per launch (next to torch's error files, off the run directory). The agent does not restart an
+attempt that failed like the attempt before (`repeated_failure`): a restart that replays the same
+steps from the same snapshot meets the same bug again. Failures that a restart can fix write no
+record, so they are always restarted: a killed process (SIGKILL, the OOM killer) writes nothing,
+and a lost peer or node surfaces as torch.distributed's DistError.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger(__name__)
+FAILURE_RECORDS = "RUNNER_FAILURE_RECORDS"  # in the workers' environment: where they record failures
+current_step: Optional[int] = None  # the last optimizer step this process completed (set by the loop)
+
+
+def note_step(step: int) -> None:
+    """Called by the loop after every optimizer step: where a failure happened, for its signature."""
+    global current_step
+    current_step = step
 
 
 def crash_step(trainer_cfg) -> Optional[int]:
@@ -26,3 +45,74 @@ def crash_now(step: int) -> None:
     log.warning("crash_at_step=%d: killing rank %s with SIGKILL (fault injection)", step, os.environ.get("RANK", "0"))
     logging.shutdown()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restart_may_fix(err: BaseException) -> bool:
+    """Failures of the machine rather than of the code: a lost peer or node (torch.distributed's
+    DistError: backend, network, store, timeout) and memory pressure, which other processes cause."""
+    import torch
+    import torch.distributed as dist
+
+    return isinstance(err, (dist.DistError, MemoryError, torch.OutOfMemoryError))
+
+
+def record_failure(err: BaseException, rank: int) -> None:
+    """Write this worker's failure signature for the agent (only under an agent that asked for it)."""
+    folder = os.environ.get(FAILURE_RECORDS)
+    if not folder or restart_may_fix(err):
+        return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    signature = {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)[:4000],
+                 "step": current_step}
+    path = Path(folder) / f"attempt-{attempt}-rank-{rank}.json"
+    try:
+        path.with_suffix(".tmp").write_text(json.dumps(signature))
+        os.replace(path.with_suffix(".tmp"), path)  # the agent never reads half a record
+    except OSError:  # without a record the attempt is restarted, as before this check existed
+        pass
+
+
+def record_stop(signum: Optional[int], step: int, rank: int) -> None:
+    """Tell the agent that this worker stopped on request (a snapshot, then exit), which it must not
+    restart: on a node whose workers got no signal themselves, the request came from another node."""
+    folder = os.environ.get(FAILURE_RECORDS)
+    if not folder:
+        return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    try:
+        (Path(folder) / f"stop-{attempt}-rank-{rank}.json").write_text(json.dumps({"signal": signum, "step": step}))
+    except OSError:
+        pass
+
+
+def stop_request(folder: Path, attempt: int) -> Optional[dict]:
+    """{"signal", "step"} when a worker of restart `attempt` stopped on request, else None."""
+    for path in sorted(Path(folder).glob(f"stop-{attempt}-rank-*.json")):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _signatures(folder: Path, attempt: int) -> set[tuple]:
+    found = set()
+    for path in Path(folder).glob(f"attempt-{attempt}-rank-*.json"):
+        try:
+            record = json.loads(path.read_text())
+            found.add((record["type"], record["message"], record["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def repeated_failure(folder: Path, attempt: int) -> Optional[dict]:
+    """The failure of restart `attempt` that the attempt before also ended with (same exception type,
+    message and optimizer step), or None when this attempt failed differently (or was killed)."""
+    if attempt < 1:
+        return None
+    same = _signatures(folder, attempt) & _signatures(folder, attempt - 1)
+    if not same:
+        return None
+    kind, message, step = sorted(same, key=str)[0]
+    return {"type": kind, "message": message, "step": step}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import uuid
 from typing import Any, Optional
@@ -59,10 +60,15 @@ class TrainLoop:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # this epoch, this rank
         self.loss_count = 0
         self.log_sums: dict[str, torch.Tensor] = {}  # the task's extra training logs, weighted like the loss
+        # The same sums since the last training row (every `trainer.log_every` steps), across epochs.
+        self.row_sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=engine.device)}
+        self.row_count = 0
+        self.row_clock = (time.perf_counter(), 0.0, 0, 0)  # (started, val_seconds then, samples, units) of this row
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.last_saved_step = -1
+        self.written_step = -1  # the step whose version this process has written (or handed to the writer)
         self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
         self.bar = tqdm(disable=True)
         self.val_seconds = 0.0
@@ -87,14 +93,32 @@ class TrainLoop:
         names = ts.get("log_names", [])
         for name, value in zip(names, mine[2:] if len(mine) > 2 else [0.0] * len(names)):
             self.log_sums[name] = torch.tensor(float(value), dtype=torch.float64, device=self.engine.device)
+        window = ts.get("row_sums_per_rank")  # snapshots of older versions: the row starts afresh
+        if window:
+            mine = window[self.rank] if len(window) == self.world_size else (
+                [sum(col) for col in zip(*window)] if self.rank == 0 else [0.0, 0] + [0.0] * len(names))
+            self.row_sums["loss"].fill_(mine[0])
+            self.row_count = int(mine[1])
+            for name, value in zip(names, mine[2:]):
+                self.row_sums[name] = torch.tensor(float(value), dtype=torch.float64, device=self.engine.device)
         self.history = list(state[snap.METRICS_KEY])
         self.skipped_steps = int(ts.get("skipped_steps", 0))
         self.watch.load(ts)
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
+        self._note_global_batch(int(state[snap.WORLD_SIZE_KEY]))
         self.resumed_from = {"file": entry.get("file"), "epoch": self.epoch, "step": self.global_step,
                              "samples_in_epoch": self.samples_in_epoch}
+
+    def _note_global_batch(self, saved_processes: int) -> None:
+        """Another number of workers changes the samples per optimizer step: say so, with both numbers."""
+        if not self.lead or saved_processes == self.engine.processes or self.engine.processes != self.world_size:
+            return
+        per_step = int(self.t.batch_size) * self.accumulate
+        log.warning("the global batch changes from %d to %d samples per optimizer step (trainer.batch_size %d x "
+                    "accumulate %d x %d workers, the snapshot's run had %d workers)", per_step * saved_processes,
+                    per_step * self.world_size, int(self.t.batch_size), self.accumulate, self.world_size, saved_processes)
 
     def _own_rng_states(self, state: dict[str, Any]) -> Optional[list[dict]]:
         """This rank's slice of the saved RNG states, or None (reseeded, with a warning) when the
@@ -131,6 +155,10 @@ class TrainLoop:
                      self.engine.allreduce, saved, world, extra={"console": False})
 
     # ---- loop ---------------------------------------------------------------------------------
+    def shows_bar(self) -> bool:
+        """The progress bar is drawn by the lead on a terminal; elsewhere every row is a log line."""
+        return bool(self.t.progress) and self.lead and sys.stderr.isatty()
+
     def total_steps(self) -> int:
         return planned_steps(self.t, self.data.train.batches_per_epoch())
 
@@ -146,10 +174,11 @@ class TrainLoop:
         if self.lead and self.metrics_file is not None:
             self.metrics_file.rewrite(self.history)  # records after the snapshot will be redone
         total_steps = self.total_steps()
-        bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), disable=not (t.progress and self.lead),
+        bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), disable=not self.shows_bar(),
                    unit="step", dynamic_ncols=True, mininterval=0.5, desc="resumed" if self.resumed_from else "training")
         self.bar = bar
         started = time.perf_counter()
+        self.row_clock = (started, self.val_seconds, 0, 0)
         samples_trained = units_trained = 0
         try:
             while not self.done():
@@ -166,7 +195,7 @@ class TrainLoop:
         wall = time.perf_counter() - started
         peaks = self.engine.collectives.gather(peak_rss_mb())  # each rank's peak (collective: every rank)
         train_wall = wall - self.val_seconds
-        final = next((r for r in reversed(self.history) if train_loss(r) is not None), {})
+        final = next((r for r in reversed(self.history) if train_loss(r) is not None and r.get("scope") != "step"), {})
         summary = {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": train_loss(final),
                    "samples_per_s": samples_trained / train_wall if train_wall > 0 else None, "train_seconds": wall,
                    "val_seconds": self.val_seconds, "resumed_from": self.resumed_from, "world_size": self.engine.processes,
@@ -186,9 +215,9 @@ class TrainLoop:
         epoch_started = time.perf_counter()
         val_before = self.val_seconds
         epoch_samples = epoch_units = 0
-        bar.set_postfix(epoch=self._epoch_label(), refresh=False)
+        self._show_postfix()
         crash_here = faults.crash_step(t)
-        log_every = t.log_every if t.progress else 0
+        log_every = int(t.log_every)
         window: list = []
         iterator = iter(batches)
         batch = next(iterator, None)
@@ -201,28 +230,33 @@ class TrainLoop:
             if self.task.unit:
                 epoch_units += sum(self.task.units(b) for b in window) * self.world_size
             out = self.engine.train_step(window)
-            window = []
+            window_done, window = window, []
             if out is None:
                 self.skipped_steps += 1
             else:
                 loss, logs = out
                 self.loss_sum.add_(loss, alpha=n)  # no host sync: read at log points and at the epoch's end
+                self.row_sums["loss"].add_(loss, alpha=n)
                 self.loss_count += n
+                self.row_count += n
                 for name, value in logs.items():
                     acc = self.log_sums.get(name)
                     if acc is None:
                         acc = self.log_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
+                        self.row_sums[name] = torch.zeros((), dtype=torch.float64, device=self.loss_sum.device)
                     acc.add_(value, alpha=n)
+                    self.row_sums[name].add_(value, alpha=n)
             self.global_step += 1
+            faults.note_step(self.global_step)
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
+            row_units = sum(self.task.units(b) for b in window_done) * self.world_size if self.task.unit else 0
+            self.row_clock = (*self.row_clock[:2], self.row_clock[2] + n * self.world_size, self.row_clock[3] + row_units)
             bar.update()
             if self.global_step == crash_here:
                 faults.crash_now(self.global_step)
             if log_every and self.global_step % log_every == 0:  # collective: every rank
-                mean = self._epoch_means()["loss"]
-                self._check_finite(mean, "the loss")
-                bar.set_postfix(epoch=self._epoch_label(), loss=f"{mean:.4g}", **self._val_postfix(), refresh=False)
+                self._record_row()
             mid_epoch = batch is not None
             reached = bool(self.max_steps) and self.global_step >= self.max_steps
             if mid_epoch and not reached and t.val_every_steps and self.global_step % t.val_every_steps == 0:
@@ -247,10 +281,46 @@ class TrainLoop:
         current = min(self.epoch + 1, self.t.total_epochs) if not self.max_steps else self.epoch + 1
         return f"{current}/{self.t.total_epochs}" if not self.max_steps else f"{current}"
 
-    def _val_postfix(self) -> dict[str, str]:
-        step, metrics = self.validated
+    def _show_postfix(self) -> None:
+        """The bar's postfix: epoch, the latest train/loss row and the latest monitored (or val/loss) value,
+        each under its own name, so training and validation values never clash."""
+        if self.bar.disable:
+            return
+        shown = {"epoch": self._epoch_label()}
+        row = next((r for r in reversed(self.history) if r.get("scope") == "step"), None)
+        if row is not None and train_loss(row) is not None:
+            shown["train/loss"] = f"{train_loss(row):.4g}"
+        _, metrics = self.validated
         key = self.watch.name if self.watch.name in metrics else ("val/loss" if "val/loss" in metrics else None)
-        return {key.split("/", 1)[-1] if key.startswith("val/") else key: f"{metrics[key]:.4g}"} if key else {}
+        if key:
+            shown[key] = f"{metrics[key]:.4g}"
+        self.bar.set_postfix(ordered_dict=shown, refresh=False)
+
+    def _record_row(self) -> None:
+        """One training row every `trainer.log_every` steps: the means since the last row over every rank
+        (one collective, one host sync), the rate the last step used and the throughput since the last row."""
+        names = sorted(k for k in self.row_sums if k != "loss")
+        count = torch.tensor(float(self.row_count), dtype=torch.float64, device=self.loss_sum.device)
+        total = torch.stack([self.row_sums["loss"], count, *(self.row_sums[k] for k in names)])
+        self.engine.collectives.sum_(total)
+        values = total.tolist()
+        started, val_then, samples, units = self.row_clock
+        seconds = time.perf_counter() - started - (self.val_seconds - val_then)
+        record: dict[str, Any] = {"scope": "step", "epoch": self.epoch, "step": self.global_step,
+                                  "train/loss": values[0] / values[1] if values[1] else math.nan}
+        record.update({f"train/{k}": v / values[1] if values[1] else math.nan for k, v in zip(names, values[2:])})
+        record["lr"] = self.engine.learning_rate()
+        record["samples_per_s"] = samples / seconds if seconds > 0 else None
+        if self.task.unit:
+            record[f"{self.task.unit}_per_s"] = units / seconds if seconds > 0 else None
+        for value in self.row_sums.values():
+            value.zero_()
+        self.row_count = 0
+        self.row_clock = (time.perf_counter(), self.val_seconds, 0, 0)
+        self._append(record)
+        self._log_record(record)
+        if values[1]:  # every step of the row skipped (on_nonfinite=skip): nothing to check
+            self._check_finite(record["train/loss"], "the loss")
 
     def _after_step(self, mid_epoch: bool) -> None:
         """The snapshot points after every step: surface a failed background write, stop (snapshot,
@@ -343,13 +413,16 @@ class TrainLoop:
                 self.logger.log(record, len(self.history) - 1)
 
     def _log_record(self, record: dict[str, Any]) -> None:
+        """A record as one log line (on the console unless the bar shows it), and the bar's postfix."""
         if not self.lead:
             return
         shown = " ".join(f"{k} {v:.6g}" for k, v in record.items() if "/" in k and isinstance(v, float))
         lr = f" lr {record['lr']:.4g}" if "lr" in record else ""
-        log.info("epoch %d step %d %s%s", record["epoch"], record["step"], shown, lr, extra={"console": not self.t.progress})
-        if not self.bar.disable:
-            self.bar.set_postfix(epoch=self._epoch_label(), **self._val_postfix(), refresh=False)
+        rate = next((f" {record[k]:,.0f} {k[:-6]}/s" for k in reversed(record) if k.endswith("_per_s")
+                     and isinstance(record[k], float)), "") if record.get("scope") == "step" else ""
+        log.info("epoch %d step %d %s%s%s", record["epoch"], record["step"], shown, lr, rate,
+                 extra={"console": self.bar.disable})
+        self._show_postfix()
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _validate(self, record: dict[str, Any]) -> bool:
@@ -389,6 +462,8 @@ class TrainLoop:
     def save_snapshot(self, end_of_epoch: bool = False) -> bool:
         """Collective: every rank contributes its RNG state and partial sums; the lead writes.
         A snapshot of non-finite weights is never written. Returns whether one was written."""
+        if self.written_step == self.global_step:  # one version per step: an improving validation saved it already
+            return True
         self.last_saved_step = self.global_step
         # Decided on reduced values, so every rank decides the same (gather may only hold this rank's).
         health = torch.tensor([0.0 if self.engine.parameters_finite() else 1.0, self.loss_sum.item()], dtype=torch.float64)
@@ -400,10 +475,12 @@ class TrainLoop:
             return False
         names = sorted(self.log_sums)
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
+        row = [self.row_sums["loss"].item(), self.row_count, *(self.row_sums[k].item() for k in names)]
         tag = uuid.uuid4().hex[:12] if self.lead else None  # names a sharded version's temporary folder on every rank
-        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag))
+        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag, row))
         sharded = getattr(self.writer, "sharded", False)  # every rank writes its own part
         if not (self.lead or sharded):
+            self.written_step = self.global_step
             return True
         copy = self.writer.asynchronous
         parts = self.engine.sharded_state(copy_unstepped=copy) if sharded else self.engine.state_dict(copy_unstepped=copy)
@@ -414,6 +491,7 @@ class TrainLoop:
                 **(dict(parts, model=None, optimizer=None) if sharded else parts),
                 train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
                              "epoch_loss_per_rank": [r[1] for r in per_rank], "log_names": names,
+                             "row_sums_per_rank": [r[3] for r in per_rank],
                              "skipped_steps": self.skipped_steps, **self.watch.state()},
                 rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
                 allreduce=self.engine.allreduce, metrics=self.history)
@@ -423,4 +501,5 @@ class TrainLoop:
         if sharded:
             marks.update(shards=shards, tag=per_rank[0][2])
         self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch, **marks)
+        self.written_step = self.global_step
         return True

@@ -27,11 +27,13 @@ from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, Snapshot
 from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.fileio import atomic_write
 from runner.snapshot import format as snap
+from runner.train import faults
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
 from runner.train.metrics import METRICS_FILE, MetricsWriter
-from runner.train.stop import Diverged, StopRequest, Stopped
+from runner.train.resume_notes import log_notes, resume_noting_changes
+from runner.train.stop import Diverged, StopRequest, Stopped, first_of_node
 
 log = logging.getLogger(__name__)
 STOP_MARKER = "stopped.json"
@@ -70,9 +72,10 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         loaded = find_resume_state(cfg, manager, engine.collectives if isinstance(writer, ShardedSnapshotWriter) else None)
         if loaded is not None:
             entry, state = loaded
-            loop.resume(state, entry)
+            notes = resume_noting_changes(loop, state, entry, config)  # loop.resume, and what changed since
             log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch%s", entry.get("file"), loop.epoch,
                      loop.global_step, loop.samples_in_epoch, restart_note())
+            log_notes(notes)
         elif lead:
             log.info("starting from scratch: %d processes, %s, run directory %s%s", engine.processes, engine.device,
                      run_dir, restart_note())
@@ -190,11 +193,12 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
         # Raised, not returned: a worker that returns a value waits for the agent to read it,
         # and an agent that is shutting down on the same signal never does.
         written = stopped.snapshot
+        faults.record_stop(stopped.signum, stopped.step, rank)  # a stop, not a failure: the agent must not restart it
         if stopped.lead:  # the rank that writes snapshots knows whether this one was written
             stop_marker(run_dir).write_text(json.dumps({"file": written["file"] if written else None,
                                                         "step": stopped.step, "signal": stopped.signum}))
         if not stopped.lead:
-            log.warning("%s at step %d", stopped, stopped.step)
+            log.warning("%s at step %d", stopped, stopped.step, extra={"console": first_of_node()})
         elif written:
             log.warning("%s at step %d; its snapshot is on disk", stopped, stopped.step)
         else:
@@ -217,6 +221,7 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
 
 
 def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
+    faults.record_failure(err, rank)  # first: the agent reads it as soon as this process has exited
     log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
     log.warning("failed: %s: %s (traceback in %s)", type(err).__name__, str(err).splitlines()[0] if str(err) else "",
                 rank_log_path(run_dir, rank), extra={"file": False})

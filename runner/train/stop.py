@@ -15,6 +15,7 @@ agent that dies; a terminal's Ctrl-C reaches the whole process group), and those
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -54,7 +55,8 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt  # a second request: the user means it
         self.signal, self._signal_time = signum, now
-        log.warning("received %s: finishing the current step, then writing a snapshot", signal.Signals(signum).name)
+        log.warning("received %s: finishing the current step, then writing a snapshot", signal.Signals(signum).name,
+                    extra={"console": first_of_node()})
 
     def should_stop(self, step: int) -> bool:
         """Collective at agreed steps: True when any rank has been asked to stop."""
@@ -80,6 +82,13 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def first_of_node() -> bool:
+    """Whether this worker speaks for its node on the console about a stop: a Ctrl-C or a
+    scheduler's signal reaches every worker of the node (its process group) at once, and one line
+    says it; the others write theirs to their log files only."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 class Stopped(Exception):

@@ -29,6 +29,7 @@ from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.ddp import DDPEngine
 from runner.train.fsdp import FSDPEngine, initialise_shards, shard_model
+from runner.train.init_from import init_weights_from
 from runner.train.batches import DataSource
 from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.loop import planned_steps
@@ -115,6 +116,7 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     meta = fsdp and bool(t.fsdp.meta_init)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = instantiate(cfg.model)
+    init_weights_from(model, cfg, run_dir)  # trainer.init_from: another run's weights, before wrapping or sharding
     if fsdp:  # before the optimizer: its parameters become this rank's shards
         # Built in CPU memory (or on the meta device: no memory at all); fully_shard moves one unit
         # at a time to the device and keeps this rank's shard of it, so a GPU never holds more than
@@ -139,5 +141,6 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
         engine = FSDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, None,
                             backend=runtime.backend, **options)
     else:
-        engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory, **options)
+        engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory,
+                           ddp_options=OmegaConf.to_container(t.ddp), **options)
     return train(cfg, run_dir, engine, data, task)
