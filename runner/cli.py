@@ -91,6 +91,7 @@ class Driver:
                 code = EXIT_TRAINING_FAILED if sweep.ended_sweep_failed() else 0
         finally:  # every worker has exited; a fork server still importing would outlive the command
             stop_forkserver(at_exit=True)
+            sweep.remove_rows()  # a sweep stopped before its closing table leaves no rows behind
         if self.task_started and not full_errors_requested():
             _exit_now(code)
         raise SystemExit(code)
@@ -396,11 +397,12 @@ def _report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None, abo
 
     from runner.train.session import stop_marker
 
-    name = signal.Signals(signum).name if signum else "a signal"
     try:
         written = json.loads(stop_marker(run_dir).read_text())
     except (OSError, ValueError):
         written = None
+    signum = (written or {}).get("signal") or signum  # the signal that stopped the job, maybe on another node
+    name = signal.Signals(signum).name if signum else "a signal"
     if written and written.get("file"):
         print(f"Stopped by {name}: a snapshot of the last step ({written['file']}, step {written['step']}) is in "
               f"{_short(run_dir)}; run the same command again to resume.", file=sys.stderr)
@@ -433,24 +435,18 @@ def _report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from runner.logs import TRAIN_LOG, rank_log_path, tail
+    from runner.train.session import stop_marker
     from runner.train.stop import Stopped
 
     if isinstance(err, Stopped):  # launch=local: the driver itself was the worker
         return _report_stopped(run_dir, err.signum, cfg)
     if isinstance(err, SignalException):
         return _report_stopped(run_dir, int(err.sigval), cfg)
-    stop = getattr(err, "stop_request", None)  # this node's workers stopped on request (the signal went elsewhere)
-    if stop is not None:
-        import json
-
-        from runner.train.session import stop_marker
-
-        try:
-            return _report_stopped(run_dir, json.loads(stop_marker(run_dir).read_text()).get("signal"), cfg)
-        except (OSError, ValueError):  # rank 0 and its marker are on another machine
-            print(f"Stopped at step {stop.get('step')}: a stop was asked for on another node, whose rank 0 writes the "
-                  f"snapshot; run the same command again on every node to resume.", file=sys.stderr)
-            return 128 + (stop.get("signal") or signal.SIGTERM)
+    stop = getattr(err, "stop_request", None)  # the workers stopped on request; the signal may have gone elsewhere
+    if stop is not None and stop.get("signal") is None and not stop_marker(run_dir).exists():
+        print(f"Stopped at step {stop.get('step')}: another node was asked to stop, and rank 0 writes the snapshot on "
+              f"its node; run the same command again on every node to resume.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if isinstance(err, KeyboardInterrupt) and cfg.launch.mode != LaunchMode.local:  # before the agent took signals
         print(f"Stopped by SIGINT while the workers were starting; run the same command again: "
               f"{_resume_point(cfg, run_dir)}.", file=sys.stderr)

@@ -28,7 +28,9 @@ class _TqdmConsoleHandler(logging.StreamHandler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            # One write per line (tqdm.write's default writes the newline apart): the ranks share
+            # the terminal, and two ranks failing at once would otherwise run their lines together.
+            tqdm.write(self.format(record) + "\n", file=self.stream, end="")
         except Exception:
             self.handleError(record)
 

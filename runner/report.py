@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -114,8 +115,23 @@ def _fit(header: tuple[str, ...], rows: list[list[str]], width: int) -> None:
             return
         longest = max(len(line[column]) for line in (header, *rows))
         keep = max(floor, longest - excess, len(header[column]))
+        if column == 0:
+            _elide_names(rows, keep)
         for row in rows:
             row[column] = _elide(row[column], keep)
+
+
+def _elide_names(rows: list[list[str]], keep: int) -> None:
+    """Run names (first column) that share a long start (a search's `hparams_search=lr,optimizer.lr=0.0`)
+    keep their first letters and where they start to differ, cut at the end."""
+    names = [row[0] for row in rows]
+    common = len(os.path.commonprefix(names)) if len(names) > 1 else 0
+    if common <= 8:
+        return
+    for row in rows:
+        if len(row[0]) > keep:
+            shown = row[0][:5] + "..." + row[0][common - 3:]
+            row[0] = shown if len(shown) <= keep else shown[:keep - 3] + "..."
 
 
 def _elide(text: str, keep: int) -> str:

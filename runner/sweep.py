@@ -175,7 +175,7 @@ class SweepReport(Callback):
         global _ended_failed
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = sweep_jobs()
-        _remove_rows()
+        remove_rows()
         if not jobs:
             return
         _ended_failed = any(_failed(j) for j in jobs if not j.get("earlier"))
@@ -187,8 +187,8 @@ class SweepReport(Callback):
         print(f"details: python -m runner.report {sweep_dir}")
 
 
-def _remove_rows() -> None:
-    """The rows served the closing table; the run directories keep each job's status."""
+def remove_rows() -> None:
+    """The rows serve the closing table only; the run directories keep each job's status."""
     folder = _rows_folder()
     if folder is None:
         return

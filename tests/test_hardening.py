@@ -73,8 +73,15 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
     assert "restart" not in (run_dir / "train.log").read_text()  # a divergence is not retried
     assert json.loads((run_dir / "status.json").read_text())["status"] == "diverged"
 
-    # Without step snapshots it stops at the end of epoch 1; metrics.jsonl stays strict JSON.
-    res = run_cli(["name=diverged-epoch", "optimizer.lr=1e30", "launch=local", "trainer.progress=false"], workdir)
+    # Without step snapshots it stops at the first training row (trainer.log_every=50), recorded first.
+    res = run_cli(["name=diverged-row", "optimizer.lr=1e30", "launch=local", "trainer.progress=false"], workdir)
+    assert res.returncode == 1 and "not finite at step 50" in res.stderr, res.output
+    rows = metrics(workdir / "outputs" / "diverged-row", steps=True)
+    assert [r["step"] for r in rows] == [50] and rows[0]["train/loss"] in ("nan", "inf")
+
+    # Without training rows, at the end of epoch 1; metrics.jsonl stays strict JSON.
+    res = run_cli(["name=diverged-epoch", "optimizer.lr=1e30", "launch=local", "trainer.progress=false",
+                   "trainer.log_every=0"], workdir)
     assert res.returncode == 1 and "not finite at step 64" in res.stderr, res.output
     assert "no snapshot of this attempt was written" in res.stderr
     rows = metrics(workdir / "outputs" / "diverged-epoch")  # parse_constant refuses NaN/Infinity

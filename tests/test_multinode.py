@@ -31,3 +31,30 @@ def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):
     # Two nodes of one worker each, with a crash and a restart, end exactly where one node of two ends.
     assert_same_weights(latest_snapshot(run_dir)["model"], latest_snapshot(workdir / "outputs" / "single")["model"])
     assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in metrics(workdir / "outputs" / "single")]
+
+
+def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_stop_everywhere(workdir):
+    import json
+    import signal
+    import time
+
+    port = _free_port()
+    node = [*TASK, "trainer.total_epochs=200", "dataset.size=20000", "trainer.save_every_steps=50", "name=stopped",
+            "launch=multinode", "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint=127.0.0.1:{port}"]
+    run_dir = workdir / "outputs" / "stopped"
+    host = start_cli(node, workdir)  # the first node hosts the rendezvous store
+    time.sleep(2)
+    other = start_cli(node, workdir)
+    deadline = time.time() + 120
+    while time.time() < deadline and host.poll() is None and not (
+            (run_dir / "train.log").exists() and "snapshot-000000050.pt written" in (run_dir / "train.log").read_text()):
+        time.sleep(0.05)
+    host.send_signal(signal.SIGTERM)
+    (host_out, host_err), (other_out, other_err) = host.communicate(timeout=120), other.communicate(timeout=120)
+    assert f"waiting for 2 nodes at 127.0.0.1:{port} (launch.rdzv_timeout=900 s)" in host_err, host_err
+    assert host.returncode == other.returncode == 128 + signal.SIGTERM, host_err + other_err
+    for err in (host_err, other_err):  # the other node reports the same stop, not a failure and its C++ stack
+        assert "Stopped by SIGTERM: a snapshot of the last step" in err, err
+        assert "failed" not in err and "frame #" not in err and "restart" not in err, err
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped" and status["exit_code"] == 128 + signal.SIGTERM, status

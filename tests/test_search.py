@@ -49,7 +49,7 @@ def test_search_returns_objectives_picks_the_best_and_resumes_only_what_is_missi
     import sys
 
     table = subprocess.run([sys.executable, "-m", "runner.report", str(outputs)], capture_output=True, text=True, cwd=workdir)
-    rows = [line for line in table.stdout.splitlines()[1:] if line.startswith("hparams_search")]
+    rows = [line for line in table.stdout.splitlines()[1:] if " finished " in line]  # one per trial
     ranked = [float(line.split()[1]) for line in rows]  # run, objective, ...
     assert ranked == pytest.approx(sorted(objectives.values()), rel=1e-3) and "objective" in table.stdout.splitlines()[0]
 

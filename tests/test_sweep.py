@@ -42,6 +42,7 @@ def test_sweep_interrupted_then_resumed_then_skipped_and_reported(workdir):
     first = statuses(workdir)
     assert list(first.values())[:2] == ["finished", "finished"], first
     assert first[JOB_DIRS[3]] is None, "the sweep should stop at the job that was interrupted"
+    assert not (workdir / "outputs" / ".sweeps").exists(), "the stopped sweep's table rows are not left behind"
 
     # 2. Re-invoke: finished jobs are skipped, the rest run; one summary table.
     res = run_cli(SWEEP, workdir)
@@ -62,8 +63,10 @@ def test_sweep_interrupted_then_resumed_then_skipped_and_reported(workdir):
     # 4. The report: one row per run, numbers from metrics.jsonl, only the differing overrides, a PNG.
     runs = [report.load_run(workdir / "outputs" / name) for name in JOB_DIRS]
     text = report.table(runs)
+    assert len(text.splitlines()) == 5 and max(len(line) for line in text.splitlines()) <= 120, text
     for name, run in zip(JOB_DIRS, runs):
-        line = next(l for l in text.splitlines() if l.startswith(name))
+        line = report.table([run]).splitlines()[1]  # alone: its name is not cut to fit beside the others
+        assert line.startswith(name), line
         assert f"{metrics(workdir / 'outputs' / name)[-1]['train/loss']:.4g}" in line and "2/2" in line and "finished" in line
     assert report.differing_overrides(runs)[3] == "optimizer=adam optimizer.lr=0.01"
     assert report.main([str(workdir / "outputs")]) == 0

@@ -129,6 +129,10 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
     error_reports = tempfile.TemporaryDirectory(prefix="runner-elastic-")
     try:
         config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), error_reports.name, runtime.start_method)
+        if cfg.launch.mode == LaunchMode.multinode:  # the rendezvous may wait long for the other nodes: say for what
+            lo, hi = config.min_nodes, config.max_nodes
+            log.info("waiting for %s nodes at %s (launch.rdzv_timeout=%s s)", lo if lo == hi else f"{lo} to {hi}",
+                     config.rdzv_endpoint, cfg.launch.rdzv_timeout)
         if cfg.launch.mode == LaunchMode.rpc:
             from runner.train.rpc.worker import main as entrypoint
         else:
@@ -156,13 +160,18 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
 def _agent_class():
     from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     class RestartPolicyAgent(LocalElasticAgent):
-        """torch's LocalElasticAgent that does not restart what a restart cannot help: workers that
-        stopped on request (a snapshot was written; on a node whose workers got no signal, the stop
-        came from another node), and a failure a restart replays (no failed worker of attempt N
-        was killed by a signal, and one recorded the failure signature of attempt N-1). torch's
-        own agent ends restarts the same way (`_remaining_restarts = 0`) when a worker is stuck."""
+        """torch's LocalElasticAgent that does not restart what a restart cannot help.
+
+        Workers that stopped on request (their snapshot is written; on a node whose workers got no
+        signal, the stop came from another node) end the agent as a signal to the agent would:
+        SignalException, which also keeps launch_agent from closing the rendezvous (whose store may
+        have gone with the node that was stopped). A failure that a restart replays (no failed
+        worker of attempt N was killed by a signal, and one recorded the failure signature of
+        attempt N-1) leaves no restarts; torch's own agent does the same (`_remaining_restarts = 0`)
+        when a worker is stuck."""
 
         def __init__(self, *args, failure_records: Path, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -177,9 +186,10 @@ def _agent_class():
                 self.restarts_done = worker_group.spec.max_restarts - self._remaining_restarts
                 killed = any(failure.exitcode < 0 for failure in result.failures.values())
                 self.stopped = faults.stop_request(self.failure_records, self.restarts_done)
-                if self.stopped is not None:  # a stop asked for (here, or on another node): not restarted
-                    self._remaining_restarts = 0
-                elif self._remaining_restarts > 0 and not killed:
+                if self.stopped is not None:  # a stop asked for (here, or on another node): end as on a signal
+                    raise SignalException("the workers stopped on request",
+                                          signal.Signals(self.stopped.get("signal") or signal.SIGTERM))
+                if self._remaining_restarts > 0 and not killed:
                     self.repeated = faults.repeated_failure(self.failure_records, self.restarts_done)
                     if self.repeated is not None:
                         self._remaining_restarts = 0
