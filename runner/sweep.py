@@ -31,6 +31,7 @@ SWEEP_ID_ENV = "RUNNER_SWEEP_ID"  # set by the driver for the sweep; inherited b
 SWEEP_DIR_ENV = "RUNNER_SWEEP_DIR"  # the sweep's folder, where its jobs leave their rows
 ROWS_DIR = ".sweeps"
 _ended_failed = False  # whether a job of the sweep this process just ran failed
+_rows_lock = None  # held on this sweep's rows folder while it runs
 
 
 # A choice on the command line -> the plugin package it needs and the extra that installs it.
@@ -64,7 +65,7 @@ def check_plugins(args: list[str]) -> None:
     for arg in args:
         group, _, choice = arg.lstrip("+~").partition("=")
         plugin = PLUGINS.get(group, {}).get("*" if group == "hparams_search" else choice)
-        if plugin is None:
+        if plugin is None or choice == "null":
             continue
         module, package, extra = plugin
         try:
@@ -170,6 +171,7 @@ class SweepReport(Callback):
         _ended_failed = False
         os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex
         os.environ[SWEEP_DIR_ENV] = str(Path(str(config.hydra.sweep.dir)).absolute())
+        _hold_rows()
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         global _ended_failed
@@ -187,12 +189,37 @@ class SweepReport(Callback):
         print(f"details: python -m runner.report {sweep_dir}")
 
 
+def _hold_rows() -> None:
+    """Lock this sweep's rows folder while it runs, and remove the folders of sweeps that ended
+    without their table (killed): nobody holds their lock any more."""
+    from runner.lock import RunDirInUse, RunDirLock
+
+    global _rows_lock
+    folder = _rows_folder()
+    try:
+        _rows_lock = RunDirLock(folder).acquire()
+        for other in folder.parent.iterdir():
+            if other != folder and other.is_dir():
+                try:
+                    stale = RunDirLock(other).acquire()
+                except RunDirInUse:
+                    continue  # a sweep that is still running
+                shutil.rmtree(other, ignore_errors=True)
+                stale.release()
+    except OSError:
+        pass  # the rows then go without the lock; the closing table is the same
+
+
 def remove_rows() -> None:
     """The rows serve the closing table only; the run directories keep each job's status."""
+    global _rows_lock
     folder = _rows_folder()
     if folder is None:
         return
     shutil.rmtree(folder, ignore_errors=True)
+    if _rows_lock is not None:
+        _rows_lock.release()
+        _rows_lock = None
     try:
         folder.parent.rmdir()  # .sweeps/ goes once no other sweep is using it
     except OSError:

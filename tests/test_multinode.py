@@ -45,9 +45,10 @@ def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_st
     host = start_cli(node, workdir)  # the first node hosts the rendezvous store
     time.sleep(2)
     other = start_cli(node, workdir)
+    log = run_dir / "train.log"
     deadline = time.time() + 120
     while time.time() < deadline and host.poll() is None and not (
-            (run_dir / "train.log").exists() and "snapshot-000000050.pt written" in (run_dir / "train.log").read_text()):
+            log.exists() and "snapshot-000000050.pt written" in log.read_text()):
         time.sleep(0.05)
     host.send_signal(signal.SIGTERM)
     (host_out, host_err), (other_out, other_err) = host.communicate(timeout=120), other.communicate(timeout=120)

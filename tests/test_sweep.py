@@ -42,13 +42,13 @@ def test_sweep_interrupted_then_resumed_then_skipped_and_reported(workdir):
     first = statuses(workdir)
     assert list(first.values())[:2] == ["finished", "finished"], first
     assert first[JOB_DIRS[3]] is None, "the sweep should stop at the job that was interrupted"
-    assert not (workdir / "outputs" / ".sweeps").exists(), "the stopped sweep's table rows are not left behind"
 
     # 2. Re-invoke: finished jobs are skipped, the rest run; one summary table.
     res = run_cli(SWEEP, workdir)
     assert res.returncode == 0, res.output
     assert res.output.count("already complete") == 2
     assert "sweep: 4 jobs, 0 failed" in res.output
+    assert not (workdir / "outputs" / ".sweeps").exists(), "the stopped sweep's table rows are not left behind"
     assert all(s == "finished" for s in statuses(workdir).values()), statuses(workdir)
     for name in JOB_DIRS:
         rows = metrics(workdir / "outputs" / name)

@@ -86,13 +86,16 @@ def record_stop(signum: Optional[int], step: int, rank: int) -> None:
 
 
 def stop_request(folder: Path, attempt: int) -> Optional[dict]:
-    """{"signal", "step"} when a worker of restart `attempt` stopped on request, else None."""
+    """{"signal", "step"} when a worker of restart `attempt` stopped on request, else None; the
+    signal is that of a worker that received one (None: every worker here stopped because a
+    worker elsewhere was asked to)."""
+    found = []
     for path in sorted(Path(folder).glob(f"stop-{attempt}-rank-*.json")):
         try:
-            return json.loads(path.read_text())
+            found.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    return None
+    return next((r for r in found if r.get("signal")), found[0] if found else None)
 
 
 def _signatures(folder: Path, attempt: int) -> set[tuple]:

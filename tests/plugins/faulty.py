@@ -20,7 +20,8 @@ class FaultyLinear(torch.nn.Linear):
     def __init__(self, in_features: int, out_features: int, fail_after_step: int = -1, fail_at_call: int = 0,
                  kill_rank: int = -1) -> None:
         super().__init__(in_features, out_features)
-        self.fail_after_step, self.fail_at_call, self.kill_rank, self.calls = fail_after_step, fail_at_call, kill_rank, 0
+        self.fail_after_step, self.fail_at_call, self.kill_rank = fail_after_step, fail_at_call, kill_rank
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
