@@ -144,6 +144,7 @@ def run(cfg: DictConfig) -> int:
         lock.abandon()
         raise
     try:
+        lock.accepted()
         return _run_locked(cfg, run_dir, hydra_cfg, job)
     finally:
         lock.release()

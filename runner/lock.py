@@ -7,9 +7,12 @@ shared, which still keeps out a single-node run of the same directory.
 
 The lock is taken after the quick checks and before the slow ones (building the dataset, reading
 the snapshots), and only its holder writes into the directory. A command refused while holding it
-gives it up with `abandon()`, which removes what taking it created (the lock file in a directory
-that holds nothing else, and the directories made for it), so a rejected command leaves no trace.
-A driver holds a directory's lock once: the single-run preflight takes it and the job reuses it.
+gives it up with `abandon()`, which puts the lock file's record back as it was and removes what
+taking it created (the lock file in a directory that holds nothing else, and the directories made
+for it), so a rejected command leaves no trace. While the holder is still checking (it may yet be
+refused) a second command waits for it; once the holder is `accepted()`, a second command is
+refused at once. A driver holds a directory's lock once: the single-run preflight takes it and
+the job reuses it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from runner.errors import UserError
 LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 _HELD: dict[Path, "RunDirLock"] = {}  # the locks this process holds, by run directory
+CHECKING, RUNNING = "checking", "running"  # a holder still checking its config may yet be refused...
+CHECKING_WAIT_S = 120.0  # ...so a second command waits for it up to this long before being refused
 
 
 class RunDirInUse(UserError):
@@ -41,6 +46,7 @@ class RunDirLock:
         self._fd: Optional[int] = None
         self._unlockable = False  # the filesystem has no locks: going on without the guarantee
         self._created: list[Path] = []  # directories that taking the lock made
+        self._previous: Optional[bytes] = None  # the lock file's record before we took it
 
     @staticmethod
     def held(run_dir: Path) -> Optional["RunDirLock"]:
@@ -51,12 +57,15 @@ class RunDirLock:
     def holding(self) -> bool:
         return self._fd is not None or self._unlockable
 
-    def acquire(self) -> "RunDirLock":
-        """Take the lock or raise RunDirInUse naming the process that holds it. Where the
-        filesystem cannot lock (some network filesystems), warn and go on without the guarantee."""
+    def acquire(self, wait: bool = True) -> "RunDirLock":
+        """Take the lock or raise RunDirInUse naming the process that holds it. A holder still
+        checking its config (it may yet be refused) is waited for, up to CHECKING_WAIT_S, unless
+        `wait` is false. Where the filesystem cannot lock (some network filesystems), warn and go on
+        without the guarantee."""
         if self.holding:
             return self
         self._created = _missing(self.path.parent)
+        deadline = time.monotonic() + (CHECKING_WAIT_S if wait else 0)
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -68,6 +77,9 @@ class RunDirLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                if holder.get("state") == CHECKING and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 raise RunDirInUse("run directory", str(self.path.parent),
                                   f"is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started at "
                                   f"{holder.get('started', '?')}); two runs in one directory would mix their "
@@ -87,13 +99,26 @@ class RunDirLock:
             os.close(fd)  # a refused command removed the file between our open and flock: lock the new one
         if self._fd is not None and not self.shared:
             try:
-                os.ftruncate(self._fd, 0)
-                os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+                self._previous = os.pread(self._fd, 4096, 0)
             except OSError:
-                pass  # who holds it is a courtesy for the message; the lock itself is held
+                self._previous = None
+            self._write(_holder(CHECKING))
         _HELD[self.path.parent] = self
         return self
+
+    def accepted(self) -> "RunDirLock":
+        """The command passed its checks: a second one is now refused at once, not kept waiting."""
+        if self._fd is not None and not self.shared:
+            self._write(_holder(RUNNING))
+        return self
+
+    def _write(self, content: bytes) -> None:
+        """Who holds the lock, for the message a second command gets (a courtesy: the flock is the lock)."""
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, content, 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         _HELD.pop(self.path.parent, None)
@@ -109,6 +134,8 @@ class RunDirLock:
         if not self.holding:
             return
         run_dir = self.path.parent
+        if self._fd is not None and self._previous is not None:
+            self._write(self._previous)  # the lock file as the last accepted command left it
         try:
             if not self.shared and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
                 self.path.unlink()  # while still held: a waiting command then finds the file gone and retries
@@ -127,6 +154,11 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holder(state: str) -> bytes:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "state": state}).encode()
 
 
 def _missing(path: Path) -> list[Path]:

@@ -197,11 +197,11 @@ def _hold_rows() -> None:
     global _rows_lock
     folder = _rows_folder()
     try:
-        _rows_lock = RunDirLock(folder).acquire()
+        _rows_lock = RunDirLock(folder).acquire(wait=False).accepted()
         for other in folder.parent.iterdir():
             if other != folder and other.is_dir():
                 try:
-                    stale = RunDirLock(other).acquire()
+                    stale = RunDirLock(other).acquire(wait=False)
                 except RunDirInUse:
                     continue  # a sweep that is still running
                 shutil.rmtree(other, ignore_errors=True)

@@ -93,7 +93,8 @@ def test_a_refused_command_writes_nothing_into_a_run_directory_and_is_refused_be
     assert table_rows(res.output)[0].split()[1:3] == ["invalid", "config"]
     assert (run_dir / "status.json").read_text() == good
 
-    with RunDirLock(run_dir):  # another command holds the run
+    with RunDirLock(run_dir) as held:  # another command holds the run
+        held.accepted()
         res = run_cli(["--multirun", *run, "trainer.total_epochs=2"], workdir)
         assert res.returncode == 1, res.output
         assert "sweep: 1 jobs, 1 failed" in res.output and table_rows(res.output)[0].split()[1:3] == ["in", "use"]
@@ -109,6 +110,34 @@ def test_a_refused_command_writes_nothing_into_a_run_directory_and_is_refused_be
     assert res.returncode == 1 and "sweep: 2 jobs, 2 failed" in res.output, res.output
     assert sorted(p.name for p in (workdir / "outputs").iterdir()) == ["multirun.yaml", "optimizer.lr=0.1"]
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".hydra", ".lock"]
+
+
+def test_a_command_waits_for_a_holder_still_checking_and_a_refused_one_leaves_the_lock_file_as_it_was(tmp_path):
+    import threading
+    import time
+
+    from runner.lock import RunDirInUse, RunDirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text("{}")
+    RunDirLock(run_dir).acquire().accepted().release()  # a finished run
+    record = (run_dir / ".lock").read_bytes()
+    checking = RunDirLock(run_dir).acquire()  # a command still checking its config...
+    threading.Timer(0.3, checking.abandon).start()  # ...which is then refused
+    started = time.monotonic()
+    second = RunDirLock(run_dir).acquire()  # waits for it instead of being refused for it
+    assert 0.2 < time.monotonic() - started < 10
+    second.abandon()
+    assert (run_dir / ".lock").read_bytes() == record
+    running = RunDirLock(run_dir).acquire().accepted()
+    started = time.monotonic()
+    with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()}"):
+        RunDirLock(run_dir).acquire()  # an accepted holder: refused at once
+    assert time.monotonic() - started < 1
+    running.release()
+    RunDirLock(tmp_path / "new" / "run").acquire().abandon()  # refused in a directory it created: no trace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 BLOCK_PLUGIN = """
