@@ -124,7 +124,7 @@ class EarlyStopConfig:
 
 @dataclass
 class FSDPConfig:
-    """trainer.strategy=fsdp: how the model is sharded (runner.train.fsdp)."""
+    """trainer.strategy=fsdp: how the model is sharded (runner.train.engines.fsdp)."""
 
     shard: Optional[str] = None  # class (dotted path or bare name) whose every module is sharded on its own; null = each top-level child
     reshard_after_forward: bool = True  # free the gathered parameters after forward (less memory, a second all-gather in backward)
@@ -136,7 +136,7 @@ class FSDPConfig:
 
 @dataclass
 class DDPConfig:
-    """trainer.strategy=ddp: options of DistributedDataParallel (runner.train.ddp), DDP's own defaults.
+    """trainer.strategy=ddp: options of DistributedDataParallel (runner.train.engines.ddp), DDP's own defaults.
     A single process (launch=local, or one worker in all) is not wrapped in DDP: nothing to average."""
 
     broadcast_buffers: bool = True  # copy rank 0's buffers (BatchNorm statistics) to every rank before each forward

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.fileio import atomic_write, temporary_path
-from runner.rundir import CONFIG_FILE
+from runner.layout import CONFIG_FILE
 from runner.snapshot.format import MODEL_KEY, SHARDED_KEY, SnapshotError
 from runner.snapshot.manager import SnapshotManager
 

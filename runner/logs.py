@@ -10,8 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-TRAIN_LOG = "train.log"
-LOG_DIR = "logs"
+from runner.layout import LOG_DIR, TRAIN_LOG, rank_log_path
+
 FORMAT = "[%(asctime)s][rank %(rank)s][%(name)s][%(levelname)s] %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
@@ -65,10 +65,6 @@ def _console_wanted(record: logging.LogRecord) -> bool:
 def _not_console_only(record: logging.LogRecord) -> bool:
     """Records logged with `extra={"file": False}` (short console notes) skip the log files."""
     return getattr(record, "file", True) is not False
-
-
-def rank_log_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / LOG_DIR / f"rank-{rank}.log"
 
 
 def setup_worker_logging(run_dir: Path, rank: int, in_driver: bool = False) -> list[logging.Handler]:

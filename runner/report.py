@@ -19,9 +19,10 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from runner.sweep import read_status
+from runner.driver.sweep import read_status
 from runner.tables import format_table
-from runner.train.metrics import METRICS_FILE, read_number, train_loss
+from runner.layout import METRICS_FILE
+from runner.train.metrics import read_number, train_loss
 
 TABLE_WIDTH = 120  # a terminal's columns; long run names and overrides are cut to fit
 _KEY_PREFIX = re.compile(r"(?<!\S)[+~]*(?:[\w/-]+\.)+(?=[\w-]+=)")  # `optimizer.` of `optimizer.lr=0.1`

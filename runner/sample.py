@@ -38,7 +38,7 @@ def check_has_snapshot(run_dir: Path) -> None:
     that has not written a snapshot yet. Anything subtler is left to `runner.load_model`."""
     from omegaconf import OmegaConf
 
-    from runner.rundir import CONFIG_FILE
+    from runner.layout import CONFIG_FILE
     from runner.snapshot.format import SnapshotError
     from runner.snapshot.manager import SnapshotManager
 

@@ -77,7 +77,7 @@ def test_a_named_sweep_puts_each_job_under_the_name_and_a_single_run_keeps_the_n
 
 @pytest.mark.slow
 def test_a_refused_command_writes_nothing_into_a_run_directory_and_is_refused_before_the_slow_checks(workdir):
-    from runner.lock import RunDirLock
+    from runner.driver.lock import RunDirLock
 
     run = ["optimizer.lr=0.1", *FAST]
     res = run_cli([*run, "trainer.total_epochs=1"], workdir)
@@ -116,7 +116,7 @@ def test_a_command_waits_for_a_holder_still_checking_and_a_refused_one_leaves_th
     import threading
     import time
 
-    from runner.lock import RunDirInUse, RunDirLock
+    from runner.driver.lock import RunDirInUse, RunDirLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -150,7 +150,7 @@ class NotInstalled:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 pkgutil.walk_packages = lambda *a, **k: (m for m in walk(*a, **k) if not m.name.startswith(blocked))
-from runner.cli import main
+from runner.driver.cli import main
 main()
 """
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import WORKERS, metrics, start_cli
 
-from runner.sweep import read_status
+from runner.driver.sweep import read_status
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_fork_is_refused_for_cuda_workers_and_unknown_methods_for_the_platform()
 
     from runner.config import Runtime
     from runner.errors import UserError
-    from runner.preflight import check_start_method
+    from runner.driver.checks import check_start_method
 
     launch = OmegaConf.create({"mode": "standalone", "start_method": "fork"})
     cuda = Runtime("nccl", "cuda", 2, None, "nccl", "", None, "fork")

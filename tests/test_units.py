@@ -11,7 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from runner.train import rng
 from runner.data import RegressionDataset
-from runner.rundir import identity, identity_diff, run_dir_name
+from runner.driver.rundir import identity, identity_diff, run_dir_name
 from runner.train.sampler import ResumableDistributedSampler
 
 
@@ -109,7 +109,7 @@ def test_gpu_worker_counts_resolve_as_torchrun_does_and_too_many_are_refused():
     from runner.config import LaunchConfig
     from runner.errors import UserError
     from runner.launch.runtime import resolve_runtime
-    from runner.preflight import check_gpu_count
+    from runner.driver.checks import check_gpu_count
 
     def runtime(nproc, backend="auto", gpus=("0", "1")):
         launch = OmegaConf.merge(OmegaConf.structured(LaunchConfig), {"nproc_per_node": nproc, "backend": backend})
@@ -130,7 +130,7 @@ def test_gpu_worker_counts_resolve_as_torchrun_does_and_too_many_are_refused():
 def test_fsdp_units_look_inside_containers_and_leave_tied_weights_to_the_root():
     from runner.examples.charlm import TinyGPT
     from runner.models import MLP
-    from runner.train.fsdp import shard_blocks
+    from runner.train.engines.fsdp import shard_blocks
 
     def names(model, shard):
         named = {id(m): n for n, m in model.named_modules()}
@@ -150,7 +150,7 @@ def test_meta_init_is_refused_where_nothing_would_initialise_a_parameter(caplog)
     from runner.errors import UserError
     from runner.examples.charlm import TinyGPT
     from runner.models import MLP
-    from runner.preflight import check_meta_init
+    from runner.driver.checks import check_meta_init
 
     with torch.device("meta"):
         attention, mlp, gpt = torch.nn.MultiheadAttention(8, 2), MLP(2, 1), TinyGPT(n_layer=1)
@@ -168,7 +168,7 @@ def test_gpu_only_options_on_cpu_workers_warn_once_each(caplog):
 
     from omegaconf import OmegaConf
 
-    from runner.preflight import warn_gpu_options_on_cpu
+    from runner.driver.checks import warn_gpu_options_on_cpu
 
     cfg = OmegaConf.create({"data": {"pin_memory": True}, "trainer": {"precision": "fp16"}})
     with caplog.at_level(logging.WARNING):

@@ -129,7 +129,7 @@ class _ResumableOptunaSweeper:
         if done and hasattr(impl.sampler, "reseed_rng"):
             impl.sampler.reseed_rng()  # a seeded sampler would propose the finished trials' parameters again
         remaining = max(impl.n_trials - len(done), 0)
-        from runner import sweep as sweep_table
+        from runner.driver import sweep as sweep_table
 
         for num, trial in enumerate(done):  # the closing table lists every trial of the search
             sweep_table.add_row(sweep_dir / trial["dir"], {**trial["status"], "job_num": num, "earlier": True})

@@ -1,6 +1,6 @@
 """Start the workers: torch's elastic agent (torchrun's engine) called from Python, or in-process.
 
-The driver hands `runner.train.worker.main` (or the RPC roles' entry point) to `elastic_launch`
+The driver hands `runner.launch.start.ddp_worker` (or `rpc_worker`) to `elastic_launch`
 with the runtime decided in `runner.launch.runtime`. The agent sets RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR/PORT, restarts the worker group when a worker dies, and forwards SIGTERM/SIGINT to the
 workers, which snapshot and exit.
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
-from runner.launch.start import driver_environment, ensure_forkserver
+from runner.launch.start import ddp_worker, driver_environment, ensure_forkserver, rpc_worker
 from runner.train import faults
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,7 @@ def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optiona
             lo, hi = config.min_nodes, config.max_nodes
             log.info("waiting for %s nodes at %s (launch.rdzv_timeout=%s s)", lo if lo == hi else f"{lo} to {hi}",
                      config.rdzv_endpoint, cfg.launch.rdzv_timeout)
-        if cfg.launch.mode == LaunchMode.rpc:
-            from runner.train.rpc.worker import main as entrypoint
-        else:
-            from runner.train.worker import main as entrypoint
+        entrypoint = rpc_worker if cfg.launch.mode == LaunchMode.rpc else ddp_worker
         if runtime.start_method == "forkserver":
             ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
         records = Path(error_reports.name) / "failures"

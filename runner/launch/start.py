@@ -29,7 +29,7 @@ import select
 import signal
 import sys
 import threading
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 # The environment this process started with (in a fork server's child: the server's).
 INHERITED_ENV = dict(os.environ)
@@ -158,6 +158,22 @@ def settle_in(driver_env: Mapping[str, str]) -> None:
         for sig in SERVER_IGNORES:
             signal.signal(sig, signal.SIG_DFL)
     adopt_driver_environment(driver_env)
+
+
+def ddp_worker(run_dir: str, driver_env: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """The elastic agent's entry point for a training worker: settle in, then train (runner.train.worker)."""
+    settle_in(driver_env)
+    from runner.train.worker import main
+
+    return main(run_dir)
+
+
+def rpc_worker(run_dir: str, driver_env: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """The entry point for one role of a launch=rpc job (runner.train.engines.rpc.worker)."""
+    settle_in(driver_env)
+    from runner.train.engines.rpc.worker import main
+
+    return main(run_dir)
 
 
 def adopt_driver_environment(driver_env: Mapping[str, str]) -> None:

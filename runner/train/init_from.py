@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import UserError
-from runner.rundir import CONFIG_FILE
+from runner.layout import CONFIG_FILE
 from runner.snapshot import SnapshotError, SnapshotManager, load_path
 from runner.snapshot import format as snap
 from runner.snapshot.manager import MANIFEST

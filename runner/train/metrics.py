@@ -17,7 +17,6 @@ from typing import Any, Union
 
 from runner.fileio import atomic_write
 
-METRICS_FILE = "metrics.jsonl"
 
 
 def _json_safe(value: Any) -> Any:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import SnapshotFormat, resume_path, snapshot_format
 from runner.loggers import build_logger
-from runner.logs import LOG_DIR, rank_log_path
+from runner.layout import METRICS_FILE, RESULTS_FILE, rank_log_path, stop_marker
 from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, SnapshotWriter, load_path
 from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.fileio import atomic_write
@@ -31,17 +31,15 @@ from runner.train import faults
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
-from runner.train.metrics import METRICS_FILE, MetricsWriter
+from runner.train.metrics import MetricsWriter
 from runner.train.resume_notes import log_notes, resume_noting_changes
 from runner.train.stop import Diverged, StopRequest, Stopped, first_of_node
 
 log = logging.getLogger(__name__)
-STOP_MARKER = "stopped.json"
 OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied", errno.EROFS: "the filesystem is read-only",
              errno.EDQUOT: "the disk quota is exceeded"}
 
 
-RESULTS_FILE = "results.json"
 
 
 def snapshot_manager(cfg: DictConfig, run_dir: Path) -> SnapshotManager:
@@ -55,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     others write nothing), resume it if there is a snapshot, run it to the end, then test."""
     lead = engine.collectives.rank == 0
     manager = snapshot_manager(cfg, run_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain data: snapshots load weights_only
     asynchronous = bool(cfg.snapshot["async"])
     if lead:
         manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
@@ -179,10 +177,6 @@ def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=Non
 def restart_note() -> str:
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return f" (restart {restarts} after a worker failure)" if restarts else ""
-
-
-def stop_marker(run_dir: Path) -> Path:
-    return Path(run_dir) / LOG_DIR / STOP_MARKER
 
 
 def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) -> Optional[dict[str, Any]]:

@@ -22,13 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import OnNonFinite, Runtime, Strategy
-from runner.launch.start import settle_in
 from runner.logs import setup_worker_logging
-from runner.rundir import CONFIG_FILE
+from runner.layout import CONFIG_FILE
 from runner.train import rng
 from runner.train.collectives import ProcessGroupCollectives
-from runner.train.ddp import DDPEngine
-from runner.train.fsdp import FSDPEngine, initialise_shards, shard_model
+from runner.train.engines.ddp import DDPEngine
+from runner.train.engines.fsdp import FSDPEngine, initialise_shards, shard_model
 from runner.train.init_from import init_weights_from
 from runner.train.batches import DataSource
 from runner.train.schedules import build_scheduler, scheduler_interval
@@ -38,12 +37,9 @@ from runner.train.session import run_reported, train
 log = logging.getLogger(__name__)
 
 
-def main(run_dir: str, driver_env: Optional[dict[str, str]] = None, in_driver: bool = False) -> Optional[dict[str, Any]]:
-    """Train as one rank of the job; rank 0 returns the run's summary. `driver_env`: the driver's
-    environment and pid at launch (a worker forked from the fork server started with an older
-    environment; it dies with the driver)."""
-    if driver_env is not None:  # started by the elastic agent
-        settle_in(driver_env)
+def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
+    """Train as one rank of the job; rank 0 returns the run's summary. Started by the elastic agent
+    through runner.launch.start.ddp_worker, or in the driver itself (`in_driver`, launch=local)."""
     run_path = Path(run_dir)
     cfg = OmegaConf.load(run_path / CONFIG_FILE)
     runtime = Runtime.from_config(cfg.runtime)

@@ -15,7 +15,7 @@ def probe_dataset(out: str, **kwargs) -> RegressionDataset:
     torch._dynamo and the driver's preflight were imported already, and a few variables."""
     who = os.environ.get("RANK", "driver")
     record = {"pid": os.getpid(), "ppid": os.getppid(), "dynamo": "torch._dynamo" in sys.modules,
-              "preflight": "runner.preflight" in sys.modules, "env": {k: os.environ.get(k) for k in WATCHED}}
+              "preflight": "runner.driver.checks" in sys.modules, "env": {k: os.environ.get(k) for k in WATCHED}}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"{who}.json").write_text(json.dumps(record))
     return RegressionDataset(**kwargs)

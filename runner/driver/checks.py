@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config import (Backend, CpuAllreduce, LaunchMode, NprocWord, ResumeWord, Topology, check_ranges, check_unknown_keys,
                            parse_nproc, resume_path)
 from runner.errors import UserError
-from runner.rundir import check_name, existing_ancestor, identity, identity_diff
+from runner.driver.rundir import check_name, existing_ancestor, identity, identity_diff
 from runner.snapshot import SnapshotError, SnapshotManager
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.meta_init:
         check_meta_init(model, str(cfg.model._target_))
     if str(cfg.trainer.strategy) == "fsdp" and cfg.trainer.fsdp.shard:
-        from runner.train.fsdp import shard_blocks
+        from runner.train.engines.fsdp import shard_blocks
 
         if not shard_blocks(model, str(cfg.trainer.fsdp.shard)):
             kinds = sorted({type(m).__name__ for m in model.modules() if m is not model and any(True for _ in m.parameters())})

@@ -19,8 +19,8 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig, OmegaConf
 
 from runner.train.collectives import CallbackCollectives
-from runner.train.rpc.engine import RpcEngine
-from runner.train.rpc.stages import ModuleShard, RemoteOptimizer
+from runner.train.engines.rpc.engine import RpcEngine
+from runner.train.engines.rpc.stages import ModuleShard, RemoteOptimizer
 
 log = logging.getLogger(__name__)
 SERVER = "ps"

@@ -24,9 +24,9 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 
 from runner.fileio import atomic_write
+from runner.layout import STATUS_FILE
 from runner.tables import format_table
 
-STATUS_FILE = "status.json"
 SWEEP_ID_ENV = "RUNNER_SWEEP_ID"  # set by the driver for the sweep; inherited by launcher workers
 SWEEP_DIR_ENV = "RUNNER_SWEEP_DIR"  # the sweep's folder, where its jobs leave their rows
 ROWS_DIR = ".sweeps"
@@ -192,7 +192,7 @@ class SweepReport(Callback):
 def _hold_rows() -> None:
     """Lock this sweep's rows folder while it runs, and remove the folders of sweeps that ended
     without their table (killed): nobody holds their lock any more."""
-    from runner.lock import RunDirInUse, RunDirLock
+    from runner.driver.lock import RunDirInUse, RunDirLock
 
     global _rows_lock
     folder = _rows_folder()

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from runner.train.ddp import DDPEngine
+from runner.train.engines.ddp import DDPEngine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "32": torch.float32}
 

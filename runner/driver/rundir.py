@@ -16,6 +16,8 @@ from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from runner.layout import CONFIG_FILE
+
 # Keys (and groups) that never change what a run computes, only how long or how it is watched.
 NON_DEFINING_KEYS = (
     "name", "hydra", "launch", "snapshot", "logger",
@@ -38,7 +40,6 @@ LATER_IDENTITY_KEYS = ("trainer.batch_size", "task", "trainer.accumulate", "data
                        "scheduler.interval", "trainer.init_from")
 RETIRED_IDENTITY_KEYS = ("trainer.loss",)
 MAX_NAME = 80
-CONFIG_FILE = "config.yaml"
 
 
 def _override_key(override: str) -> str:

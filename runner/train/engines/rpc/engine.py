@@ -13,7 +13,7 @@ import torch.distributed.rpc as rpc
 
 from runner.tasks import training_output
 from runner.train import rng
-from runner.train.rpc.stages import RemoteOptimizer
+from runner.train.engines.rpc.stages import RemoteOptimizer
 
 ALLREDUCE = "rpc"  # recorded in snapshots: gradients travel through distributed autograd
 

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.train import rng
 from runner.train.collectives import Collectives
-from runner.train.rpc.engine import RpcEngine
-from runner.train.rpc.stages import ModuleShard, RemoteOptimizer
+from runner.train.engines.rpc.engine import RpcEngine
+from runner.train.engines.rpc.stages import ModuleShard, RemoteOptimizer
 
 log = logging.getLogger(__name__)
 

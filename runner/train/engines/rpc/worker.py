@@ -20,9 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import Runtime, Topology
-from runner.launch.start import settle_in
 from runner.logs import setup_worker_logging
-from runner.rundir import CONFIG_FILE
+from runner.layout import CONFIG_FILE
 from runner.train import rng
 from runner.train.batches import DataSource
 from runner.train.session import run_reported, train
@@ -36,9 +35,8 @@ def role(topology: str, rank: int) -> str:
     return "ps" if rank == 0 else f"trainer{rank}"
 
 
-def main(run_dir: str, driver_env: Optional[dict[str, str]] = None) -> Optional[dict[str, Any]]:
-    if driver_env is not None:  # see runner.train.worker.main
-        settle_in(driver_env)
+def main(run_dir: str) -> Optional[dict[str, Any]]:
+    """One role of the RPC job (started by the agent through runner.launch.start.rpc_worker)."""
     run_path = Path(run_dir)
     cfg = OmegaConf.load(run_path / CONFIG_FILE)
     runtime = Runtime.from_config(cfg.runtime)
@@ -72,12 +70,12 @@ def _train(cfg: DictConfig, run_dir: Path, topology: str, rank: int, world_size:
     t = cfg.trainer
     task = instantiate(cfg.task)
     if topology == Topology.pipeline:
-        from runner.train.rpc.pipeline import PipelineEngine
+        from runner.train.engines.rpc.pipeline import PipelineEngine
 
         rng.seed_everything(t.seed)
         engine = PipelineEngine(cfg, task)
     else:
-        from runner.train.rpc.parameter_server import ParameterServerEngine
+        from runner.train.engines.rpc.parameter_server import ParameterServerEngine
 
         rng.seed_everything(t.seed + rank)
         engine = ParameterServerEngine(cfg, task, trainer=rank - 1, trainers=world_size - 1, processes=world_size)

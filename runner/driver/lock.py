@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 from runner.errors import UserError
+from runner.layout import LOCK_FILE
 
-LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 _HELD: dict[Path, "RunDirLock"] = {}  # the locks this process holds, by run directory
 CHECKING, RUNNING = "checking", "running"  # a holder still checking its config may yet be refused...

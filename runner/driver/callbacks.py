@@ -4,7 +4,7 @@ Hydra calls `on_run_start` after composing the config and before `run_job` makes
 directory. The quick checks run first; then the run directory's lock is taken (creating the
 directory for its lock file), then the slow checks (objects, data, snapshots), so a second command
 on a run in use is refused before it builds anything. A refused command gives the lock up and
-removes what taking it created: it leaves no trace. The job (runner.cli.run) keeps the lock.
+removes what taking it created: it leaves no trace. The job (runner.driver.cli.run) keeps the lock.
 (Sweep jobs are validated and locked by the task itself.)
 """
 
@@ -23,8 +23,8 @@ from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, rep
 
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.lock import RunDirLock
-        from runner.preflight import preflight
+        from runner.driver.lock import RunDirLock
+        from runner.driver.checks import preflight
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
