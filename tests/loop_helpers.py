@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,7 +107,6 @@ class Run:
     spy: StepSpy
     summary: Optional[dict[str, Any]] = None
     error: Optional[BaseException] = None
-    extra: dict = field(default_factory=dict)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.engine.model.state_dict().items()}

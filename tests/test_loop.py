@@ -5,17 +5,23 @@ test_restarts.py and test_training_rows.py, which launch the CLI."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import signal
+import warnings
 
 import pytest
 import torch
 
 from conftest import manifest, metrics
-from loop_helpers import SAMPLES, config, samples, train, RecordingRegression
+from loop_helpers import SAMPLES, RecordingRegression, build_engine, config, samples, train
 from runner.layout import stop_marker
 from runner.snapshot import SnapshotWriter
+from runner.train.batches import DataSource
+from runner.train.collectives import CallbackCollectives
+from runner.train.engine import Engine
+from runner.train.evaluation import evaluate
 from runner.train.loop import planned_steps
 from runner.train.stop import Stopped
 
@@ -117,7 +123,8 @@ def test_resume_after_max_steps_mid_epoch_continues_inside_the_epoch(tmp_path):
     whole = train(tmp_path / "whole", config("trainer.max_steps=16"))
     assert first.task.seen + more.task.seen == whole.task.seen
     # Each end inside the epoch is recorded: where the first run ended, then where the second did.
-    assert [(r["step"], r.get("partial_epoch", False)) for r in metrics(tmp_path)] == [(10, False), (13, True), (16, True)]
+    ends = [(r["step"], r.get("partial_epoch", False)) for r in metrics(tmp_path)]
+    assert ends == [(10, False), (13, True), (16, True)]
 
 
 BAD_SAMPLE = 18  # unshuffled, it is in batch 5: the loss of step 5 (and of step 15) is NaN
@@ -175,3 +182,76 @@ def test_early_stop_ends_mid_epoch_and_a_rerun_trains_no_further(tmp_path):
     again = train(tmp_path, cfg, dataset=data)
     assert again.error is None and again.spy.windows == [] and again.summary["steps"] == 4
     assert len(metrics(tmp_path)) == 3
+
+
+
+def test_the_test_split_is_evaluated_with_the_best_snapshot(tmp_path):
+    # mode=max calls the highest validation loss best: the best snapshot is one from the middle of the run.
+    cfg = config("trainer.test=true", "snapshot.monitor=val/loss", "snapshot.mode=max", "trainer.val_every_steps=3",
+                 "trainer.total_epochs=3")
+    run = train(tmp_path, cfg, dataset={"train": samples(), "val": samples(16, seed=2), "test": samples(12, seed=3)})
+    assert run.error is None, run.error
+    results = json.loads((tmp_path / "results.json").read_text())
+    best = run.summary["best_step"]
+    assert results["chosen_by"] == "best val/loss" and results["step"] == best == run.summary["test"]["step"]
+    assert 0 < best < run.summary["steps"]
+    assert results["snapshot"] == f"snapshot-{best:09d}.pt" and results["test/loss"] > 0
+    # The numbers are those of the best snapshot's weights, not of the weights training ended with.
+    engine = build_engine(cfg, RecordingRegression())
+    test = DataSource(cfg, 0, 1, engine.device, dataset={"train": samples(), "test": samples(12, seed=3)}).test
+
+    def test_loss(snapshot: str) -> float:
+        engine.load_model_state(torch.load(tmp_path / "snapshots" / snapshot, weights_only=True)["model"])
+        return evaluate(engine, engine.task, test)["loss"]
+
+    assert test_loss(results["snapshot"]) == results["test/loss"] != test_loss(run.summary["snapshot"])
+
+# ---- the engine seam -------------------------------------------------------------------------------
+ENGINES = ["ddp.DDPEngine", "fsdp.FSDPEngine", "rpc.pipeline.PipelineEngine",
+           "rpc.parameter_server.ParameterServerEngine"]
+# launch=rpc refuses snapshot.format=dcp before any worker starts: the loop never asks them for shards.
+NOT_ASKED = {"PipelineEngine": ["sharded_state"], "ParameterServerEngine": ["sharded_state"]}
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_every_engine_has_what_the_loop_asks_of_it(name):
+    module, _, cls = name.rpartition(".")
+    with warnings.catch_warnings():  # torch.distributed.rpc's import warns about TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        engine = getattr(importlib.import_module(f"runner.train.engines.{module}"), cls)
+    methods = sorted(n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_"))
+    assert [m for m in methods if not callable(getattr(engine, m, None))] == NOT_ASKED.get(cls, [])
+    assert isinstance(engine.shared_state, bool) and isinstance(engine.lockstep_evaluation, bool)
+
+
+def test_the_one_process_engine_has_every_attribute_of_the_protocol(tmp_path):
+    run = train(tmp_path, config("trainer.max_steps=1"))
+    assert [a for a in Engine.__annotations__ if not hasattr(run.engine, a)] == []
+    assert run.engine.processes == run.engine.collectives.world_size == 1
+    assert run.engine.wrapped is None  # the session closed the engine (a DDP comm hook must not outlive it)
+
+
+class CountingRegression(RecordingRegression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluated = 0
+
+    def validation_step(self, model, batch):
+        self.evaluated += 1
+        return super().validation_step(model, batch)
+
+
+def test_lockstep_evaluation_repeats_the_last_batch_as_often_as_the_busiest_rank_needs(tmp_path):
+    cfg = config()
+    task = CountingRegression()
+    engine = build_engine(cfg, task)
+    splits = {"train": samples(), "val": samples(10, seed=2)}
+    val = DataSource(cfg, 0, 1, engine.device, dataset=splits).val  # 3 batches of 4, 4 and 2
+    plain = evaluate(engine, task, val)
+    assert task.evaluated == 3
+    # Rank 0 of two, where rank 1 has 5 batches; its sums are rank 0's alone (rank 1 adds zeros).
+    engine.collectives = CallbackCollectives(0, 2, lambda values, op: [5.0] if op == "max" else values)
+    engine.lockstep_evaluation = False
+    assert evaluate(engine, task, val) == plain and task.evaluated == 6
+    engine.lockstep_evaluation = True
+    assert evaluate(engine, task, val) == plain and task.evaluated == 6 + 5  # two repeats, not counted

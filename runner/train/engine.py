@@ -21,6 +21,10 @@ class Engine(Protocol):
     allreduce: str  # how gradients are averaged (recorded in snapshots: it fixes the summation order)
     processes: int  # processes of the job (recorded in snapshots)
     shared_state: bool  # one model and optimizer state for all ranks (parameter server): the lead alone loads it
+    # Every forward is collective (a sharded model gathers its parameters from every rank), so every rank
+    # must run as many evaluation batches as the rank with the most (runner.train.evaluation).
+    lockstep_evaluation: bool
+    scheduler: Any  # the learning-rate scheduler or None: a resume compares its planned length (resume_notes)
     # Called right before the optimizer changes the parameters; the loop sets it to the snapshot
     # writer's wait_staged, so an asynchronous snapshot copies the state while forward and
     # backward run and waits only here.

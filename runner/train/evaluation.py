@@ -48,7 +48,7 @@ def evaluate(engine, task, batches) -> dict[str, float]:
 def _batches_behind(engine, batches) -> int:
     """With a sharded model every forward is collective, so every rank must run as many as the rank
     with the most batches (a split need not divide evenly): how many this rank repeats its last."""
-    if not getattr(engine, "lockstep_evaluation", False) or engine.collectives.world_size == 1:
+    if not engine.lockstep_evaluation or engine.collectives.world_size == 1:
         return 0
     mine = batches.num_batches() if hasattr(batches, "num_batches") else len(batches)
     most = int(engine.collectives.max_(torch.tensor([float(mine)], dtype=torch.float64)).item())
