@@ -3,8 +3,8 @@
 This module is the single source of every default. Registered in Hydra's ConfigStore as
 `runner_schema` (first in conf/config.yaml's defaults), so a misspelled key, a value of the wrong
 type or a word that is not one of a key's choices is rejected by Hydra while composing; the YAML
-files in conf/ hold only what an entry changes. Ranges that a type cannot express are checked by
-`check_ranges`, in one place.
+files in conf/ hold only what an entry changes. Ranges that a type cannot express are checked with
+every other check, before any worker starts, by runner.driver.checks.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
-
-from runner.errors import UserError
 
 
 class Choice(str, Enum):
@@ -274,10 +272,10 @@ class Runtime:
     def from_config(cls, node: DictConfig) -> "Runtime":
         return cls(**{k: node[k] for k in cls.__dataclass_fields__ if k in node})
 
-    def describe(self, strategy: str = "ddp") -> str:
+    def describe(self, strategy: str = Strategy.ddp) -> str:
         """`cpu x 2 (gloo, gradients through shared memory)`: where the workers run and how they
         average gradients. FSDP reduce-scatters them through the process group's own collectives."""
-        if str(strategy) == Strategy.fsdp:
+        if strategy == Strategy.fsdp:
             comm = f"{self.backend}, FSDP: gradients reduce-scattered by {self.backend}"
         elif self.allreduce == "shm":
             comm = f"{self.backend}, gradients through shared memory"
@@ -331,112 +329,10 @@ def parse_nnodes(text: object) -> Optional[tuple[int, int]]:
     return (lo, hi) if 1 <= lo <= hi else None
 
 
-# ---- ranges ------------------------------------------------------------------------------------
-
-def _require(cond: bool, key: str, value: object, problem: str, allowed: str, fix: str = "") -> None:
-    if not cond:
-        raise UserError(key, value, problem, allowed, fix or f"pass e.g. {key}=<{allowed.split(' ')[0]}>")
-
-
-def check_ranges(cfg: DictConfig) -> None:
-    """Value checks no type can express. Raises UserError naming the first bad key."""
-    t, l, s = cfg.trainer, cfg.launch, cfg.snapshot
-    _require(t.total_epochs >= 1, "trainer.total_epochs", t.total_epochs, "must be at least 1", "an integer >= 1", "e.g. trainer.total_epochs=20")
-    _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be at least 1", "an integer >= 1 (samples per worker)", "e.g. trainer.batch_size=32")
-    for key in ("save_every", "save_every_steps", "log_every", "max_steps", "val_every", "val_every_steps"):
-        _require(t[key] >= 0, f"trainer.{key}", t[key], "must not be negative", "an integer >= 0 (0 turns it off)", f"e.g. trainer.{key}=0")
-    _require(str(t.precision) in Precision._value2member_map_, "trainer.precision", t.precision, "is not a precision",
-             Precision.words(), "e.g. trainer.precision=bf16")
-    _require(t.accumulate >= 1, "trainer.accumulate", t.accumulate, "must be at least 1", "an integer >= 1 (micro-batches per optimizer step)",
-             "e.g. trainer.accumulate=4")
-    if t.clip_grad_norm is not None:
-        _require(t.clip_grad_norm > 0, "trainer.clip_grad_norm", t.clip_grad_norm, "must be positive", "null or a number > 0", "e.g. trainer.clip_grad_norm=1.0")
-    es = t.early_stop
-    _require(es.patience >= 0, "trainer.early_stop.patience", es.patience, "must not be negative", "an integer >= 0 (0 = off)")
-    _require(es.min_delta >= 0, "trainer.early_stop.min_delta", es.min_delta, "must not be negative", "a number >= 0")
-    _require(es.patience == 0 or bool(s.monitor), "trainer.early_stop.patience", es.patience, "early stopping watches snapshot.monitor, which is not set",
-             "a metric name in snapshot.monitor, e.g. val/loss", "add snapshot.monitor=val/loss (and snapshot.mode=min|max)")
-    d = cfg.data
-    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)", "a fraction, e.g. 0.1 (0 = no split)", "e.g. data.val_fraction=0.1")
-    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must not be negative", "an integer >= 0 (0 = load in the training process)")
-    if d.prefetch_factor is not None:
-        _require(d.prefetch_factor >= 1 and d.num_workers > 0, "data.prefetch_factor", d.prefetch_factor,
-                 "needs loader workers (data.num_workers > 0) and a value >= 1", "null, or an integer >= 1 with data.num_workers > 0")
-    if d.eval_batch_size is not None:
-        _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be at least 1", "null or an integer >= 1")
-    _require(s.keep_best >= 0, "snapshot.keep_best", s.keep_best, "must not be negative", "an integer >= 0", "e.g. snapshot.keep_best=1")
-    if t.crash_at_step is not None:
-        _require(t.crash_at_step >= 1, "trainer.crash_at_step", t.crash_at_step, "must be at least 1", "null or an integer >= 1")
-    nproc = parse_nproc(l.nproc_per_node)
-    _require(nproc is not None, "launch.nproc_per_node", l.nproc_per_node, "is not a worker count",
-             f"{NprocWord.words()} | a positive integer", "e.g. launch.nproc_per_node=2")
-    _require(l.max_restarts >= 0, "launch.max_restarts", l.max_restarts, "must not be negative", "an integer >= 0", "e.g. launch.max_restarts=3")
-    _require(l.monitor_interval > 0, "launch.monitor_interval", l.monitor_interval, "must be positive", "seconds > 0", "e.g. launch.monitor_interval=0.1")
-    _require(l.stop_timeout >= 1, "launch.stop_timeout", l.stop_timeout, "must be at least 1", "seconds >= 1", "e.g. launch.stop_timeout=120")
-    _require(l.collective_timeout > 0, "launch.collective_timeout", l.collective_timeout, "must be positive", "seconds > 0",
-             "e.g. launch.collective_timeout=600")
-    _require(l.rdzv_timeout > 0, "launch.rdzv_timeout", l.rdzv_timeout, "must be positive", "seconds > 0", "e.g. launch.rdzv_timeout=900")
-    if l.omp_num_threads is not None:
-        _require(l.omp_num_threads >= 1, "launch.omp_num_threads", l.omp_num_threads, "must be at least 1", "null or an integer >= 1")
-    _require(parse_nnodes(l.nnodes) is not None, "launch.nnodes", l.nnodes, "is not a node count", "N or MIN:MAX with 1 <= MIN <= MAX", "e.g. launch.nnodes=2")
-    if l.mode == LaunchMode.local:
-        _require(nproc in (1, NprocWord.auto, NprocWord.cpu), "launch.nproc_per_node", l.nproc_per_node,
-                 "launch=local runs exactly one process", "1", "use launch=standalone for several workers")
-    if l.mode == LaunchMode.multinode:
-        _require(bool(l.rdzv_endpoint), "launch.rdzv_endpoint", l.rdzv_endpoint, "launch=multinode needs a rendezvous endpoint",
-                 "host:port that every node can reach", "e.g. launch.rdzv_endpoint=node0:29400 on every node")
-    if l.mode == LaunchMode.rpc:
-        check_rpc(cfg)
-    if t.strategy == Strategy.fsdp:
-        check_fsdp(cfg)
-        for key, default in DDPConfig().__dict__.items():  # FSDP reduces through its own collectives
-            value = t.ddp.get(key)
-            _require(value == default, f"trainer.ddp.{key}", value, "is read only with trainer.strategy=ddp",
-                     f"{str(default).lower() if default is not None else 'null'} with trainer.strategy=fsdp",
-                     f"drop trainer.ddp.{key}, or use trainer.strategy=ddp")
-    else:
-        cap = t.ddp.bucket_cap_mb
-        _require(cap is None or cap > 0, "trainer.ddp.bucket_cap_mb", cap, "must be positive", "null (DDP's 25) or MiB > 0",
-                 "e.g. trainer.ddp.bucket_cap_mb=25")
-        _require(not (t.ddp.static_graph and t.accumulate > 1), "trainer.ddp.static_graph", True,
-                 f"cannot be combined with trainer.accumulate={t.accumulate}: DDP's no_sync (local accumulation) "
-                 "fails an internal assertion under a static graph", "false with trainer.accumulate > 1",
-                 "drop trainer.ddp.static_graph=true, or use trainer.accumulate=1")
-        for key, default in FSDPConfig().__dict__.items():
-            value = t.fsdp.get(key)
-            _require(value == default, f"trainer.fsdp.{key}", value, "is read only with trainer.strategy=fsdp",
-                     f"{str(default).lower() if default is not None else 'null'} with trainer.strategy={t.strategy}",
-                     f"add trainer.strategy=fsdp, or drop trainer.fsdp.{key}")
-    _require(s.keep_last >= 1, "snapshot.keep_last", s.keep_last, "must keep at least one version", "an integer >= 1", "e.g. snapshot.keep_last=3")
-    _require(s.milestone_every >= 0, "snapshot.milestone_every", s.milestone_every, "must not be negative", "an integer >= 0 (0 = no milestones)")
-    _require(bool(s.dir) and Path(str(s.dir)).name == str(s.dir) and str(s.dir) not in (".", ".."), "snapshot.dir", s.dir,
-             "must name one folder inside the run directory", "a plain folder name", "e.g. snapshot.dir=snapshots")
-    for group in ("dataset", "task", "model", "optimizer"):
-        node = cfg.get(group)
-        _require(isinstance(node, DictConfig) and "_target_" in node, f"{group}._target_", None if node is None else node.get("_target_"),
-                 f"the {group} group needs a _target_", "a dotted path to a class or function", f"pick an entry with {group}=<name>")
-
-
 # Sections of the schema and their dataclasses: a key `+`-added under one of them does nothing, so it is refused.
 def schema_sections() -> dict[str, type]:
-    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig, "trainer.ddp": DDPConfig, "data": DataConfig, "launch": LaunchConfig,
-            "snapshot": SnapshotConfig}
-
-
-def check_unknown_keys(cfg: DictConfig) -> None:
-    """A key that the schema does not know (added with `+`) is a mistake the user believes is on."""
-    for section, schema in schema_sections().items():
-        node = cfg
-        for part in section.split("."):
-            node = node.get(part) if isinstance(node, DictConfig) else None
-        if not isinstance(node, DictConfig):
-            continue
-        known = list(schema.__dataclass_fields__)
-        for key in node.keys():
-            if key not in known:
-                close = [k for k in known if k.startswith(str(key)[:3])] or known
-                raise UserError(f"{section}.{key}", node.get(key), f"is not a setting of {section}: nothing would read it",
-                                f"one of: {', '.join(known)}", f"remove +{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close != known else ""))
+    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig,
+            "trainer.ddp": DDPConfig, "data": DataConfig, "launch": LaunchConfig, "snapshot": SnapshotConfig}
 
 
 DTYPE_WORDS = ("bf16", "fp16", "32")
@@ -447,51 +343,4 @@ def snapshot_format(cfg: DictConfig) -> SnapshotFormat:
     fmt = SnapshotFormat(str(cfg.snapshot.get("format", SnapshotFormat.auto)))
     if fmt != SnapshotFormat.auto:
         return fmt
-    return SnapshotFormat.dcp if str(cfg.trainer.get("strategy", Strategy.ddp)) == Strategy.fsdp else SnapshotFormat.file
-
-
-def check_fsdp(cfg: DictConfig) -> None:
-    """Options that FSDP cannot honour, refused before any worker starts."""
-    t, f = cfg.trainer, cfg.trainer.fsdp
-    _require(str(t.precision) != Precision.fp16, "trainer.precision", "fp16", "is not supported with trainer.strategy=fsdp "
-             "(its gradient scaler needs whole gradients)", "32 | bf16, or trainer.fsdp.param_dtype=bf16",
-             "use trainer.precision=bf16 or trainer.fsdp.param_dtype=bf16")
-    for key in ("param_dtype", "reduce_dtype"):
-        value = f.get(key)
-        _require(value is None or str(value) in DTYPE_WORDS, f"trainer.fsdp.{key}", value, "is not a dtype FSDP can compute in",
-                 "null | " + " | ".join(DTYPE_WORDS), f"e.g. trainer.fsdp.{key}=bf16")
-    _require(snapshot_format(cfg) == SnapshotFormat.dcp, "snapshot.format", cfg.snapshot.format,
-             "a sharded model is snapshotted as shards (every rank writes its own)", "auto | dcp", "use snapshot.format=auto")
-
-
-def check_rpc(cfg: DictConfig) -> None:
-    """Options that make no sense when the model is split across processes."""
-    l = cfg.launch
-    _require(l.num_stages >= 1, "launch.num_stages", l.num_stages, "must be at least 1", "an integer >= 1", "e.g. launch.num_stages=2")
-    _require(l.rpc_timeout > 0, "launch.rpc_timeout", l.rpc_timeout, "must be positive", "seconds > 0", "e.g. launch.rpc_timeout=120")
-    nproc = parse_nproc(l.nproc_per_node)
-    if l.topology == Topology.pipeline:
-        _require(nproc == NprocWord.auto or nproc == l.num_stages + 1, "launch.nproc_per_node", l.nproc_per_node,
-                 f"a pipeline of {l.num_stages} stages runs {l.num_stages + 1} processes (1 trainer + 1 per stage)",
-                 f"auto | {l.num_stages + 1}", "use launch.nproc_per_node=auto or change launch.num_stages")
-    else:
-        _require(nproc == NprocWord.auto or (isinstance(nproc, int) and nproc >= 2), "launch.nproc_per_node", l.nproc_per_node,
-                 "a parameter server needs itself and at least one trainer", "auto | an integer >= 2")
-    _require(l.backend in (Backend.auto, Backend.gloo), "launch.backend", l.backend, "launch=rpc trains on the CPU through TensorPipe",
-             "auto | gloo", "use launch.backend=auto")
-    _require(cfg.trainer.on_nonfinite != OnNonFinite.skip, "trainer.on_nonfinite", "skip",
-             "launch=rpc cannot skip a step (the optimizer steps where the parameters live)", "stop | warn",
-             "use trainer.on_nonfinite=stop")
-    _require(not cfg.get("scheduler"), "scheduler", "(set)", "learning-rate schedulers are not supported with launch=rpc",
-             "scheduler=none", "add scheduler=none")
-    _require(str(cfg.trainer.strategy) == Strategy.ddp, "trainer.strategy", cfg.trainer.strategy,
-             "launch=rpc splits the model over its stages itself", "ddp with launch=rpc", "drop trainer.strategy, or use launch=standalone")
-    _require(snapshot_format(cfg) == SnapshotFormat.file, "snapshot.format", cfg.snapshot.format,
-             "launch=rpc writes one snapshot file (the lead gathers the stages' state)", "auto | file", "use snapshot.format=auto")
-    t = cfg.trainer
-    for key, value, default in (("accumulate", t.accumulate, 1), ("precision", str(t.precision), "32"), ("compile", t.compile, False),
-                                ("clip_grad_norm", t.clip_grad_norm, None)):
-        _require(value == default, f"trainer.{key}", value, "is not supported with launch=rpc (the optimizer steps where the parameters live)",
-                 str(default).lower() if default is not None else "null", f"drop trainer.{key}")
-    _require(cfg.trainer.crash_at_step is None or 0 <= cfg.trainer.crash_rank, "trainer.crash_rank", cfg.trainer.crash_rank,
-             "must name a worker", "an integer >= 0")
+    return SnapshotFormat.dcp if cfg.trainer.get("strategy", Strategy.ddp) == Strategy.fsdp else SnapshotFormat.file

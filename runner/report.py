@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from runner.config import Mode
 from runner.driver.sweep import read_status
 from runner.tables import format_table
 from runner.layout import METRICS_FILE
@@ -60,7 +61,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "progress": f"{done}/{target if target is not None else '?'} {'steps' if max_steps else 'epochs'}",
             "best": state.get("best"), "monitor": state.get("monitor"), "objective": state.get("objective"),
             # a search ranks by the monitored metric in its direction, else by the final loss (lower is better)
-            "maximize": state.get("best") is not None and mode == "max",
+            "maximize": state.get("best") is not None and mode == Mode.max,
             "final_loss": losses[-1] if losses else None, "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
             "wall": sum(r.get("epoch_seconds") or 0 for r in rows)}
 

@@ -99,3 +99,43 @@ def snapshot_state(**model) -> dict:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def _proc_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of a process, from /proc (Linux); None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), fields[19]
+
+
+def process_tree(root: int) -> dict[tuple[int, str], str]:
+    """The processes below `root` (its children, theirs, ...) as {(pid, start time): command line}:
+    a test's own processes, never another test's or the machine's. Start times tell a pid reused later."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        stat = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+    found: dict[tuple[int, str], str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        stat = _proc_stat(pid)
+        if stat is None:
+            continue
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        found[(pid, stat[2])] = command
+        todo += children.get(pid, [])
+    return found
+
+
+def running(processes) -> list[tuple[int, str]]:
+    """Those of `processes` ((pid, start time) pairs, as process_tree gives them) still running; a
+    zombie has ended."""
+    return [(pid, start) for pid, start in processes
+            if (stat := _proc_stat(pid)) is not None and stat[2] == start and stat[0] not in "ZX"]

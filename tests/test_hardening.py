@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, manifest, metrics, run_cli, snapshot_state, start_cli
+from conftest import FAST, manifest, metrics, process_tree, run_cli, running, snapshot_state, start_cli
 from runner import report
 from runner.snapshot import SnapshotManager
 
@@ -50,10 +50,12 @@ def test_one_driver_per_run_directory_and_a_dead_holder_never_blocks(workdir):
         assert f"is in use by pid {first.pid} on " in second.output and "Traceback" not in second.output
         assert len(second.output.strip().splitlines()) <= 4, second.output
     finally:
+        workers = process_tree(first.pid)  # the fork server and the workers, which die with the driver
         first.send_signal(signal.SIGKILL)  # the driver dies without any cleanup; its lock file stays
         first.wait()
     assert (run_dir / ".lock").exists()
-    wait_for(lambda: not subprocess.run(["pgrep", "-f", "runner.train.worker"], capture_output=True).stdout, timeout=60)
+    assert len(workers) >= 2, workers
+    wait_for(lambda: not running(workers), timeout=60)
     third = run_cli([*args[:1], "trainer.total_epochs=1", *FAST], workdir)  # the stale lock is no obstacle
     assert third.returncode == 0 and "in use" not in third.output, third.output
 
@@ -102,13 +104,13 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
 @pytest.mark.slow
 def test_a_stop_that_could_not_snapshot_says_so_and_where_the_run_resumes(workdir):
     # Every worker hangs inside its 25th forward pass: the stop can never reach a step boundary.
-    args = ["name=hung", "model._target_=hanging.HangingLinear", "+model.hang_at=25", "trainer.save_every_steps=10",
-            "launch.stop_timeout=2", *FAST]
+    note = workdir / "hanging"
+    args = ["name=hung", "model._target_=hanging.HangingLinear", "+model.hang_at=25", f"+model.hang_note={note}",
+            "trainer.save_every_steps=10", "launch.stop_timeout=2", *FAST]
     run_dir = workdir / "outputs" / "hung"
     proc = start_cli(args, workdir, env=PLUGINS)
-    wait_for(lambda: (run_dir / "snapshots" / "manifest.json").exists() and manifest(run_dir)["snapshots"][-1]["step"] == 20,
-             proc=proc)
-    time.sleep(1.0)
+    wait_for(lambda: all(Path(f"{note}.{rank}").exists() for rank in (0, 1)), proc=proc)  # both workers hang
+    assert manifest(run_dir)["snapshots"][-1]["step"] == 20
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out + err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli, start_cli
@@ -9,6 +11,15 @@ from runner.launch.elastic import _free_port
 
 pytestmark = pytest.mark.slow
 TASK = ["trainer.total_epochs=4", "trainer.save_every_steps=20", "trainer.progress=false", "model=mlp", "launch.backend=gloo"]
+
+
+def listening(port: int) -> bool:
+    """A socket listens on `port` of this machine (the rendezvous store), read from /proc/net (Linux)."""
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        rows = [line.split() for line in table.read_text().splitlines()[1:]] if table.exists() else []
+        if any(row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port for row in rows):  # 0A: LISTEN
+            return True
+    return False
 
 
 def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):
@@ -43,7 +54,10 @@ def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_st
             "launch=multinode", "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint=127.0.0.1:{port}"]
     run_dir = workdir / "outputs" / "stopped"
     host = start_cli(node, workdir)  # the first node hosts the rendezvous store
-    time.sleep(2)
+    deadline = time.time() + 120
+    while not listening(port) and time.time() < deadline and host.poll() is None:
+        time.sleep(0.05)
+    assert listening(port), host.communicate(timeout=60) if host.poll() is not None else "no rendezvous store"
     other = start_cli(node, workdir)
     log = run_dir / "train.log"
     deadline = time.time() + 120

@@ -2,12 +2,13 @@
 buffer reuse under skew, big buckets in chunks, a dead peer detected fast, nothing left in /dev/shm,
 mismatched calls across ranks reported on every rank instead of summed."""
 
-import glob
 import json
 import os
 import random
+import shutil
 import sys
 import time
+import uuid
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def _ranks_agree(t: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _worker(rank: int, store_dir: str, out_dir: str) -> None:
+def _worker(rank: int, store_dir: str, out_dir: str, shm_dir: str) -> None:
+    shm_allreduce.SHM_DIR = shm_dir  # this test's own folder in /dev/shm: other jobs' segments are not ours to count
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     report: dict = {}
@@ -80,7 +82,7 @@ def _worker(rank: int, store_dir: str, out_dir: str) -> None:
         report[f"ddp_agree_{use_hook}"] = _ranks_agree(weights[use_hook])
         del ddp  # a DDP model with a Python hook must not outlive the interpreter
     report["ddp_max_diff"] = float((weights[True] - weights[False]).abs().max())
-    report["shm_files_while_running"] = sorted(glob.glob("/dev/shm/runner-allreduce-*"))
+    report["shm_files_while_running"] = sorted(os.listdir(shm_dir))
 
     # 3. A peer that dies: the others raise within a fraction of a second, naming it.
     dist.barrier()
@@ -102,8 +104,14 @@ def _worker(rank: int, store_dir: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_shared_memory_allreduce(tmp_path):
-    before = set(glob.glob("/dev/shm/runner-allreduce-*"))
-    mp.start_processes(_worker, args=(str(tmp_path), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    shm_dir = os.path.join(shm_allreduce.SHM_DIR, f"runner-test-{uuid.uuid4().hex}")
+    os.mkdir(shm_dir)
+    try:
+        mp.start_processes(_worker, args=(str(tmp_path), str(tmp_path), shm_dir), nprocs=WORLD, start_method="spawn",
+                           join=True)
+        left = os.listdir(shm_dir)
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
     reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
     for rank, rep in enumerate(reports):
         assert rep["slot_bytes"] == 64 << 10
@@ -111,11 +119,11 @@ def test_shared_memory_allreduce(tmp_path):
         assert rep["ranks_agree"] and rep["ddp_agree_True"] and rep["ddp_agree_False"], rep
         assert rep["ddp_max_diff"] < 1e-5, rep
         assert rep["max"] == [WORLD - 1, 10] and rep["sum"] == [0.5 * sum(range(WORLD)), WORLD], rep
-        assert not set(rep["shm_files_while_running"]) - before, "the segment is unlinked once every rank mapped it"
+        assert rep["shm_files_while_running"] == [], "the segment is unlinked once every rank mapped it"
         if rank < WORLD - 1:
             assert f"rank {WORLD - 1}" in rep["dead_peer"] and "exited" in rep["dead_peer"], rep
             assert rep["dead_peer_seconds"] < 2.0, rep
-    assert set(glob.glob("/dev/shm/runner-allreduce-*")) == before
+    assert left == []
 
 
 # Each case: (rank 0's call, rank 1's call) as (numel, dtype, op); every case must raise on both ranks.

@@ -6,12 +6,13 @@ submitit requeues the job, and the requeued job resumes from that snapshot and f
 
 from __future__ import annotations
 
-import subprocess
+import os
+import signal
 import time
 
 import pytest
 
-from conftest import WORKERS, metrics, start_cli
+from conftest import WORKERS, metrics, process_tree, start_cli
 
 from runner.driver.sweep import read_status
 
@@ -27,10 +28,10 @@ def test_preempted_job_snapshots_requeues_and_resumes(workdir):
     while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     # The job process submitit started (the one running Hydra's job, i.e. the runner's driver).
-    pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {workdir}"], capture_output=True, text=True).stdout.split()
+    pids = [pid for (pid, _), command in process_tree(proc.pid).items() if "submitit.core._submit" in command]
     assert pids, "the submitit job is not running"
     for pid in pids:
-        subprocess.run(["kill", "-USR1", pid], check=True)
+        os.kill(pid, signal.SIGUSR1)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, out + err
     log = (run_dir / "train.log").read_text()

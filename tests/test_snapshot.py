@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -111,37 +110,90 @@ def test_malicious_pickle_is_never_executed(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, time, torch
     from runner import snapshot as snap
-    mgr = snap.SnapshotManager(sys.argv[1], keep_last=2)
+    directory, pause_at = sys.argv[1], int(sys.argv[2])
+    mgr = snap.SnapshotManager(directory, keep_last=2)
+
+    def state(step):
+        return {snap.FORMAT_KEY: snap.FORMAT_VERSION, "w": torch.full((2_000_000,), float(step)),
+                "model": {}, "optimizer": {}, "train_state": {}, "rng": [], "metrics": []}
+
     step = len(mgr.entries()) and mgr.entries()[-1]["step"]
-    while True:
+    while len(mgr.entries()) < 2:  # a version to fall back on and one that retention prunes
         step += 1
-        mgr.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, "w": torch.full((2_000_000,), float(step)),
-                  "model": {}, "optimizer": {}, "train_state": {}, "rng": [], "metrics": []}, step=step, epoch=0)
-        print(step, flush=True)
+        mgr.save(state(step), step=step, epoch=0)
+    moments = 0
+
+    def moment(what):  # the pause_at-th moment of the save below: say so, then wait to be killed
+        global moments
+        moments += 1
+        if moments == pause_at:
+            print("paused at", what, "saving", step, flush=True)
+            time.sleep(3600)
+
+    def pausing(name, call):
+        def run(*args, **kwargs):
+            moment(f"{name} {args[0]}")
+            return call(*args, **kwargs)
+        return run
+
+    for name in ("fsync", "replace", "unlink", "rmdir"):  # every call of a save that changes what is on disk
+        setattr(os, name, pausing(name, getattr(os, name)))
+
+    class HalfWritten:  # the snapshot's temporary file, paused after its first write: torn
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                moment("write")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    whole_save = torch.save
+
+    def save(obj, path):
+        with open(path, "wb") as f:
+            whole_save(obj, HalfWritten(f))
+
+    torch.save = save
+    step += 1
+    mgr.save(state(step), step=step, epoch=0)
+    print("saved", step, flush=True)
 """)
 
 
 @pytest.mark.slow
-def test_killing_the_writer_mid_write_never_leaves_a_bad_version(tmp_path):
-    """SIGKILL a process that writes 8 MB snapshots in a loop at many moments; every time, the
-    newest listed version loads and holds exactly the tensor of its step."""
+def test_killing_the_writer_at_any_moment_of_a_save_never_leaves_a_bad_version(tmp_path):
+    """SIGKILL a process saving an 8 MB snapshot at each moment of the save that changes the disk
+    in turn (mid-write of the temporary, each fsync, rename and delete); every time, the newest
+    listed version loads and holds exactly the tensor of its step."""
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     snaps = tmp_path / "snaps"
-    seen_steps = set()
-    for attempt in range(8):
-        proc = subprocess.Popen([sys.executable, str(script), str(snaps)], stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # at least one version written
-        time.sleep(0.013 * (attempt + 1))
+    paused_at, newest_after = [], set()
+    for pause_at in range(1, 40):
+        proc = subprocess.Popen([sys.executable, str(script), str(snaps), str(pause_at)], stdout=subprocess.PIPE,
+                                text=True)
+        line = proc.stdout.readline()  # the writer waits there until it is killed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if line.startswith("saved"):  # a save has fewer moments: every one was tried
+            break
+        assert line.startswith("paused at"), line
+        paused_at.append(line.split()[2])
         entry, state = SnapshotManager(snaps).load_latest()
         assert torch.equal(state["w"], torch.full((2_000_000,), float(entry["step"])))
-        seen_steps.add(entry["step"])
+        newest_after.add("new" if entry["step"] == int(line.split()[-1]) else "previous")
         SnapshotManager(snaps).remove_stale_temporaries()
-    assert len(seen_steps) > 1
+    else:
+        pytest.fail("the save never ended")
+    assert paused_at[0] == "write" and {"fsync", "replace", "unlink"} <= set(paused_at), paused_at
+    assert newest_after == {"previous", "new"}  # killed before the manifest listed the new version, and after
 
 
 # ---- a tampered or malformed manifest ----------------------------------------------------------

@@ -4,7 +4,8 @@ Hydra calls `on_run_start` after composing the config and before `run_job` makes
 directory. The quick checks run first; then the run directory's lock is taken (creating the
 directory for its lock file), then the slow checks (objects, data, snapshots), so a second command
 on a run in use is refused before it builds anything. A refused command gives the lock up and
-removes what taking it created: it leaves no trace. The job (runner.driver.cli.run) keeps the lock.
+removes what taking it created: it leaves no trace. The job (runner.driver.cli.run) keeps the lock,
+and gets the runtime the checks resolved as the config's `runtime:` (what the workers read back).
 (Sweep jobs are validated and locked by the task itself.)
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from runner.config import LaunchMode
 from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
@@ -24,15 +25,15 @@ from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, rep
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from runner.driver.lock import RunDirLock
-        from runner.driver.checks import preflight
+        from runner.driver.checks import check
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         lock = RunDirLock(run_dir, shared=task_cfg.launch.mode == LaunchMode.multinode)
         try:
-            preflight(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task),
-                      lock=lock.acquire)
+            runtime = check(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task),
+                            lock=lock.acquire)
         except UserError as err:
             lock.abandon()
             if full_errors_requested():
@@ -42,3 +43,5 @@ class PreflightCallback(Callback):
         except BaseException:
             lock.abandon()
             raise
+        with open_dict(config):
+            config.runtime = runtime.as_dict()

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from runner.driver import reports, sweep
-from runner.config import LaunchMode, ResumeWord, quote_path_overrides, register_schema, resume_path
+from runner.config import LaunchMode, ResumeWord, Runtime, quote_path_overrides, register_schema, resume_path
 from runner.launch.start import stop_forkserver
 from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
 from runner.driver.rundir import run_dir_name, write_run_files
@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> int:
     Only the holder of the run directory's lock writes into it. A refused sweep job leaves its row
     in the sweep's table instead (the directory may hold another run's good status.json), and the
     empty job directory Hydra made for it is removed."""
-    from runner.driver import checks as preflight
+    from runner.driver import checks
     from runner.driver.lock import RunDirInUse, RunDirLock
 
     hydra_cfg = HydraConfig.get()
@@ -126,8 +126,11 @@ def run(cfg: DictConfig) -> int:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     lock = RunDirLock.held(run_dir) or RunDirLock(run_dir, shared=cfg.launch.mode == LaunchMode.multinode)
     try:
-        if not lock.holding:  # single runs: the preflight callback checked and locked before Hydra made the directory
-            preflight.preflight(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides), lock=lock.acquire)
+        if lock.holding and cfg.get("runtime"):  # a single run: the preflight callback checked, locked and resolved
+            runtime = Runtime.from_config(cfg.runtime)
+        else:
+            runtime = checks.check(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides), lock=lock.acquire,
+                                   **_parallel_share(hydra_cfg))
     except UserError as err:
         lock.abandon()
         if full_errors_requested():
@@ -143,12 +146,12 @@ def run(cfg: DictConfig) -> int:
         raise
     try:
         lock.accepted()
-        return _run_locked(cfg, run_dir, hydra_cfg, job)
+        return _run_locked(cfg, run_dir, hydra_cfg, job, runtime)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
+def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict, runtime: Runtime) -> int:
     finished = _finished_entry(cfg, run_dir)
     if finished is not None:
         if finished.get("ended"):
@@ -166,7 +169,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict) -> int:
         return 0
     from runner.logs import add_driver_log_file
 
-    runtime = _prepare_run_dir(cfg, run_dir, hydra_cfg, job)
+    _prepare_run_dir(cfg, run_dir, hydra_cfg, job, runtime)
     handler = add_driver_log_file(run_dir)
     try:
         code, summary = _launch_and_report(cfg, run_dir, runtime)
@@ -213,10 +216,8 @@ def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
     return entry if entry["epoch"] >= cfg.trainer.total_epochs else None
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict):
-    from runner.launch.runtime import resolve_runtime
-
-    runtime = resolve_runtime(cfg.launch, **_parallel_share(hydra_cfg))
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict, runtime: Runtime) -> None:
+    """Write the config the workers read (with the runtime the checks resolved) and the job's status."""
     with open_dict(cfg):
         cfg.runtime = runtime.as_dict()
         path = resume_path(cfg.snapshot.resume)
@@ -226,7 +227,6 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict):
         _archive_previous_run(run_dir, cfg.snapshot.dir)
     write_run_files(run_dir, cfg, hydra_cfg)
     sweep.write_status(run_dir, "running", exit_code=None, **job)
-    return runtime
 
 
 def _parallel_share(hydra_cfg) -> dict:

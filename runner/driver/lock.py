@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _HELD: dict[Path, "RunDirLock"] = {}  # the locks this process holds, by run directory
 CHECKING, RUNNING = "checking", "running"  # a holder still checking its config may yet be refused...
 CHECKING_WAIT_S = 120.0  # ...so a second command waits for it up to this long before being refused
+RELEASE_GRACE_S = 0.5  # how long any holder is given to let go before a second command is refused
 
 
 class RunDirInUse(UserError):
@@ -65,7 +66,11 @@ class RunDirLock:
         if self.holding:
             return self
         self._created = _missing(self.path.parent)
-        deadline = time.monotonic() + (CHECKING_WAIT_S if wait else 0)
+        started = time.monotonic()
+        deadline = started + (CHECKING_WAIT_S if wait else 0)
+        # A refused holder puts the previous record back just before it releases: a record that says
+        # "running" may be that moment, so it is believed only once it has held for a moment.
+        grace = started + (RELEASE_GRACE_S if wait else 0)
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -77,7 +82,7 @@ class RunDirLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                if holder.get("state") == CHECKING and time.monotonic() < deadline:
+                if time.monotonic() < (deadline if holder.get("state") == CHECKING else grace):
                     time.sleep(0.05)
                     continue
                 raise RunDirInUse("run directory", str(self.path.parent),

@@ -12,7 +12,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from runner.config import LaunchMode
+from runner.config import LaunchMode, Strategy
 from runner.errors import EXIT_TRAINING_FAILED, full_errors_requested
 from runner.layout import stop_marker
 from runner.system import peak_rss_mb
@@ -22,18 +22,20 @@ def training_setup(cfg: DictConfig, runtime) -> str:
     """Strategy, precision, accumulation and the global batch: what decides the numbers a run produces."""
     from runner.config import parse_nnodes
 
-    t = cfg.trainer
-    precision = {"32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}.get(str(t.precision), str(t.precision))
+    trainer = cfg.trainer
+    precision = {"32": "float32", "bf16": "bf16 autocast",
+                 "fp16": "fp16 autocast + gradient scaler"}.get(str(trainer.precision), str(trainer.precision))
     if cfg.launch.mode == LaunchMode.rpc:
         return f"{cfg.launch.topology} over RPC, precision {precision}"
     nodes = (parse_nnodes(cfg.launch.nnodes) or (1, 1))[0] if cfg.launch.mode == LaunchMode.multinode else 1
     workers = int(runtime.nproc_per_node) * nodes
-    accumulate = int(t.accumulate)
-    strategy = "one process (no DDP)" if workers == 1 and str(t.strategy) == "ddp" else f"strategy {t.strategy}"
-    parts = [f"{t.batch_size} per worker", f"{workers} worker{'s' if workers > 1 else ''}"]
+    accumulate = int(trainer.accumulate)
+    single = workers == 1 and trainer.strategy == Strategy.ddp
+    strategy = "one process (no DDP)" if single else f"strategy {trainer.strategy}"
+    parts = [f"{trainer.batch_size} per worker", f"{workers} worker{'s' if workers > 1 else ''}"]
     if accumulate > 1:
         parts.append(f"{accumulate} micro-batches")
-    return (f"{strategy}, precision {precision}, global batch {int(t.batch_size) * workers * accumulate} "
+    return (f"{strategy}, precision {precision}, global batch {int(trainer.batch_size) * workers * accumulate} "
             f"({' x '.join(parts)})")
 
 

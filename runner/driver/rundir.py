@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from runner.config import LaunchMode
 from runner.layout import CONFIG_FILE
 
 # Keys (and groups) that never change what a run computes, only how long or how it is watched.
@@ -116,7 +117,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             OmegaConf.update(copy, key, None, force_add=True)
     launch = copy.get("launch") or {}
     mode = launch.get("mode", "standalone")
-    flat: dict[str, Any] = {"engine": f"rpc/{launch.get('topology')}/{launch.get('num_stages')}" if mode == "rpc" else "ddp"}
+    flat: dict[str, Any] = {"engine": f"rpc/{launch.get('topology')}/{launch.get('num_stages')}" if mode == LaunchMode.rpc else "ddp"}
     for key in IDENTITY_KEYS:
         node = OmegaConf.select(copy, key)
         _flatten(key, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, flat)

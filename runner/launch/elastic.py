@@ -9,6 +9,10 @@ Restarts: torch's agent restarts a failed group up to `launch.max_restarts` time
 failure. Ours (`RestartPolicyAgent`) also ends the job when an attempt fails exactly like the one
 before (runner.train.faults: same exception, message and step), since a restart replays the same
 steps into the same bug; killed processes and lost peers are restarted as before.
+
+What a launch sets in the driver's process (environment, warning options, the agent's log levels,
+the start method, signal handlers) holds for that launch only (`launch_settings`): a sweep runs
+its jobs one after another in one driver.
 """
 
 from __future__ import annotations
@@ -53,12 +57,19 @@ def _launch_in_process(run_dir: Path) -> dict[str, Any]:
     """launch=local: this very process is rank 0 of 1, so breakpoints and debuggers just work."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from runner.train import worker
 
-    try:
+    with environment(env):
         return worker.main(str(run_dir), in_driver=True)
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while the block runs; each variable as it was before afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
@@ -96,62 +107,90 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
     )
 
 
-def _quiet_agent_logs() -> None:
+def _quiet_agent_logs() -> dict[str, int]:
     """Silence the agent's own records ("Received 2 death signal, shutting down workers",
     "Terminating process ... via signal SIGTERM" at a restart). torch gives each of its elastic
-    loggers a level of its own, so setting the parent's would not reach them."""
+    loggers a level of its own, so setting the parent's would not reach them. Returns the levels
+    they had."""
     quiet = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    levels = {}
     for name in [*quiet, *logging.root.manager.loggerDict]:
-        if name.startswith(quiet):
+        if name.startswith(quiet) and name not in levels:
+            levels[name] = logging.getLogger(name).level
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    return levels
 
 
-def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:
-    from torch.distributed.launcher.api import elastic_launch
-
+@contextmanager
+def launch_settings(runtime: Runtime) -> Iterator[None]:
+    """The process-wide settings a launch needs (environment, warning options, the agent's log
+    levels, the start method, signal handlers), for the launch only: a sweep runs several jobs in
+    one driver, and each starts from the driver's own settings (job 2 must not inherit job 1's
+    CUDA_VISIBLE_DEVICES). While it holds, the agent reads its variables, and the workers get the
+    environment as it is (runner.launch.start.driver_environment, taken when the launch starts;
+    a spawned worker also inherits it), restarted workers included."""
+    # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
+    # (a known upstream problem); a store of their own makes restarts reliable.
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if runtime.cuda_visible_devices is not None:  # this job's share of the GPUs, read by its workers
+        env["CUDA_VISIBLE_DEVICES"] = runtime.cuda_visible_devices
+    if runtime.omp_num_threads:
+        env["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
+    warnoptions = list(sys.warnoptions)
     # multiprocessing's resource tracker (a helper process) warns about the agent's semaphores at
     # exit; it inherits warning filters from sys.warnoptions.
     if "ignore::UserWarning:multiprocessing.resource_tracker" not in sys.warnoptions:
         sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
-    # Restarted gloo workers often fail to connect when they share the agent's rendezvous store
-    # (a known upstream problem); a store of their own makes restarts reliable.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    if not full_errors_requested():  # the driver reports failures and stops itself, in a few lines
-        _quiet_agent_logs()
-    if runtime.cuda_visible_devices is not None:  # this job's share of the GPUs, read by its workers
-        os.environ["CUDA_VISIBLE_DEVICES"] = runtime.cuda_visible_devices
-    if runtime.omp_num_threads:
-        os.environ["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
-    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
-        # Inside a joblib (loky) sweep worker: children would try to start with "loky" and fail.
+    # the driver reports failures and stops itself, in a few lines
+    levels = _quiet_agent_logs() if not full_errors_requested() else {}
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    if start_method not in (None, "spawn", "fork", "forkserver"):
+        # Inside a joblib (loky) sweep worker: a spawned child takes its parent's start method
+        # ("loky") and fails to set it.
         multiprocessing.set_start_method("spawn", force=True)
     handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
-    error_reports = tempfile.TemporaryDirectory(prefix="runner-elastic-")
     try:
-        config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), error_reports.name, runtime.start_method)
-        if cfg.launch.mode == LaunchMode.multinode:  # the rendezvous may wait long for the other nodes: say for what
-            lo, hi = config.min_nodes, config.max_nodes
-            log.info("waiting for %s nodes at %s (launch.rdzv_timeout=%s s)", lo if lo == hi else f"{lo} to {hi}",
-                     config.rdzv_endpoint, cfg.launch.rdzv_timeout)
-        entrypoint = rpc_worker if cfg.launch.mode == LaunchMode.rpc else ddp_worker
-        if runtime.start_method == "forkserver":
-            ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
-        records = Path(error_reports.name) / "failures"
-        records.mkdir()
-        with restart_policy(records) as agents:
-            try:
-                results = elastic_launch(config, entrypoint)(str(run_dir), {**driver_environment(),
-                                                                            faults.FAILURE_RECORDS: str(records)})
-            except Exception as err:  # what the driver's report says about restarts
-                if agents:
-                    err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
-                    err.stop_request = agents[-1].stopped
-                raise
+        with environment(env):
+            yield
     finally:  # the agent leaves its handlers installed; between jobs of a sweep, signals act as usual
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        error_reports.cleanup()
+        if multiprocessing.get_start_method(allow_none=True) != start_method:
+            multiprocessing.set_start_method(start_method, force=True)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        sys.warnoptions[:] = warnoptions
+
+
+def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:
+    with launch_settings(runtime), tempfile.TemporaryDirectory(prefix="runner-elastic-") as error_reports:
+        results = _run_agent(cfg, run_dir, runtime, Path(error_reports))
     return next((r for _, r in sorted(results.items()) if r), None) if results else None
+
+
+def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: Path) -> dict[int, Any]:
+    """The elastic agent's run of the job: {rank: what its worker returned}."""
+    from torch.distributed.launcher.api import elastic_launch
+
+    config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), str(error_reports), runtime.start_method)
+    if cfg.launch.mode == LaunchMode.multinode:  # the rendezvous may wait long for the other nodes: say for what
+        lo, hi = config.min_nodes, config.max_nodes
+        log.info("waiting for %s nodes at %s (launch.rdzv_timeout=%s s)", lo if lo == hi else f"{lo} to {hi}",
+                 config.rdzv_endpoint, cfg.launch.rdzv_timeout)
+    entrypoint = rpc_worker if cfg.launch.mode == LaunchMode.rpc else ddp_worker
+    if runtime.start_method == "forkserver":
+        ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
+    records = error_reports / "failures"
+    records.mkdir()
+    with restart_policy(records) as agents:
+        try:
+            return elastic_launch(config, entrypoint)(str(run_dir), {**driver_environment(),
+                                                                     faults.FAILURE_RECORDS: str(records)})
+        except Exception as err:  # what the driver's report says about restarts
+            if agents:
+                err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
+                err.stop_request = agents[-1].stopped
+            raise
 
 
 def _agent_class():

@@ -44,7 +44,7 @@ FORKED_FROM_SERVER = False  # set in the server (runner.launch.server), so in ev
 # launch are left out: the agent reads the first, torch.set_num_threads applies the second.
 IMPORT_TIME = ("TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_")
 SET_AT_LAUNCH = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS")
-_server_env: dict[str, str] = {}  # the environment the running server started with
+_server_env: Optional[dict[str, str]] = None  # the environment the server this driver started began with
 # Command lines whose driver starts no workers of its own, or not by forkserver.
 NO_WARM_UP = re.compile(r"^(launch=local|launch\.mode=local|launch\.start_method=(spawn|fork)|hydra/launcher=.*"
                         r"|-h|--help|--hydra-help|-c|--cfg|--info|--shell-completion|-sc)$")
@@ -62,13 +62,13 @@ def default_start_method() -> str:
 def start_forkserver() -> None:
     """Start (once per driver) the fork server, preloading torch and the worker code; returns at
     once: the server imports in its own process while this one goes on."""
+    global _server_env
     from multiprocessing import forkserver
 
-    if forkserver._forkserver._forkserver_pid is None:
-        _server_env.clear()
-        _server_env.update(os.environ)
     multiprocessing.set_forkserver_preload(list(PRELOAD))
     forkserver.ensure_running()
+    if _server_env is None:
+        _server_env = dict(os.environ)
 
 
 def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -78,9 +78,7 @@ def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
 def ensure_forkserver() -> None:
     """At launch: the running server if it imported under the driver's current settings, else a
     new one (e.g. hydra.job.env_set gave TORCH_LOGS after the server had started)."""
-    from multiprocessing import forkserver
-
-    if forkserver._forkserver._forkserver_pid is not None and _import_time_env(_server_env) != _import_time_env(os.environ):
+    if _server_env is not None and _import_time_env(_server_env) != _import_time_env(os.environ):
         stop_forkserver()
     start_forkserver()
 
@@ -89,9 +87,25 @@ def stop_forkserver(at_exit: bool = False) -> None:
     """Stop the server now (at the driver's exit: a server still importing, after a command that
     failed its checks, would otherwise go on for seconds), reaping it and removing its socket
     and, `at_exit`, the socket's folder."""
-    from multiprocessing import forkserver
+    global _server_env
+    _server_env = None
+    _stop_multiprocessing_fork_server(run_exit_clean_up=at_exit)
 
-    server = forkserver._forkserver
+
+def _stop_multiprocessing_fork_server(run_exit_clean_up: bool) -> None:
+    """Kill and reap multiprocessing's fork server and unlink its socket; `run_exit_clean_up`: run
+    multiprocessing's own exit clean-up too (it removes the socket's temporary folder; the driver
+    ends with os._exit, which skips it).
+
+    The one place that touches private multiprocessing names, as there is no public way to stop its
+    server: `forkserver._forkserver` is the server the "forkserver" start method (so the elastic
+    agent) forks from, which a server of our own could not replace; a server still importing torch
+    answers only to a signal, hence its pid (`_forkserver_pid`); `_stop_unlocked` is what
+    multiprocessing's own tests stop it with; `util._run_finalizers` is what its exit hook runs.
+    Without them (another Python), the server ends with the driver, as it would anyway."""
+    from multiprocessing import forkserver, util
+
+    server = getattr(forkserver, "_forkserver", None)
     pid = getattr(server, "_forkserver_pid", None)
     if not pid:
         return
@@ -103,9 +117,7 @@ def stop_forkserver(at_exit: bool = False) -> None:
         server._stop_unlocked()  # closes the alive pipe, reaps the server, unlinks its socket
     except (AttributeError, OSError):
         pass
-    if at_exit:  # multiprocessing's own clean-up (its temporary folder), which os._exit would skip
-        from multiprocessing import util
-
+    if run_exit_clean_up:
         try:
             util._run_finalizers()
         except Exception:  # clean-up only: never the reason a command fails

@@ -225,9 +225,13 @@ class DataSource:
     """The three splits of one run, as this rank sees them."""
 
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device, dataset: Any = None) -> None:
-        t, d = cfg.trainer, cfg.data
-        splits = make_splits(instantiate(cfg.dataset) if dataset is None else dataset, float(d.val_fraction), int(t.seed))
-        eval_batch = int(d.eval_batch_size or t.batch_size)
-        self.train = TrainBatches(splits.train, d, int(t.batch_size), rank, world_size, int(t.seed), bool(t.shuffle), device)
-        self.val = None if splits.val is None else EvalBatches(splits.val, d, eval_batch, rank, world_size, int(t.seed), device)
-        self.test = None if splits.test is None else EvalBatches(splits.test, d, eval_batch, rank, world_size, int(t.seed), device)
+        trainer, data = cfg.trainer, cfg.data
+        seed = int(trainer.seed)
+        splits = make_splits(instantiate(cfg.dataset) if dataset is None else dataset, float(data.val_fraction), seed)
+        eval_batch = int(data.eval_batch_size or trainer.batch_size)
+        self.train = TrainBatches(splits.train, data, int(trainer.batch_size), rank, world_size, seed,
+                                  bool(trainer.shuffle), device)
+        self.val = None if splits.val is None else EvalBatches(splits.val, data, eval_batch, rank, world_size, seed,
+                                                               device)
+        self.test = None if splits.test is None else EvalBatches(splits.test, data, eval_batch, rank, world_size, seed,
+                                                                 device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from runner.config import Interval
 from runner.snapshot import format as snap
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ SHOWN = 12  # changes listed on the line; the rest are counted
 def resume_noting_changes(loop, state: dict[str, Any], entry: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """`loop.resume(state, entry)`, returning the notes to log after it (the lead's only): what changed in
     the config since the snapshot, and a schedule whose planned length no longer matches the run."""
-    scheduler = getattr(loop.engine, "scheduler", None)
+    scheduler = loop.engine.scheduler
     planned = schedule_lengths(scheduler)  # as built for this run, before the snapshot's state replaces it
     loop.resume(state, entry)
     if not loop.lead:
@@ -66,7 +67,7 @@ def schedule_note(planned: dict[str, int], restored: dict[str, int], scheduler: 
     if key is None:
         return None
     node = config.get("scheduler") or {}
-    unit = "epochs" if str(node.get("interval", "epoch")) == "epoch" else "steps"
+    unit = "epochs" if node.get("interval", Interval.epoch) == Interval.epoch else "steps"
     then, now = restored[key], planned[key]
     name = type(scheduler).__name__
     after = (f"the rate stays at its floor after {unit[:-1]} {then}" if name == "WarmupCosine" and then < now

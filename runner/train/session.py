@@ -43,9 +43,9 @@ OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied"
 
 
 def snapshot_manager(cfg: DictConfig, run_dir: Path) -> SnapshotManager:
-    s = cfg.snapshot
-    return SnapshotManager(run_dir / s.dir, s.keep_last, s.milestone_every, keep_best=s.keep_best if s.monitor else 0,
-                           mode=str(s.mode))
+    snapshot = cfg.snapshot
+    return SnapshotManager(run_dir / snapshot.dir, snapshot.keep_last, snapshot.milestone_every,
+                           keep_best=snapshot.keep_best if snapshot.monitor else 0, mode=str(snapshot.mode))
 
 
 def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     rng.seed_everything(t.seed)  # identical model init on every rank
     data = DataSource(cfg, rank, dist.get_world_size(), device)
     task = instantiate(cfg.task)
-    fsdp = str(t.strategy) == Strategy.fsdp
+    fsdp = t.strategy == Strategy.fsdp
     meta = fsdp and bool(t.fsdp.meta_init)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = instantiate(cfg.model)
@@ -131,11 +131,10 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
 
     collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
-    options = dict(skip_nonfinite=str(t.on_nonfinite) == OnNonFinite.skip, precision=str(t.precision),
+    options = dict(skip_nonfinite=t.on_nonfinite == OnNonFinite.skip, precision=str(t.precision),
                    clip_grad_norm=t.clip_grad_norm, compile=bool(t.compile), scheduler_interval=scheduler_interval(cfg.get("scheduler")))
     if fsdp:  # the shared memory still carries the loop's small collectives; FSDP's own go through the group
-        engine = FSDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, None,
-                            backend=runtime.backend, **options)
+        engine = FSDPEngine(model, optimizer, scheduler, task, device, collectives, backend=runtime.backend, **options)
     else:
         engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory,
                            ddp_options=OmegaConf.to_container(t.ddp), **options)

@@ -7,10 +7,11 @@ at a time and frees them again (`reshard_after_forward`); gradients are reduce-s
 rank's optimizer steps its own shard. Per worker that holds about 1/N of the parameters,
 gradients and optimizer state plus one gathered block, where DDP holds all of it.
 
-Everything else is the DDP engine's: the step over a window of micro-batches (gradient sync only
-on the last, through `set_requires_gradient_sync`), autocast, clipping (the norm of the whole
-sharded gradient), the schedules. Snapshots are sharded (runner.snapshot.sharded): every rank
-writes its own shards, and a run resumes on another number of workers.
+The step over a window of micro-batches, autocast, clipping (the norm of the whole sharded
+gradient) and the schedules are the shared base's (runner.train.engines.base); here: gradient sync
+on the last micro-batch only, through `set_requires_gradient_sync`, and the state. Snapshots are
+sharded (runner.snapshot.sharded): every rank writes its own shards, and a run resumes on another
+number of workers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from runner.train.engines.ddp import DDPEngine
+from runner.train.collectives import Collectives
+from runner.train.engines.base import DataParallelEngine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "32": torch.float32}
 
@@ -40,7 +42,8 @@ def shard_blocks(model: torch.nn.Module, shard: Optional[str]) -> list[torch.nn.
     for unit in candidates:
         for p in unit.parameters():
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [u for u in candidates if any(True for _ in u.parameters()) and all(owners[id(p)] == 1 for p in u.parameters())]
+    return [u for u in candidates
+            if any(True for _ in u.parameters()) and all(owners[id(p)] == 1 for p in u.parameters())]
 
 
 def _has_forward(module: torch.nn.Module) -> bool:
@@ -100,17 +103,17 @@ def initialise_shards(model: torch.nn.Module, device: torch.device, options: Any
                     reset()
 
 
-class FSDPEngine(DDPEngine):
-    """`model` is already sharded (`shard_model`) and the optimizer built over its DTensor parameters."""
+class FSDPEngine(DataParallelEngine):
+    """`model` is already sharded (`shard_model`) and the optimizer built over its DTensor parameters:
+    a training step calls the module itself (fully_shard changed it in place)."""
 
     lockstep_evaluation = True  # every forward gathers parameters from every rank: all ranks run the same number
 
-    def __init__(self, model: torch.nn.Module, *args: Any, backend: str = "gloo", **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)
-        self.allreduce = f"fsdp-{backend}"  # reduce-scatter over the process group (recorded in snapshots)
-
-    def _wrap(self, model: torch.nn.Module, shared_memory) -> torch.nn.Module:
-        return model  # fully_shard changed the module itself
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
+                 device: torch.device, collectives: Collectives, *, backend: str = "gloo", **options: Any) -> None:
+        """`options`: the shared base's (skip_nonfinite, precision, clip_grad_norm, compile, scheduler_interval).
+        Gradients are reduce-scattered over the process group of `backend` (recorded in snapshots)."""
+        super().__init__(model, optimizer, scheduler, task, device, collectives, f"fsdp-{backend}", **options)
 
     @contextlib.contextmanager
     def _no_sync(self) -> Iterator[None]:

@@ -25,6 +25,8 @@ class RpcEngine:
     allreduce = ALLREDUCE
     device = torch.device("cpu")
     shared_state = False
+    lockstep_evaluation = False  # forwards are RPCs to the stages, not collectives of the ranks
+    scheduler = None  # schedulers are refused with launch=rpc (preflight)
     shards: list[rpc.RRef]
     optimizer: RemoteOptimizer
 
