@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import threading
-import time
 
 import pytest
 import torch
@@ -30,23 +29,32 @@ def test_failed_background_write_surfaces_at_the_next_check(tmp_path, asynchrono
     writer.wait()  # reported once
 
 
-class SlowManager(SnapshotManager):
+class HeldManager(SnapshotManager):
+    """Its writes wait until the test lets them go."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+
     def write(self, *args, **kwargs):
-        time.sleep(0.5)
+        assert self.release.wait(timeout=60), "the write was never let go"
         return super().write(*args, **kwargs)
 
 
 def test_async_snapshot_is_a_copy_taken_at_save_time(tmp_path):
-    writer = SnapshotWriter(SlowManager(tmp_path), asynchronous=True)
+    manager = HeldManager(tmp_path)
+    writer = SnapshotWriter(manager, asynchronous=True)
     weights = torch.zeros(1000)
     for step in (1, 2):
+        manager.release.clear()
         weights.fill_(step)
         writer.save(snapshot_state(w=weights), step=step, epoch=0)
         waiting = threading.Thread(target=writer.wait_staged)  # the engine's call before the optimizer step
         waiting.start()
-        waiting.join(timeout=0.4)  # the copy, not the write (which takes 0.5 s)
+        waiting.join(timeout=30)  # returns after the copy, while the write is still held
         assert not waiting.is_alive(), "wait_staged waited for the write (or forever)"
         weights.fill_(-1)  # training goes on and changes the live tensor
+        manager.release.set()
     writer.wait()
     entries = SnapshotManager(tmp_path).entries()
     for entry in entries:

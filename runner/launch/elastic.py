@@ -17,6 +17,7 @@ its jobs one after another in one driver.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
 import os
@@ -110,8 +111,10 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
 def _quiet_agent_logs() -> dict[str, int]:
     """Silence the agent's own records ("Received 2 death signal, shutting down workers",
     "Terminating process ... via signal SIGTERM" at a restart). torch gives each of its elastic
-    loggers a level of its own, so setting the parent's would not reach them. Returns the levels
-    they had."""
+    loggers a level of its own, so setting the parent's would not reach them; they exist once the
+    agent's modules are imported. Returns the levels they had."""
+    importlib.import_module("torch.distributed.launcher.api")  # the agent's modules, and so their loggers
+
     quiet = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
     levels = {}
     for name in [*quiet, *logging.root.manager.loggerDict]:

@@ -1,4 +1,4 @@
-"""The seam between the training loop and an engine (DDP today, RPC topologies, FSDP next).
+"""The seam between the training loop and an engine (DDP, FSDP, RPC topologies: runner.train.engines).
 
 The loop owns everything a user sees and everything that must survive a restart besides the
 trained objects: position, loss bookkeeping, snapshot policy, stop, resume, metrics, summary. An
