@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import FAILURES, run as timed_run  # noqa: E402  (benchmarks/run.py: timed, retried commands)
+from run import FAILURES  # noqa: E402  (benchmarks/run.py: timed, retried commands)
+from run import run as timed_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SAMPLES = 1257  # DigitsData(seed=0): 1,797 - 270 val - 270 test

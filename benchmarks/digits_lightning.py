@@ -22,11 +22,10 @@ import sys
 import time
 import warnings
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-
-import lightning as L
 
 from runner.examples.digits import DigitsCNN, DigitsData
 

@@ -88,7 +88,7 @@ def seed(args, epochs: int, cwd: Path) -> dict:
     wall, out = run([*TORCHRUN, str(SEED), "--input-dim", str(INPUT_DIM), "--hidden", str(HIDDEN), "--depth", str(DEPTH),
                      "--size", str(args.size), "--batch-size", str(args.batch_size), "--total-epochs", str(epochs),
                      "--save-every", "0", "--snapshot-path", str(snapshot)], cwd, "seed")
-    line = next(l for l in out.splitlines() if l.startswith("{"))
+    line = next(text for text in out.splitlines() if text.startswith("{"))
     return {"wall": wall, **json.loads(line)}
 
 

@@ -10,7 +10,6 @@ task, 2 CPU workers (gloo). Each figure is the median over repetitions.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ def baseline(task: dict, cwd: Path) -> dict:
     wall, out = run([*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(snapshot)], cwd, "baseline",
                     before_attempt=lambda: snapshot.unlink(missing_ok=True))
     snapshot.unlink(missing_ok=True)
-    line = next(l for l in out.splitlines() if l.startswith("{"))
+    line = next(text for text in out.splitlines() if text.startswith("{"))
     return {"wall": wall, **json.loads(line)}
 
 
@@ -114,7 +114,7 @@ def bench_allreduce(reps: int, tmp: Path) -> list[tuple]:
     runs = []
     for _ in range(reps):
         _, out = run([*TORCHRUN, str(ROOT / "benchmarks" / "allreduce.py")], tmp, "runner")
-        runs.append({r["bytes"]: r for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))})
+        runs.append({r["bytes"]: r for r in (json.loads(text) for text in out.splitlines() if text.startswith("{"))})
     rows = []
     for nbytes in runs[0]:
         gloo = statistics.median(r[nbytes]["gloo_ms"] for r in runs)

@@ -18,11 +18,10 @@ import sys
 import time
 import warnings
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning as L
 
 
 def seed_data(size: int = 2048) -> TensorDataset:

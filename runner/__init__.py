@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported on first use below, so that `import runner` stays cheap (no torch, no hydra)
-    from runner.export import load_model
+    from runner.export import load_model  # noqa: F401 (for type checkers: runner.load_model)
 
 
 def __getattr__(name: str):

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from runner.config import Mode
 from runner.driver.sweep import read_status
-from runner.tables import format_table
 from runner.layout import METRICS_FILE
+from runner.tables import format_table
 from runner.train.metrics import read_number, train_loss
 
 TABLE_WIDTH = 120  # a terminal's columns; long run names and overrides are cut to fit

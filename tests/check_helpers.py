@@ -69,6 +69,7 @@ def refusal(overrides: list[str], cwd: Path) -> UserError:
 def make_finished_run(cwd: Path, overrides: list[str], step: int = 64) -> Path:
     """A run directory holding one verified end-of-epoch snapshot of the run `overrides` define."""
     from conftest import snapshot_state
+
     from runner.driver.rundir import identity
     from runner.snapshot import SnapshotManager
 

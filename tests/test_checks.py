@@ -7,12 +7,12 @@ import copy
 from pathlib import Path
 
 import pytest
+from check_helpers import compose_command, compose_config
+from conftest import WORKERS
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from check_helpers import compose_command, compose_config
-from conftest import WORKERS
 from runner.driver.checks import check
 from runner.errors import EXIT_USER_ERROR, UserError
 from runner.launch.runtime import resolve_runtime

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import FAST, QUIET, latest_snapshot, manifest, metrics, run_cli
 from omegaconf import OmegaConf
 
-from conftest import FAST, QUIET, latest_snapshot, manifest, metrics, run_cli
 from runner.config import LaunchConfig
 from runner.launch.runtime import resolve_runtime
 

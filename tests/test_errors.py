@@ -9,17 +9,15 @@ user sees them, and a few refusals through the whole command.
 from __future__ import annotations
 
 import hashlib
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from check_helpers import compose_command, make_finished_run, refusal
 from conftest import WORKERS, run_cli
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 EXISTING = "existing"  # a finished run prepared by the fixture, for the resume mistakes
 PLUGINS = Path(__file__).parent / "plugins"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_weights, cli_env, snapshot_state
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import assert_same_weights, cli_env, snapshot_state
 from runner.errors import UserError
 from runner.export import export, export_run, load_model, main, unshare
 from runner.snapshot import SnapshotManager

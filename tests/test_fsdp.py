@@ -10,7 +10,6 @@ import signal
 
 import pytest
 import torch
-
 from conftest import FAST, QUIET, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow

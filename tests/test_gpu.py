@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import QUIET, assert_same_weights, manifest, metrics, run_cli, start_cli, stop_when
+from omegaconf import OmegaConf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")]

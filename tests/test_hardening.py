@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST, manifest, metrics, process_tree, run_cli, running, snapshot_state, start_cli
+
 from runner import report
 from runner.snapshot import SnapshotManager
 

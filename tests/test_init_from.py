@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, assert_same_weights, manifest, run_cli, snapshot_state
 from omegaconf import OmegaConf
 
-from conftest import FAST, assert_same_weights, manifest, run_cli, snapshot_state
 from runner.config import quote_path_overrides
 from runner.errors import UserError
 from runner.export import export

@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-
 from conftest import FAST, QUIET, metrics, run_cli
 
 pytestmark = pytest.mark.slow
@@ -67,4 +66,6 @@ def test_wandb_offline_run_resumes_the_same_run_id(workdir):
     offline = sorted((run_dir / "wandb" / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
     assert any(p.suffix == ".wandb" for p in offline[-1].iterdir())
-    assert json.loads((run_dir / "logs" / "loggers.json").read_text())["sent"] == 2
+    # Every record once: 2 epochs and the training rows of steps 50 and 100 (64 steps per epoch).
+    assert json.loads((run_dir / "logs" / "loggers.json").read_text())["sent"] == 4 == \
+        len(metrics(run_dir)) + len(metrics(run_dir, steps=True))

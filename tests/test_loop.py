@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import manifest, metrics
 from loop_helpers import SAMPLES, RecordingRegression, build_engine, config, samples, train
+
 from runner.layout import stop_marker
 from runner.snapshot import SnapshotWriter
 from runner.train.batches import DataSource

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli, start_cli
+
 from runner.launch.elastic import _free_port
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_st
             log.exists() and "snapshot-000000050.pt written" in log.read_text()):
         time.sleep(0.05)
     host.send_signal(signal.SIGTERM)
-    (host_out, host_err), (other_out, other_err) = host.communicate(timeout=120), other.communicate(timeout=120)
+    (_, host_err), (_, other_err) = host.communicate(timeout=120), other.communicate(timeout=120)
     assert f"waiting for 2 nodes at 127.0.0.1:{port} (launch.rdzv_timeout=900 s)" in host_err, host_err
     assert host.returncode == other.returncode == 128 + signal.SIGTERM, host_err + other_err
     for err in (host_err, other_err):  # the other node reports the same stop, not a failure and its C++ stack

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, cli_env, run_cli
 
 pytestmark = pytest.mark.slow

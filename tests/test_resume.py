@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from conftest import FAST, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_same_weights, latest_snapshot, metrics, run_cli
+
 from runner.models import MLP
 
 pytestmark = pytest.mark.slow

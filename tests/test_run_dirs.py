@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import FAST, cli_env, run_cli
+from omegaconf import OmegaConf
 
 SEARCH = ["hparams_search=lr", "experiment=digits", "hydra.sweeper.n_trials=3", "trainer.total_epochs=1",
           "data.num_workers=0", *FAST]

@@ -8,9 +8,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import QUIET, run_cli, start_cli
+from omegaconf import OmegaConf
 
 SEARCH = ["hparams_search=lr", "launch=local", "trainer.total_epochs=2", "optimizer=adamw", *QUIET]
 

@@ -11,7 +11,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import WORKERS, metrics, process_tree, start_cli
 
 from runner.driver.sweep import read_status
@@ -43,9 +42,8 @@ def test_preempted_job_snapshots_requeues_and_resumes(workdir):
 
 
 def test_slurm_recipe_composes_one_agent_per_node_with_an_early_preemption_signal(workdir):
-    from omegaconf import OmegaConf
-
     from conftest import run_cli
+    from omegaconf import OmegaConf
 
     res = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"], workdir)
     assert res.returncode == 0, res.output

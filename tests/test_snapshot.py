@@ -18,7 +18,6 @@ import torch
 from runner import snapshot as snap
 from runner.snapshot import SnapshotError, SnapshotManager
 
-
 # The parts load_bytes requires of a complete runner snapshot, empty: these tests are about files.
 REQUIRED_PARTS = {"optimizer": {}, "train_state": {}, "rng": [], "metrics": []}
 

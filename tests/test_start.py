@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, assert_same_weights, latest_snapshot, run_cli
+
 from runner.launch import start
 
 PLUGINS = {"PYTHONPATH": str(Path(__file__).parent / "plugins")}
@@ -72,8 +72,8 @@ def test_fork_is_refused_for_cuda_workers_and_unknown_methods_for_the_platform()
     from omegaconf import OmegaConf
 
     from runner.config import Runtime
-    from runner.errors import UserError
     from runner.driver.checks import check_start_method
+    from runner.errors import UserError
 
     launch = OmegaConf.create({"mode": "standalone", "start_method": "fork"})
     cuda = Runtime("nccl", "cuda", 2, None, "nccl", "", None, "fork")

@@ -7,11 +7,9 @@ import re
 import signal
 import time
 
-from omegaconf import OmegaConf
-
 import pytest
-
 from conftest import WORKERS, metrics, run_cli, start_cli
+from omegaconf import OmegaConf
 
 from runner import report
 from runner.system import usable_cores
@@ -79,8 +77,8 @@ def test_a_failing_job_does_not_stop_the_sweep(workdir):
     assert res.returncode == 1, res.output
     assert "sweep: 4 jobs, 2 failed" in res.output
     assert res.output.count("Error: training failed on rank 0") == 2
-    lines = [l for l in res.output.splitlines() if re.match(r"\d+\s+(finished|failed)\s", l)]
-    assert len(lines) == 4 and sum("failed" in l for l in lines) == 2
+    lines = [line for line in res.output.splitlines() if re.match(r"\d+\s+(finished|failed)\s", line)]
+    assert len(lines) == 4 and sum("failed" in line for line in lines) == 2
     # In-process jobs log only into their own run directory, each line once.
     for log in (workdir / "outputs").glob("*/train.log"):
         assert log.read_text().count("starting from scratch") == 1, log

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUIET, WORKERS, assert_same_weights, latest_snapshot, manifest, metrics, run_cli
 
 PLUGINS = Path(__file__).parent / "plugins"

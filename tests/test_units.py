@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from runner.train import rng
 from runner.data import RegressionDataset
 from runner.driver.rundir import identity, identity_diff, run_dir_name
+from runner.train import rng
 from runner.train.sampler import ResumableDistributedSampler
 
 
@@ -107,9 +107,9 @@ def test_gpu_worker_counts_resolve_as_torchrun_does_and_too_many_are_refused():
     from omegaconf import OmegaConf
 
     from runner.config import LaunchConfig
+    from runner.driver.checks import check_gpu_count
     from runner.errors import UserError
     from runner.launch.runtime import resolve_runtime
-    from runner.driver.checks import check_gpu_count
 
     def runtime(nproc, backend="auto", gpus=("0", "1")):
         launch = OmegaConf.merge(OmegaConf.structured(LaunchConfig), {"nproc_per_node": nproc, "backend": backend})
@@ -147,10 +147,10 @@ def test_fsdp_units_look_inside_containers_and_leave_tied_weights_to_the_root():
 def test_meta_init_is_refused_where_nothing_would_initialise_a_parameter(caplog):
     import logging
 
+    from runner.driver.checks import check_meta_init
     from runner.errors import UserError
     from runner.examples.charlm import TinyGPT
     from runner.models import MLP
-    from runner.driver.checks import check_meta_init
 
     with torch.device("meta"):
         attention, mlp, gpt = torch.nn.MultiheadAttention(8, 2), MLP(2, 1), TinyGPT(n_layer=1)

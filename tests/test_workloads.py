@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-
 from conftest import FAST, QUIET, assert_same_weights, latest_snapshot, manifest, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow

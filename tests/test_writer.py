@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import snapshot_state
+
 from runner.snapshot import SnapshotManager
 from runner.snapshot.writer import SnapshotWriter
 

@@ -24,8 +24,8 @@ from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, rep
 
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.driver.lock import RunDirLock
         from runner.driver.checks import check
+        from runner.driver.lock import RunDirLock
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()

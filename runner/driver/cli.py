@@ -20,11 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from runner.driver import reports, sweep
 from runner.config import LaunchMode, ResumeWord, Runtime, quote_path_overrides, register_schema, resume_path
-from runner.launch.start import stop_forkserver
-from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
+from runner.driver import reports, sweep
 from runner.driver.rundir import run_dir_name, write_run_files
+from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
+from runner.launch.start import stop_forkserver
 
 log = logging.getLogger("runner")
 

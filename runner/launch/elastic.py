@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
-from runner.launch.start import ddp_worker, driver_environment, ensure_forkserver, rpc_worker
+from runner.launch.start import ddp_worker, driver_environment, ensure_forkserver, rpc_worker, start_resource_tracker
 from runner.train import faults
 
 log = logging.getLogger(__name__)
@@ -139,11 +138,7 @@ def launch_settings(runtime: Runtime) -> Iterator[None]:
         env["CUDA_VISIBLE_DEVICES"] = runtime.cuda_visible_devices
     if runtime.omp_num_threads:
         env["OMP_NUM_THREADS"] = str(runtime.omp_num_threads)
-    warnoptions = list(sys.warnoptions)
-    # multiprocessing's resource tracker (a helper process) warns about the agent's semaphores at
-    # exit; it inherits warning filters from sys.warnoptions.
-    if "ignore::UserWarning:multiprocessing.resource_tracker" not in sys.warnoptions:
-        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    start_resource_tracker()  # quiet about the semaphores of killed workers, which it cleans up
     # the driver reports failures and stops itself, in a few lines
     levels = _quiet_agent_logs() if not full_errors_requested() else {}
     start_method = multiprocessing.get_start_method(allow_none=True)
@@ -162,7 +157,6 @@ def launch_settings(runtime: Runtime) -> Iterator[None]:
             multiprocessing.set_start_method(start_method, force=True)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        sys.warnoptions[:] = warnoptions
 
 
 def _launch_elastic(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> Optional[dict[str, Any]]:

@@ -59,12 +59,30 @@ def default_start_method() -> str:
     return "forkserver" if forkserver_by_default() else "spawn"
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (one helper process per driver) unless it runs.
+
+    When a worker is killed (SIGKILL, the OOM killer, a restart), the tracker removes the semaphores
+    it left and, at the driver's exit, warns that it did ("There appear to be 1 leaked semaphore
+    objects"): noise, since it did the clean-up. It takes its warning filters from sys.warnoptions
+    when it starts, so it is started here with that warning ignored, and sys.warnoptions is put back."""
+    from multiprocessing import resource_tracker
+
+    saved = list(sys.warnoptions)
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions[:] = saved
+
+
 def start_forkserver() -> None:
     """Start (once per driver) the fork server, preloading torch and the worker code; returns at
     once: the server imports in its own process while this one goes on."""
     global _server_env
     from multiprocessing import forkserver
 
+    start_resource_tracker()  # before the server, which would start it with the warning on
     multiprocessing.set_forkserver_preload(list(PRELOAD))
     forkserver.ensure_running()
     if _server_env is None:

@@ -37,8 +37,14 @@ import torch
 
 from runner.fileio import atomic_write, fsync_dir, temporary_path
 from runner.snapshot.format import FORMAT_VERSION, SHARDED_KEY, ShardedVersion, SnapshotError, load_bytes
-from runner.snapshot.manifest import (SHARD_FILE_PATTERN, describe, entry_problem, file_name_problem, parse_manifest,
-                                      validate_manifest)
+from runner.snapshot.manifest import (
+    SHARD_FILE_PATTERN,
+    describe,
+    entry_problem,
+    file_name_problem,
+    parse_manifest,
+    validate_manifest,
+)
 
 log = logging.getLogger(__name__)
 

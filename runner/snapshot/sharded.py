@@ -30,8 +30,8 @@ import io
 import logging
 import pickle
 import time
-from datetime import timedelta
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 

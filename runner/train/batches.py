@@ -27,8 +27,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 from hydra.utils import instantiate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from runner.config import LoaderKind
 from runner.data import Splits, split_off

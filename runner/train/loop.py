@@ -29,7 +29,7 @@ from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.evaluation import Monitor, evaluate
 from runner.train.metrics import MetricsWriter, train_loss
-from runner.train.stop import Diverged, StopRequest, Stopped
+from runner.train.stop import Diverged, Stopped, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,6 @@ class TrainLoop:
         return self.global_step >= self.max_steps if self.max_steps else self.epoch >= self.t.total_epochs
 
     def fit(self) -> dict[str, Any]:
-        t = self.t
         if self._rng_to_restore is not None:
             self.engine.restore_rng(self._rng_to_restore)  # last, so nothing after it consumes random numbers
         if self.lead and self.metrics_file is not None:

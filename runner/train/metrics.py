@@ -18,7 +18,6 @@ from typing import Any, Union
 from runner.fileio import atomic_write
 
 
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")

@@ -50,7 +50,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key old -> new` for every setting both configs have and that differs, in key order."""
     before, after = _flat(old), _flat(new)
     return [f"{k} {_show(before[k])} -> {_show(after[k])}" for k in sorted(before.keys() & after.keys())
-            if before[k] != after[k] and not k.split(".", 1)[0] in NOISE]
+            if before[k] != after[k] and k.split(".", 1)[0] not in NOISE]
 
 
 def schedule_lengths(scheduler: Any) -> dict[str, int]:

@@ -21,19 +21,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import SnapshotFormat, resume_path, snapshot_format
-from runner.loggers import build_logger
-from runner.layout import METRICS_FILE, RESULTS_FILE, rank_log_path, stop_marker
-from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, SnapshotWriter, load_path
-from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.fileio import atomic_write
+from runner.layout import METRICS_FILE, RESULTS_FILE, rank_log_path, stop_marker
+from runner.loggers import build_logger
+from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, SnapshotWriter, load_path
 from runner.snapshot import format as snap
+from runner.snapshot.sharded import ShardedSnapshotWriter
 from runner.train import faults
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
 from runner.train.metrics import MetricsWriter
 from runner.train.resume_notes import log_notes, resume_noting_changes
-from runner.train.stop import Diverged, StopRequest, Stopped, first_of_node
+from runner.train.stop import Diverged, Stopped, StopRequest, first_of_node
 
 log = logging.getLogger(__name__)
 OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied", errno.EROFS: "the filesystem is read-only",

@@ -22,16 +22,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import OnNonFinite, Runtime, Strategy
-from runner.logs import setup_worker_logging
 from runner.layout import CONFIG_FILE
+from runner.logs import setup_worker_logging
 from runner.train import rng
+from runner.train.batches import DataSource
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.engines.ddp import DDPEngine
 from runner.train.engines.fsdp import FSDPEngine, initialise_shards, shard_model
 from runner.train.init_from import init_weights_from
-from runner.train.batches import DataSource
-from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.loop import planned_steps
+from runner.train.schedules import build_scheduler, scheduler_interval
 from runner.train.session import run_reported, train
 
 log = logging.getLogger(__name__)

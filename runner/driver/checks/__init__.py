@@ -24,8 +24,13 @@ from omegaconf import DictConfig
 
 from runner.config import Runtime
 from runner.driver.checks.data import check_data
-from runner.driver.checks.machine import (check_gpu_count, check_run_dir, check_start_method, resolve_machine,
-                                          warn_gpu_options_on_cpu)
+from runner.driver.checks.machine import (
+    check_gpu_count,
+    check_run_dir,
+    check_start_method,
+    resolve_machine,
+    warn_gpu_options_on_cpu,
+)
 from runner.driver.checks.objects import check_meta_init, check_objects
 from runner.driver.checks.ranges import check_ranges, check_unknown_keys
 from runner.driver.checks.snapshots import check_init_from, check_resume

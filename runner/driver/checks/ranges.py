@@ -11,9 +11,24 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from runner.config import (DTYPE_WORDS, Backend, DDPConfig, EarlyStopConfig, FSDPConfig, LaunchMode, NprocWord,
-                           OnNonFinite, Precision, SnapshotFormat, Strategy, Topology, parse_nnodes, parse_nproc,
-                           schema_sections, snapshot_format)
+from runner.config import (
+    DTYPE_WORDS,
+    Backend,
+    DDPConfig,
+    EarlyStopConfig,
+    FSDPConfig,
+    LaunchMode,
+    NprocWord,
+    OnNonFinite,
+    Precision,
+    SnapshotFormat,
+    Strategy,
+    Topology,
+    parse_nnodes,
+    parse_nproc,
+    schema_sections,
+    snapshot_format,
+)
 from runner.errors import UserError
 
 GROUPS_WITH_TARGETS = ("dataset", "task", "model", "optimizer")

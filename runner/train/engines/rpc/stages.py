@@ -9,6 +9,7 @@ into the plain model.
 from __future__ import annotations
 
 import threading
+
 import torch
 import torch.distributed.rpc as rpc
 from hydra.utils import instantiate

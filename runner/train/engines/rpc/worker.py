@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import Runtime, Topology
-from runner.logs import setup_worker_logging
 from runner.layout import CONFIG_FILE
+from runner.logs import setup_worker_logging
 from runner.train import rng
 from runner.train.batches import DataSource
 from runner.train.session import run_reported, train
