@@ -40,8 +40,11 @@ def main() -> None:
         shm.all_reduce_(got)
         assert torch.allclose(expected, got), "the two all-reduces disagree"
         reps = 2000 if nbytes < 1 << 20 else 30
-        row = {"bytes": nbytes, "gloo_ms": timed(lambda: dist.all_reduce(tensor), reps),
-               "shm_ms": timed(lambda: shm.all_reduce_(tensor), reps)}
+        row = {
+            "bytes": nbytes,
+            "gloo_ms": timed(lambda: dist.all_reduce(tensor), reps),
+            "shm_ms": timed(lambda: shm.all_reduce_(tensor), reps),
+        }
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
     dist.barrier()

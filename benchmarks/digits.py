@@ -56,8 +56,17 @@ from run import run as timed_run
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SAMPLES = 1257  # DigitsData(seed=0): 1,797 - 270 val - 270 test
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-RUNNER = [sys.executable, "-m", "runner", "experiment=digits", "trainer.early_stop.patience=0", "trainer.test=false",
-          "launch.nproc_per_node=2", "launch.backend=gloo", "trainer.progress=false"]
+RUNNER = [
+    sys.executable,
+    "-m",
+    "runner",
+    "experiment=digits",
+    "trainer.early_stop.patience=0",
+    "trainer.test=false",
+    "launch.nproc_per_node=2",
+    "launch.backend=gloo",
+    "trainer.progress=false",
+]
 TOOLS = ("runner", "script", "lightning")
 
 # The validation cost is read from two more runner runs without best snapshots (which only exist
@@ -78,15 +87,26 @@ class Bench:
     def runner(self, epochs: int, extra: tuple = (), who: str = "runner") -> dict:
         self.count += 1
         run_dir = self.tmp / f"run-{self.count}"  # fresh: nothing to resume
-        wall, out = self.run([*RUNNER, f"trainer.total_epochs={epochs}", *extra, f"name=digits-bench-{os.getpid()}-{self.count}",
-                              f"hydra.run.dir={run_dir}"], who)
+        wall, out = self.run(
+            [
+                *RUNNER,
+                f"trainer.total_epochs={epochs}",
+                *extra,
+                f"name=digits-bench-{os.getpid()}-{self.count}",
+                f"hydra.run.dir={run_dir}",
+            ],
+            who,
+        )
         status = json.loads((run_dir / "status.json").read_text())
         sps = re.search(r"throughput\s+: ([\d,.]+) samples/s", out)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         shutil.rmtree(run_dir, ignore_errors=True)
-        return {"wall": wall, "val_accuracy": status["val"]["val/accuracy"],
-                "samples_per_s": float(sps.group(1).replace(",", "")) if sps else float("nan"),
-                "between_epochs": between_epochs(records)}
+        return {
+            "wall": wall,
+            "val_accuracy": status["val"]["val/accuracy"],
+            "samples_per_s": float(sps.group(1).replace(",", "")) if sps else float("nan"),
+            "between_epochs": between_epochs(records),
+        }
 
     def _fresh_dir(self, who: str) -> Path:
         self.count += 1
@@ -102,7 +122,9 @@ class Bench:
 
     def lightning(self, epochs: int) -> dict:
         cwd = self._fresh_dir("lightning")
-        wall, out = timed_run([sys.executable, str(ROOT / "benchmarks" / "digits_lightning.py"), str(epochs)], cwd, "lightning")
+        wall, out = timed_run(
+            [sys.executable, str(ROOT / "benchmarks" / "digits_lightning.py"), str(epochs)], cwd, "lightning"
+        )
         shutil.rmtree(cwd, ignore_errors=True)
         return {"wall": wall, **_json_line(out)}
 
@@ -126,8 +148,11 @@ def between_epochs(records: list[dict]) -> dict:
     def mean(values: list[float]) -> float:
         return statistics.mean(values) if values else float("nan")
 
-    return {"all": mean([g for g, _ in gaps]), "plain": mean([g for g, w in gaps if not w]),
-            "snapshot": mean([g for g, w in gaps if w])}
+    return {
+        "all": mean([g for g, _ in gaps]),
+        "plain": mean([g for g, w in gaps if not w]),
+        "snapshot": mean([g for g, w in gaps if w]),
+    }
 
 
 def _json_line(out: str) -> dict:
@@ -154,7 +179,7 @@ def validation_pass_seconds(repeats: int = 200) -> float:
             count = torch.zeros((), dtype=torch.float64)
             with torch.no_grad():
                 for begin in range(0, len(indices), 64):
-                    idx = indices[begin: begin + 64]
+                    idx = indices[begin : begin + 64]
                     batch = (x.index_select(0, idx), y.index_select(0, idx))
                     for name, value in task.validation_step(model, batch).items():
                         sums.setdefault(name, torch.zeros((), dtype=torch.float64)).add_(value.double(), alpha=len(idx))
@@ -172,9 +197,15 @@ def validation_pass_seconds(repeats: int = 200) -> float:
 def revision() -> str:
     """The commit measured, and whether runner/ differs from it (read-only git calls)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "runner", "conf"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", "runner", "conf"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return f"{head}{' + uncommitted changes in runner/ or conf/' if dirty else ''}" if head else "n/a"
     except OSError:
         return "n/a"
@@ -190,8 +221,12 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15,
-                        help="N: the long run (the short one is 1 epoch); 15 keeps the default run under ~8 minutes")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=15,
+        help="N: the long run (the short one is 1 epoch); 15 keeps the default run under ~8 minutes",
+    )
     args = parser.parse_args()
     n = args.epochs
     if n < 2:
@@ -212,8 +247,12 @@ def main() -> None:
                 else:
                     r = getattr(bench, tool)(epochs)
                 results[(tool, epochs)].append(r)
-                print(f"  rep {rep + 1}/{args.reps} {tool:<12} {epochs:>3} epochs: {r['wall']:6.2f} s, "
-                      f"val/accuracy {r['val_accuracy']:.4f}", file=sys.stderr, flush=True)
+                print(
+                    f"  rep {rep + 1}/{args.reps} {tool:<12} {epochs:>3} epochs: {r['wall']:6.2f} s, "
+                    f"val/accuracy {r['val_accuracy']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - started
@@ -232,10 +271,14 @@ def main() -> None:
         r = [f"{values['runner'] / values[t]:.2f}x" for t in ("script", "lightning")] if ratios else ["", ""]
         return f"| {label} | {' | '.join(cells)} | {' | '.join(r)} |"
 
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"python {platform.python_version()}, commit {commit}, reps={args.reps} (medians), N={n} epochs; "
-          f"load average before {load_before}, after {load()}; benchmark took {elapsed / 60:.1f} min\n")
-    print("| measure | runner | DDP script | Lightning | runner / script | runner / Lightning |\n|---|---|---|---|---|---|")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"python {platform.python_version()}, commit {commit}, reps={args.reps} (medians), N={n} epochs; "
+        f"load average before {load_before}, after {load()}; benchmark took {elapsed / 60:.1f} min\n"
+    )
+    print(
+        "| measure | runner | DDP script | Lightning | runner / script | runner / Lightning |\n|---|---|---|---|---|---|"
+    )
     print(row(f"throughput, 1,257 x {n - 1} samples / (wall({n}) - wall(1))", sps, "{:,.0f} samples/s"))
     print(row("wall time of a 1-epoch command", wall1, "{:.2f} s"))
     print(row(f"wall time of a {n}-epoch command", walln, "{:.2f} s"))
@@ -250,12 +293,16 @@ def main() -> None:
     def gap(tool: str, kind: str = "all") -> float:
         return statistics.median(r["between_epochs"][kind] for r in results[(tool, n)]) * 1e3
 
-    print(f"| in the run (metrics.jsonl), per epoch outside the training loop: validating / not | "
-          f"{gap('runner_val'):.1f} ms / {gap('runner_noval'):.1f} ms |")
+    print(
+        f"| in the run (metrics.jsonl), per epoch outside the training loop: validating / not | "
+        f"{gap('runner_val'):.1f} ms / {gap('runner_noval'):.1f} ms |"
+    )
     print(f"| difference per validation, in the run | {gap('runner_val') - gap('runner_noval'):.1f} ms |")
     print(f"| one validation pass in-process (1 rank: 135 images, batch 64, eval, no grad) | {val_pass * 1e3:.1f} ms |")
-    print(f"| experiment=digits as is: per epoch outside the loop, without / with a best snapshot | "
-          f"{gap('runner', 'plain'):.1f} ms / {gap('runner', 'snapshot'):.1f} ms |")
+    print(
+        f"| experiment=digits as is: per epoch outside the loop, without / with a best snapshot | "
+        f"{gap('runner', 'plain'):.1f} ms / {gap('runner', 'snapshot'):.1f} ms |"
+    )
     print("\ncrashed attempts (retried): " + ", ".join(f"{k} {v}" for k, v in FAILURES.items()))
 
 

@@ -51,8 +51,15 @@ def evaluate(model, loader):
 
 def save_checkpoint(path: str, model, optimizer, scheduler, epoch: int) -> None:
     tmp = f"{path}.tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -63,8 +70,9 @@ def main(epochs: int) -> None:
     torch.manual_seed(0)
     splits = DigitsData(seed=0)
     train_sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    train_loader = DataLoader(splits.train, batch_size=BATCH_SIZE, sampler=train_sampler, num_workers=NUM_WORKERS,
-                              persistent_workers=True)
+    train_loader = DataLoader(
+        splits.train, batch_size=BATCH_SIZE, sampler=train_sampler, num_workers=NUM_WORKERS, persistent_workers=True
+    )
     # Validation: rank r takes samples r, r+W, ... (no padding: every sample counts once). A tensor
     # dataset with nothing to augment, read in the training process.
     val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=BATCH_SIZE)
@@ -90,12 +98,24 @@ def main(epochs: int) -> None:
             best = accuracy
             save_checkpoint(os.path.join(checkpoints, "best.pt"), model.module, optimizer, scheduler, epoch + 1)
         if rank == 0 and os.environ.get("VERBOSE"):
-            print(f"epoch {epoch + 1} loss {loss.item():.4f} val/loss {val_loss:.4f} val/accuracy {accuracy:.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1} loss {loss.item():.4f} val/loss {val_loss:.4f} val/accuracy {accuracy:.4f}",
+                flush=True,
+            )
     if rank == 0:
         save_checkpoint(os.path.join(checkpoints, "last.pt"), model.module, optimizer, scheduler, epochs)
         samples = epochs * len(splits.train)
-        print(json.dumps({"samples_per_s": samples / train_seconds, "train_seconds": train_seconds,
-                          "val_accuracy": accuracy, "val_loss": val_loss}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": samples / train_seconds,
+                    "train_seconds": train_seconds,
+                    "val_accuracy": accuracy,
+                    "val_loss": val_loss,
+                }
+            ),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -64,8 +64,9 @@ class DigitsDataModule(L.LightningDataModule):
         self.splits = DigitsData(seed=0)
 
     def train_dataloader(self):
-        return DataLoader(self.splits.train, batch_size=BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS,
-                          persistent_workers=True)
+        return DataLoader(
+            self.splits.train, batch_size=BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS, persistent_workers=True
+        )
 
     def val_dataloader(self):
         # A tensor dataset with nothing to augment, read in the training process (as the DDP script does).
@@ -98,20 +99,41 @@ def main(epochs: int) -> None:
     torch.manual_seed(0)
     module = DigitsModule(epochs)
     timer = TrainTimer()
-    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.environ.get("CHECKPOINT_DIR", "checkpoints-digits-lightning"),
-                                               monitor="val/accuracy", mode="max", save_top_k=1, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer, best])
+    best = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=os.environ.get("CHECKPOINT_DIR", "checkpoints-digits-lightning"),
+        monitor="val/accuracy",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer, best],
+    )
     data = DigitsDataModule()
     trainer.fit(module, datamodule=data)
     if trainer.global_rank == 0:
         train_seconds = timer.seconds
         samples = epochs * len(data.splits.train)
         metrics = trainer.callback_metrics
-        print(json.dumps({"samples_per_s": samples / train_seconds, "train_seconds": train_seconds,
-                          "val_accuracy": float(metrics["val/accuracy"]), "val_loss": float(metrics["val/loss"])}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": samples / train_seconds,
+                    "train_seconds": train_seconds,
+                    "val_accuracy": float(metrics["val/accuracy"]),
+                    "val_loss": float(metrics["val/loss"]),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,25 @@ CONFIGS = {  # name: overrides
 def run_once(overrides: list[str], args, cwd: Path) -> dict:
     """One run of the CLI; its figures, read from its summary and its manifest."""
     name = f"run{time.monotonic_ns()}"
-    cmd = [sys.executable, "-m", "runner", "model=mlp", f"model.hidden_size={args.hidden}", "model.depth=5", "optimizer=adam",
-           "optimizer.lr=1e-4", "dataset.size=4096", f"trainer.max_steps={args.steps}", f"trainer.save_every_steps={args.every}",
-           "launch.nproc_per_node=2", "launch.backend=gloo", "trainer.progress=false", "snapshot.keep_last=1", f"name={name}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runner",
+        "model=mlp",
+        f"model.hidden_size={args.hidden}",
+        "model.depth=5",
+        "optimizer=adam",
+        "optimizer.lr=1e-4",
+        "dataset.size=4096",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.save_every_steps={args.every}",
+        "launch.nproc_per_node=2",
+        "launch.backend=gloo",
+        "trainer.progress=false",
+        "snapshot.keep_last=1",
+        f"name={name}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -57,8 +72,13 @@ def run_once(overrides: list[str], args, cwd: Path) -> dict:
     newest = manifest["snapshots"][-1]
     throughput = float(re.search(r"throughput\s+: ([\d,]+) samples/s", out).group(1).replace(",", ""))
     shutil.rmtree(run_dir)
-    return {"peak_mb": max(ranks), "stall_s": float(waited) / int(count), "commit_s": newest["commit_seconds"],
-            "snapshot_mb": newest["size"] / 1e6, "samples_per_s": throughput}
+    return {
+        "peak_mb": max(ranks),
+        "stall_s": float(waited) / int(count),
+        "commit_s": newest["commit_seconds"],
+        "snapshot_mb": newest["size"] / 1e6,
+        "samples_per_s": throughput,
+    }
 
 
 def main() -> None:
@@ -74,24 +94,36 @@ def main() -> None:
     try:
         for rep in range(args.reps):
             names = list(CONFIGS)
-            for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: the machine's moods land on all alike
+            for name in (
+                names[rep % len(names) :] + names[: rep % len(names)]
+            ):  # rotate: the machine's moods land on all alike
                 results[name].append(run_once(CONFIGS[name], args, cwd))
     finally:
         shutil.rmtree(cwd, ignore_errors=True)
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}; model: MLP, "
-          f"{params / 1e6:.1f} M parameters ({params * 4 / 1e6:.0f} MB), Adam, 2 CPU workers (gloo), "
-          f"{args.steps} steps, a snapshot every {args.every}; medians of {args.reps}\n")
-    print("| configuration | peak memory per worker | loop waits per snapshot | commit behind it | snapshot size | samples/s |")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}; model: MLP, "
+        f"{params / 1e6:.1f} M parameters ({params * 4 / 1e6:.0f} MB), Adam, 2 CPU workers (gloo), "
+        f"{args.steps} steps, a snapshot every {args.every}; medians of {args.reps}\n"
+    )
+    print(
+        "| configuration | peak memory per worker | loop waits per snapshot | commit behind it | snapshot size | samples/s |"
+    )
     print("|---|---|---|---|---|---|")
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     for name, m in med.items():
-        print(f"| {name} | {m['peak_mb']:.0f} MB | {m['stall_s']:.3f} s | {m['commit_s']:.3f} s | {m['snapshot_mb']:.0f} MB "
-              f"| {m['samples_per_s']:,.0f} |")
+        print(
+            f"| {name} | {m['peak_mb']:.0f} MB | {m['stall_s']:.3f} s | {m['commit_s']:.3f} s | {m['snapshot_mb']:.0f} MB "
+            f"| {m['samples_per_s']:,.0f} |"
+        )
     ddp, fsdp = med["ddp, one file"], med["fsdp, dcp shards"]
     print(f"\nfsdp / ddp peak memory per worker: {fsdp['peak_mb'] / ddp['peak_mb']:.2f}x")
-    print(f"dcp / one file, loop wait for the same state (ddp): {med['ddp, dcp shards']['stall_s'] / ddp['stall_s']:.2f}x")
-    print(f"async / sync loop wait: ddp one file {med['ddp, one file, async']['stall_s'] / ddp['stall_s']:.2f}x, "
-          f"fsdp dcp {med['fsdp, dcp shards, async']['stall_s'] / fsdp['stall_s']:.2f}x")
+    print(
+        f"dcp / one file, loop wait for the same state (ddp): {med['ddp, dcp shards']['stall_s'] / ddp['stall_s']:.2f}x"
+    )
+    print(
+        f"async / sync loop wait: ddp one file {med['ddp, one file, async']['stall_s'] / ddp['stall_s']:.2f}x, "
+        f"fsdp dcp {med['fsdp, dcp shards, async']['stall_s'] / fsdp['stall_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

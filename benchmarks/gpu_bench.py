@@ -48,7 +48,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "benchmarks" / "gpu_seed.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-RUNNER = [sys.executable, "-m", "runner", "launch.nproc_per_node=gpu", "trainer.progress=false", "snapshot.resume=never"]
+RUNNER = [
+    sys.executable,
+    "-m",
+    "runner",
+    "launch.nproc_per_node=gpu",
+    "trainer.progress=false",
+    "snapshot.resume=never",
+]
 
 INPUT_DIM, HIDDEN, DEPTH = 1024, 4096, 3
 FAILURES: dict[str, int] = {"seed": 0, "runner": 0}
@@ -77,25 +84,56 @@ def run(cmd: list[str], cwd: Path, who: str, attempts: int = 2) -> tuple[float, 
         if proc.returncode == 0:
             return wall, proc.stdout + proc.stderr
         FAILURES[who] += 1
-        print(f"  {who} failed (exit {proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {who} failed (exit {proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}",
+            file=sys.stderr,
+            flush=True,
+        )
     raise RuntimeError(f"{' '.join(cmd)} failed {attempts} times")
 
 
 def seed(args, epochs: int, cwd: Path) -> dict:
     snapshot = cwd / "seed-snapshot.pt"
     snapshot.unlink(missing_ok=True)  # the script resumes from it
-    wall, out = run([*TORCHRUN, str(SEED), "--input-dim", str(INPUT_DIM), "--hidden", str(HIDDEN), "--depth", str(DEPTH),
-                     "--size", str(args.size), "--batch-size", str(args.batch_size), "--total-epochs", str(epochs),
-                     "--save-every", "0", "--snapshot-path", str(snapshot)], cwd, "seed")
+    wall, out = run(
+        [
+            *TORCHRUN,
+            str(SEED),
+            "--input-dim",
+            str(INPUT_DIM),
+            "--hidden",
+            str(HIDDEN),
+            "--depth",
+            str(DEPTH),
+            "--size",
+            str(args.size),
+            "--batch-size",
+            str(args.batch_size),
+            "--total-epochs",
+            str(epochs),
+            "--save-every",
+            "0",
+            "--snapshot-path",
+            str(snapshot),
+        ],
+        cwd,
+        "seed",
+    )
     line = next(text for text in out.splitlines() if text.startswith("{"))
     return {"wall": wall, **json.loads(line)}
 
 
 def runner_args(args) -> list[str]:
-    return ["model=mlp", f"model.hidden_size={HIDDEN}", f"model.depth={DEPTH}", "dataset=random",
-            f"dataset.input_dim={INPUT_DIM}", f"dataset.size={args.size}", f"trainer.batch_size={args.batch_size}",
-            "optimizer.lr=0.001"]
+    return [
+        "model=mlp",
+        f"model.hidden_size={HIDDEN}",
+        f"model.depth={DEPTH}",
+        "dataset=random",
+        f"dataset.input_dim={INPUT_DIM}",
+        f"dataset.size={args.size}",
+        f"trainer.batch_size={args.batch_size}",
+        "optimizer.lr=0.001",
+    ]
 
 
 def runner(extra: list[str], cwd: Path) -> dict:
@@ -104,7 +142,9 @@ def runner(extra: list[str], cwd: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     shown = re.search(r"run directory \S+: (.+), launch=", out)  # the driver's first console line
     if shown is None or shown.group(1) != "cuda x 1 (nccl)":
-        raise RuntimeError(f"the runner did not train on one GPU with NCCL: {shown.group(0) if shown else out[-2000:]!r}")
+        raise RuntimeError(
+            f"the runner did not train on one GPU with NCCL: {shown.group(0) if shown else out[-2000:]!r}"
+        )
     sps = float(re.search(r"throughput\s+: ([\d,.]+) samples/s", out).group(1).replace(",", ""))
     return {"wall": wall, "samples_per_s": sps, "output": out}
 
@@ -118,26 +158,47 @@ def bench_throughput(args, tmp: Path) -> list[tuple]:
     walls: dict[tuple[str, int], list[dict]] = {("seed", 1): [], ("seed", n): [], ("runner", 1): [], ("runner", n): []}
     order = list(walls)
     for rep in range(args.reps):
-        for who, epochs in order[rep % 4:] + order[:rep % 4]:
+        for who, epochs in order[rep % 4 :] + order[: rep % 4]:
             if who == "seed":
                 row = seed(args, epochs, tmp)
             else:
                 row = runner([*runner_args(args), f"trainer.total_epochs={epochs}"], tmp)
             walls[(who, epochs)].append(row)
-            print(f"  throughput rep {rep + 1}/{args.reps}: {who} {epochs} epoch(s) {row['wall']:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"  throughput rep {rep + 1}/{args.reps}: {who} {epochs} epoch(s) {row['wall']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     samples = args.size * (n - 1)
     diff = {who: median(walls[(who, n)], "wall") - median(walls[(who, 1)], "wall") for who in ("seed", "runner")}
     sps = {who: samples / d if d > 0 else float("nan") for who, d in diff.items()}
     own = {who: median(walls[(who, n)], "samples_per_s") for who in ("seed", "runner")}
     label = f"{parameters() / 1e6:.1f}M-parameter MLP, {args.size} samples, batch {args.batch_size}, fp32"
     return [
-        (f"throughput from walls at 1 and {n} epochs ({label})", f"{sps['seed']:,.0f} samples/s",
-         f"{sps['runner']:,.0f} samples/s", sps["runner"] / sps["seed"]),
-        (f"  each program's own figure ({n} epochs)", f"{own['seed']:,.0f} samples/s", f"{own['runner']:,.0f} samples/s",
-         own["runner"] / own["seed"]),
-        (f"  wall of the {n - 1} extra epochs", f"{diff['seed']:.2f} s", f"{diff['runner']:.2f} s", diff["runner"] / diff["seed"]),
-        ("wall of a 1-epoch command (start-up, data, 1 epoch, final save)", f"{median(walls[('seed', 1)], 'wall'):.2f} s",
-         f"{median(walls[('runner', 1)], 'wall'):.2f} s", median(walls[("runner", 1)], "wall") / median(walls[("seed", 1)], "wall")),
+        (
+            f"throughput from walls at 1 and {n} epochs ({label})",
+            f"{sps['seed']:,.0f} samples/s",
+            f"{sps['runner']:,.0f} samples/s",
+            sps["runner"] / sps["seed"],
+        ),
+        (
+            f"  each program's own figure ({n} epochs)",
+            f"{own['seed']:,.0f} samples/s",
+            f"{own['runner']:,.0f} samples/s",
+            own["runner"] / own["seed"],
+        ),
+        (
+            f"  wall of the {n - 1} extra epochs",
+            f"{diff['seed']:.2f} s",
+            f"{diff['runner']:.2f} s",
+            diff["runner"] / diff["seed"],
+        ),
+        (
+            "wall of a 1-epoch command (start-up, data, 1 epoch, final save)",
+            f"{median(walls[('seed', 1)], 'wall'):.2f} s",
+            f"{median(walls[('runner', 1)], 'wall'):.2f} s",
+            median(walls[("runner", 1)], "wall") / median(walls[("seed", 1)], "wall"),
+        ),
     ]
 
 
@@ -149,12 +210,28 @@ def cuda_state(nbytes: int) -> dict:
     n = nbytes // 4 // 3 // 4
     device = torch.device("cuda", torch.cuda.current_device())
     model = {f"layer{i}.weight": torch.randn(n, device=device) for i in range(4)}
-    optimizer = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(n, device=device),
-                               "exp_avg_sq": torch.rand(n, device=device)} for i in range(4)},
-                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1, 2, 3]}]}
-    return make_state(model=model, optimizer=optimizer, scheduler=None,
-                      train_state={"epoch": 1, "global_step": 10, "samples_in_epoch": 0}, rng=[{"torch": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state_all()}], config={}, world_size=1, allreduce="nccl", metrics=[])
+    optimizer = {
+        "state": {
+            i: {
+                "step": torch.tensor(10.0),
+                "exp_avg": torch.randn(n, device=device),
+                "exp_avg_sq": torch.rand(n, device=device),
+            }
+            for i in range(4)
+        },
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1, 2, 3]}],
+    }
+    return make_state(
+        model=model,
+        optimizer=optimizer,
+        scheduler=None,
+        train_state={"epoch": 1, "global_step": 10, "samples_in_epoch": 0},
+        rng=[{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}],
+        config={},
+        world_size=1,
+        allreduce="nccl",
+        metrics=[],
+    )
 
 
 def bench_snapshots(args, tmp: Path) -> list[tuple]:
@@ -163,15 +240,17 @@ def bench_snapshots(args, tmp: Path) -> list[tuple]:
 
     nbytes = args.snapshot_mb * 2**20
     state = cuda_state(nbytes)
-    writers = {"sync": SnapshotWriter(SnapshotManager(tmp / "sync", keep_last=1), asynchronous=False),
-               "async": SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True)}
+    writers = {
+        "sync": SnapshotWriter(SnapshotManager(tmp / "sync", keep_last=1), asynchronous=False),
+        "async": SnapshotWriter(SnapshotManager(tmp / "async", keep_last=1), asynchronous=True),
+    }
     durable: dict[str, list[float]] = {"sync": [], "async": []}
     plain: list[float] = []
     # Rotating order within each repetition; each timed write starts with no dirty pages pending.
     # Repetition 0 is a warm-up (first writes into fresh page cache; pinned buffers allocated).
     measures = ("plain", "sync", "async")
     for i in range(args.reps + 1):
-        for measure in measures[i % 3:] + measures[:i % 3]:
+        for measure in measures[i % 3 :] + measures[: i % 3]:
             os.sync()
             torch.cuda.synchronize()
             started = time.perf_counter()
@@ -198,12 +277,24 @@ def bench_snapshots(args, tmp: Path) -> list[tuple]:
     del state
     torch.cuda.empty_cache()
     return [
-        (f"snapshot {size} of CUDA tensors: training blocked, sync vs plain torch.save", f"{p:.3f} s", f"{stall['sync']:.3f} s",
-         stall["sync"] / p),
-        (f"snapshot {size}: training blocked, async vs sync (staging pinned: {pinned})", f"{stall['sync']:.3f} s sync",
-         f"{stall['async']:.4f} s async", stall["async"] / stall["sync"]),
-        (f"snapshot {size}: until durable (hash+fsync+manifest), sync vs async", f"{done['sync']:.2f} s sync",
-         f"{done['async']:.2f} s async", done["async"] / done["sync"]),
+        (
+            f"snapshot {size} of CUDA tensors: training blocked, sync vs plain torch.save",
+            f"{p:.3f} s",
+            f"{stall['sync']:.3f} s",
+            stall["sync"] / p,
+        ),
+        (
+            f"snapshot {size}: training blocked, async vs sync (staging pinned: {pinned})",
+            f"{stall['sync']:.3f} s sync",
+            f"{stall['async']:.4f} s async",
+            stall["async"] / stall["sync"],
+        ),
+        (
+            f"snapshot {size}: until durable (hash+fsync+manifest), sync vs async",
+            f"{done['sync']:.2f} s sync",
+            f"{done['async']:.2f} s async",
+            done["async"] / done["sync"],
+        ),
     ]
 
 
@@ -229,11 +320,16 @@ def bench_restart(args, tmp: Path) -> list[tuple]:
             print(f"  restart rep {rep + 1}/{args.reps}: {kind} {row['wall']:.2f} s", file=sys.stderr, flush=True)
     c, k = median(clean, "wall"), median(crashed, "wall")
     resumed = "/".join(str(s) for s in sorted({r["resumed"] for r in crashed}))
-    return [(f"one SIGKILL of the GPU worker at step {crash_step} of {total}, snapshots every {every} steps "
-             f"(restart, NCCL, reload from step {resumed}, steps redone)",
-             f"{c:.2f} s clean",
-             f"{k:.2f} s crashed", k / c),
-            ("  restart cost (crashed minus clean)", "", f"{k - c:.2f} s", None)]
+    return [
+        (
+            f"one SIGKILL of the GPU worker at step {crash_step} of {total}, snapshots every {every} steps "
+            f"(restart, NCCL, reload from step {resumed}, steps redone)",
+            f"{c:.2f} s clean",
+            f"{k:.2f} s crashed",
+            k / c,
+        ),
+        ("  restart cost (crashed minus clean)", "", f"{k - c:.2f} s", None),
+    ]
 
 
 def nccl_version() -> str:
@@ -248,22 +344,31 @@ def header(args) -> str:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     smi = ""
     if shutil.which("nvidia-smi"):
-        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", first_visible_device()],
-                           capture_output=True, text=True)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", first_visible_device()],
+            capture_output=True,
+            text=True,
+        )
         smi = f", driver {q.stdout.strip()}" if q.returncode == 0 and q.stdout.strip() else ""
-    return (f"GPU: {torch.cuda.get_device_name()} ({props.total_memory / 2**30:.0f} GiB{smi}), CUDA_VISIBLE_DEVICES="
-            f"{first_visible_device()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-            f"NCCL {nccl_version()}; python {platform.python_version()}, "
-            f"{os.cpu_count()} CPU cores, {platform.platform()}\n"
-            f"reps={args.reps} (medians), seed script = benchmarks/gpu_seed.py under torchrun --nproc_per_node=1, "
-            f"runner = launch.nproc_per_node=gpu (NCCL), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return (
+        f"GPU: {torch.cuda.get_device_name()} ({props.total_memory / 2**30:.0f} GiB{smi}), CUDA_VISIBLE_DEVICES="
+        f"{first_visible_device()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"NCCL {nccl_version()}; python {platform.python_version()}, "
+        f"{os.cpu_count()} CPU cores, {platform.platform()}\n"
+        f"reps={args.reps} (medians), seed script = benchmarks/gpu_seed.py under torchrun --nproc_per_node=1, "
+        f"runner = launch.nproc_per_node=gpu (NCCL), {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["throughput", "snapshots", "restart"],
-                        choices=["throughput", "snapshots", "restart"])
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=["throughput", "snapshots", "restart"],
+        choices=["throughput", "snapshots", "restart"],
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_results.md"), help="Markdown file to write")
     parser.add_argument("--size", type=int, default=65536, help="samples in the data set")
     parser.add_argument("--batch-size", type=int, default=512)
@@ -287,12 +392,24 @@ def main() -> int:
             rows += bench_restart(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    lines = [header(args), "", "baseline: the seed script (throughput, start-up), plain torch.save or the synchronous writer "
-             "(snapshots), the uninterrupted run (restart); ratio = runner / baseline", "",
-             "| measure | baseline | runner | ratio |", "|---|---|---|---|"]
-    lines += [f"| {label} | {base} | {ours} | {'' if ratio is None else f'{ratio:.2f}x'} |" for label, base, ours, ratio in rows]
-    lines += ["", f"failed attempts (retried): seed {FAILURES['seed']}, runner {FAILURES['runner']}; "
-              f"benchmark wall {time.perf_counter() - started:.0f} s"]
+    lines = [
+        header(args),
+        "",
+        "baseline: the seed script (throughput, start-up), plain torch.save or the synchronous writer "
+        "(snapshots), the uninterrupted run (restart); ratio = runner / baseline",
+        "",
+        "| measure | baseline | runner | ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {base} | {ours} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        for label, base, ours, ratio in rows
+    ]
+    lines += [
+        "",
+        f"failed attempts (retried): seed {FAILURES['seed']}, runner {FAILURES['runner']}; "
+        f"benchmark wall {time.perf_counter() - started:.0f} s",
+    ]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,13 @@ class Trainer:
 
     def train(self, max_epochs):
         epoch_loss = float("nan")
-        with tqdm(total=max_epochs, desc=f"[GPU{self.gpu_id}] Training", position=self.gpu_id,
-                  initial=self.epochs_run, disable=self.gpu_id != 0) as pbar:
+        with tqdm(
+            total=max_epochs,
+            desc=f"[GPU{self.gpu_id}] Training",
+            position=self.gpu_id,
+            initial=self.epochs_run,
+            disable=self.gpu_id != 0,
+        ) as pbar:
             for epoch in range(self.epochs_run + 1, max_epochs + 1):
                 epoch_loss = self._run_epoch(epoch)
                 if self.gpu_id == 0 and self.save_every and epoch % self.save_every == 0:
@@ -121,7 +126,9 @@ def load_train_objs(args):
 
 
 def prepare_dataloader(dataset, batch_size):
-    return DataLoader(dataset, batch_size=batch_size, pin_memory=True, shuffle=False, sampler=DistributedSampler(dataset))
+    return DataLoader(
+        dataset, batch_size=batch_size, pin_memory=True, shuffle=False, sampler=DistributedSampler(dataset)
+    )
 
 
 def main(args):
@@ -136,8 +143,17 @@ def main(args):
     seconds = time.perf_counter() - started
     if int(os.environ["RANK"]) == 0:
         samples = (args.total_epochs - trainer.epochs_run) * args.size
-        print(json.dumps({"samples_per_s": samples / seconds if seconds > 0 else None, "train_seconds": seconds,
-                          "final_loss": float(loss), "parameters": parameters}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": samples / seconds if seconds > 0 else None,
+                    "train_seconds": seconds,
+                    "final_loss": float(loss),
+                    "parameters": parameters,
+                }
+            ),
+            flush=True,
+        )
     destroy_process_group()
 
 

@@ -30,12 +30,36 @@ BASELINE = ROOT / "benchmarks" / "seed_baseline.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 RUNNER = [sys.executable, "-m", "runner", "launch.nproc_per_node=2", "trainer.progress=false", "snapshot.resume=never"]
 
-SEED_TASK = {"baseline": ["--total-epochs", "20", "--batch_size", "32"],
-             "runner": ["trainer.total_epochs=20", "trainer.batch_size=32", "trainer.save_every=10", "optimizer.lr=0.001"]}
-LARGE_TASK = {"baseline": ["--total-epochs", "3", "--batch_size", "256", "--size", "65536", "--input-dim", "64", "--model", "mlp",
-                           "--save-every", "1"],
-              "runner": ["trainer.total_epochs=3", "trainer.batch_size=256", "dataset.size=65536", "dataset.input_dim=64",
-                         "model=mlp", "model.hidden_size=64", "optimizer.lr=0.001", "trainer.save_every=1"]}
+SEED_TASK = {
+    "baseline": ["--total-epochs", "20", "--batch_size", "32"],
+    "runner": ["trainer.total_epochs=20", "trainer.batch_size=32", "trainer.save_every=10", "optimizer.lr=0.001"],
+}
+LARGE_TASK = {
+    "baseline": [
+        "--total-epochs",
+        "3",
+        "--batch_size",
+        "256",
+        "--size",
+        "65536",
+        "--input-dim",
+        "64",
+        "--model",
+        "mlp",
+        "--save-every",
+        "1",
+    ],
+    "runner": [
+        "trainer.total_epochs=3",
+        "trainer.batch_size=256",
+        "dataset.size=65536",
+        "dataset.input_dim=64",
+        "model=mlp",
+        "model.hidden_size=64",
+        "optimizer.lr=0.001",
+        "trainer.save_every=1",
+    ],
+}
 ONE_EPOCH = {"baseline": ["--total-epochs", "1"], "runner": ["trainer.total_epochs=1", "optimizer.lr=0.001"]}
 
 
@@ -57,8 +81,12 @@ def run(cmd: list[str], cwd: Path, who: str, attempts: int = 3, before_attempt=l
 
 def baseline(task: dict, cwd: Path) -> dict:
     snapshot = cwd / "snapshot.pt"  # removed before every attempt: the script resumes from it
-    wall, out = run([*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(snapshot)], cwd, "baseline",
-                    before_attempt=lambda: snapshot.unlink(missing_ok=True))
+    wall, out = run(
+        [*TORCHRUN, str(BASELINE), *task["baseline"], "--snapshot-path", str(snapshot)],
+        cwd,
+        "baseline",
+        before_attempt=lambda: snapshot.unlink(missing_ok=True),
+    )
     snapshot.unlink(missing_ok=True)
     line = next(text for text in out.splitlines() if text.startswith("{"))
     return {"wall": wall, **json.loads(line)}
@@ -78,9 +106,11 @@ def median(rows: list[dict], key: str) -> float:
 
 def bench_training(reps: int, tmp: Path) -> list[tuple]:
     out = []
-    for label, task, metric in [("throughput, seed task (2048 x 2, linear, batch 32)", SEED_TASK, "samples_per_s"),
-                                ("throughput, large task (65536 x 64, mlp, batch 256)", LARGE_TASK, "samples_per_s"),
-                                ("wall time of a 1-epoch command (startup)", ONE_EPOCH, "wall")]:
+    for label, task, metric in [
+        ("throughput, seed task (2048 x 2, linear, batch 32)", SEED_TASK, "samples_per_s"),
+        ("throughput, large task (65536 x 64, mlp, batch 256)", LARGE_TASK, "samples_per_s"),
+        ("wall time of a 1-epoch command (startup)", ONE_EPOCH, "wall"),
+    ]:
         b, r, g = [], [], []
         for _ in range(reps):
             b.append(baseline(task, tmp))
@@ -91,9 +121,23 @@ def bench_training(reps: int, tmp: Path) -> list[tuple]:
         unit = "samples/s" if metric == "samples_per_s" else "s"
         out.append((label, f"{mb:,.1f} {unit}", f"{mr:,.1f} {unit}", mr / mb))
         if g:
-            out.append(("  same, runner with launch.cpu_allreduce=gloo", "", f"{median(g, metric):,.1f} {unit}", median(g, metric) / mb))
+            out.append(
+                (
+                    "  same, runner with launch.cpu_allreduce=gloo",
+                    "",
+                    f"{median(g, metric):,.1f} {unit}",
+                    median(g, metric) / mb,
+                )
+            )
         if metric == "wall":
-            out.append(("peak RSS, driver / rank-0 worker", "", f"{median(r, 'driver_mb'):.0f} MB / {median(r, 'worker_mb'):.0f} MB", None))
+            out.append(
+                (
+                    "peak RSS, driver / rank-0 worker",
+                    "",
+                    f"{median(r, 'driver_mb'):.0f} MB / {median(r, 'worker_mb'):.0f} MB",
+                    None,
+                )
+            )
     return out
 
 
@@ -104,9 +148,15 @@ def bench_crash(reps: int, tmp: Path) -> list[tuple]:
         clean.append(runner(task, tmp))
         crashed.append(runner(task, tmp, ("trainer.crash_at_step=300", "trainer.crash_rank=1")))
     extra = median(crashed, "wall") - median(clean, "wall")
-    return [("one injected SIGKILL mid-run (restart + reload)", f"{median(clean, 'wall'):.2f} s clean",
-             f"{median(crashed, 'wall'):.2f} s crashed", median(crashed, "wall") / median(clean, "wall")),
-            ("  extra wall time of the crash", "", f"{extra:.2f} s", None)]
+    return [
+        (
+            "one injected SIGKILL mid-run (restart + reload)",
+            f"{median(clean, 'wall'):.2f} s clean",
+            f"{median(crashed, 'wall'):.2f} s crashed",
+            median(crashed, "wall") / median(clean, "wall"),
+        ),
+        ("  extra wall time of the crash", "", f"{extra:.2f} s", None),
+    ]
 
 
 def bench_allreduce(reps: int, tmp: Path) -> list[tuple]:
@@ -120,7 +170,9 @@ def bench_allreduce(reps: int, tmp: Path) -> list[tuple]:
         gloo = statistics.median(r[nbytes]["gloo_ms"] for r in runs)
         shm = statistics.median(r[nbytes]["shm_ms"] for r in runs)
         size = f"{nbytes} B" if nbytes < 1024 else f"{nbytes >> 10} KB" if nbytes < 1 << 20 else f"{nbytes >> 20} MB"
-        rows.append((f"all-reduce of {size}, 2 workers: gloo vs shared memory", f"{gloo:.3f} ms", f"{shm:.3f} ms", shm / gloo))
+        rows.append(
+            (f"all-reduce of {size}, 2 workers: gloo vs shared memory", f"{gloo:.3f} ms", f"{shm:.3f} ms", shm / gloo)
+        )
     return rows
 
 
@@ -142,8 +194,12 @@ class _Trainee:
         self.model(self.x).square().mean().backward()
 
     def state(self) -> dict:
-        return {"format_version": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "train_state": {"epoch": 1, "global_step": 10}}
+        return {
+            "format_version": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_state": {"epoch": 1, "global_step": 10},
+        }
 
 
 def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
@@ -194,7 +250,7 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
         # 0 is a warm-up (first writes into fresh page cache; staging buffers allocated).
         measures = ("plain", "sync", "async", "plain_fsync", "durable", "step")
         for i in range(reps + 1):
-            for measure in measures[i % len(measures):] + measures[:i % len(measures)]:
+            for measure in measures[i % len(measures) :] + measures[: i % len(measures)]:
                 os.sync()
                 if measure == "sync":
                     sync_writer.save(state, step=i, epoch=0)
@@ -206,17 +262,46 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
                 elif measure == "step":
                     seconds = training_step()
                 else:
-                    seconds = plain(tmp / "plain.pt", measure == "plain_fsync") if measure.startswith("plain") else durable(i)
+                    seconds = (
+                        plain(tmp / "plain.pt", measure == "plain_fsync") if measure.startswith("plain") else durable(i)
+                    )
                 if i:
                     times["async_step" if measure == "async" else measure].append(seconds)
         stall_sync, stall_async = sync_writer.stall_seconds[1:], async_writer.stall_seconds[1:]
-        p, ps, d, ss, sa, st, ast = (statistics.median(x) for x in (times["plain"], times["plain_fsync"], times["durable"],
-                                                                    stall_sync, stall_async, times["step"], times["async_step"]))
-        out.append((f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p))
-        out.append((f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync", f"{ps:.3f} s", f"{d:.3f} s", d / ps))
-        out.append((f"snapshot {label}: training blocked, async vs sync", f"{ss:.3f} s sync", f"{sa:.4f} s async", sa / ss))
-        out.append(("  the training step with the async snapshot vs without (Linear layers, batch 32)", f"{st:.4f} s",
-                    f"{ast:.4f} s", ast / st))
+        p, ps, d, ss, sa, st, ast = (
+            statistics.median(x)
+            for x in (
+                times["plain"],
+                times["plain_fsync"],
+                times["durable"],
+                stall_sync,
+                stall_async,
+                times["step"],
+                times["async_step"],
+            )
+        )
+        out.append(
+            (f"snapshot {label}: training blocked (sync) vs plain torch.save", f"{p:.3f} s", f"{ss:.3f} s", ss / p)
+        )
+        out.append(
+            (
+                f"snapshot {label}: until durable (hash+fsync+manifest) vs torch.save+fsync",
+                f"{ps:.3f} s",
+                f"{d:.3f} s",
+                d / ps,
+            )
+        )
+        out.append(
+            (f"snapshot {label}: training blocked, async vs sync", f"{ss:.3f} s sync", f"{sa:.4f} s async", sa / ss)
+        )
+        out.append(
+            (
+                "  the training step with the async snapshot vs without (Linear layers, batch 32)",
+                f"{st:.4f} s",
+                f"{ast:.4f} s",
+                ast / st,
+            )
+        )
         for folder in ("snaps", "sync", "async"):
             shutil.rmtree(tmp / folder, ignore_errors=True)
     return out
@@ -225,8 +310,12 @@ def bench_snapshots(reps: int, tmp: Path) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["training", "allreduce", "snapshots", "crash"],
-                        help="sections: training (throughput, startup, memory), allreduce, snapshots, crash")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=["training", "allreduce", "snapshots", "crash"],
+        help="sections: training (throughput, startup, memory), allreduce, snapshots, crash",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-", dir=os.environ.get("BENCH_DIR")))
     rows: list[tuple] = []
@@ -241,8 +330,10 @@ def main() -> None:
             rows += bench_crash(args.reps, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"python {platform.python_version()}, reps={args.reps} (medians)\n")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"python {platform.python_version()}, reps={args.reps} (medians)\n"
+    )
     print("| measure | baseline | runner | ratio |\n|---|---|---|---|")
     for label, base, ours, ratio in rows:
         print(f"| {label} | {base} | {ours} | {'' if ratio is None else f'{ratio:.2f}x'} |")

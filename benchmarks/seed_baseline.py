@@ -61,8 +61,13 @@ class Trainer:
         torch.save({"MODEL_STATE": self.model.module.state_dict(), "EPOCHS_RUN": epoch}, self.snapshot_path)
 
     def train(self, max_epochs):
-        with tqdm(total=max_epochs, desc=f"[GPU{self.gpu_id}] Training", position=self.gpu_id,
-                  initial=self.epochs_run, disable=self.gpu_id != 0) as pbar:
+        with tqdm(
+            total=max_epochs,
+            desc=f"[GPU{self.gpu_id}] Training",
+            position=self.gpu_id,
+            initial=self.epochs_run,
+            disable=self.gpu_id != 0,
+        ) as pbar:
             for epoch in range(self.epochs_run + 1, max_epochs + 1):
                 epoch_loss = self._run_epoch(epoch)
                 if self.gpu_id == 0 and epoch % self.save_every == 0:
@@ -107,8 +112,13 @@ def load_train_objs(args):
 
 
 def prepare_dataloader(dataset, batch_size):
-    return DataLoader(dataset, batch_size=batch_size, pin_memory=torch.cuda.is_available(), shuffle=False,
-                      sampler=DistributedSampler(dataset))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        pin_memory=torch.cuda.is_available(),
+        shuffle=False,
+        sampler=DistributedSampler(dataset),
+    )
 
 
 def main(args):
@@ -121,7 +131,10 @@ def main(args):
     seconds = time.perf_counter() - started
     if int(os.environ["RANK"]) == 0:
         samples = (args.total_epochs - trainer.epochs_run) * args.size
-        print(json.dumps({"samples_per_s": samples / seconds, "train_seconds": seconds, "final_loss": float(loss)}), flush=True)
+        print(
+            json.dumps({"samples_per_s": samples / seconds, "train_seconds": seconds, "final_loss": float(loss)}),
+            flush=True,
+        )
     destroy_process_group()
 
 

@@ -64,14 +64,31 @@ def main(epochs: int) -> None:
     torch.manual_seed(0)
     data = seed_data()
     module, timer = SeedModule(), Timer()
-    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.environ.get("CHECKPOINT_DIR", "checkpoints-seed-lightning"),
-                                                every_n_epochs=10, save_top_k=-1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer, every])
+    every = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=os.environ.get("CHECKPOINT_DIR", "checkpoints-seed-lightning"), every_n_epochs=10, save_top_k=-1
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, every],
+    )
     trainer.fit(module, DataLoader(data, batch_size=32, shuffle=False))
     if trainer.global_rank == 0:
-        print(json.dumps({"samples_per_s": epochs * len(data) / timer.seconds, "train_seconds": timer.seconds,
-                          "final_loss": float(module.last_loss)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": epochs * len(data) / timer.seconds,
+                    "train_seconds": timer.seconds,
+                    "final_loss": float(module.last_loss),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,17 @@ from run import BASELINE, FAILURES, TORCHRUN, run  # noqa: E402  (benchmarks/run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 2048
-RUNNER = [sys.executable, "-m", "runner", "launch.nproc_per_node=2", "launch.backend=gloo", "trainer.progress=false",
-          "trainer.batch_size=32", "optimizer.lr=0.001", "trainer.save_every=10"]
+RUNNER = [
+    sys.executable,
+    "-m",
+    "runner",
+    "launch.nproc_per_node=2",
+    "launch.backend=gloo",
+    "trainer.progress=false",
+    "trainer.batch_size=32",
+    "optimizer.lr=0.001",
+    "trainer.save_every=10",
+]
 SWEEP_JOBS = 8
 
 for who in ("script", "lightning", "runner", "runner_spawn", "join", "crash", "sweep", "separate"):
@@ -78,13 +87,24 @@ class Bench:
 
     def sweep(self) -> float:
         seeds = ",".join(str(s) for s in range(1, SWEEP_JOBS + 1))
-        return self.timed([*RUNNER[:3], "--multirun", *RUNNER[3:], f"trainer.seed={seeds}", "trainer.total_epochs=1",
-                           "hydra.sweep.dir=sweep"], "sweep")
+        return self.timed(
+            [
+                *RUNNER[:3],
+                "--multirun",
+                *RUNNER[3:],
+                f"trainer.seed={seeds}",
+                "trainer.total_epochs=1",
+                "hydra.sweep.dir=sweep",
+            ],
+            "sweep",
+        )
 
     def separate(self) -> float:
         cwd = self.fresh("separate")
-        total = sum(run([*RUNNER, f"trainer.seed={s}", "trainer.total_epochs=1", f"hydra.run.dir=run-{s}"], cwd, "separate")[0]
-                    for s in range(1, SWEEP_JOBS + 1))
+        total = sum(
+            run([*RUNNER, f"trainer.seed={s}", "trainer.total_epochs=1", f"hydra.run.dir=run-{s}"], cwd, "separate")[0]
+            for s in range(1, SWEEP_JOBS + 1)
+        )
         shutil.rmtree(cwd, ignore_errors=True)
         return total
 
@@ -99,14 +119,18 @@ def main() -> None:
     bench = Bench(tmp)
     crash = ("trainer.save_every_steps=50", "trainer.crash_at_step=300", "trainer.crash_rank=1")
     measures = {
-        ("script", 1): lambda: bench.script(1), ("script", n): lambda: bench.script(n),
-        ("lightning", 1): lambda: bench.lightning(1), ("lightning", n): lambda: bench.lightning(n),
-        ("runner", 1): lambda: bench.runner(1), ("runner", n): lambda: bench.runner(n),
+        ("script", 1): lambda: bench.script(1),
+        ("script", n): lambda: bench.script(n),
+        ("lightning", 1): lambda: bench.lightning(1),
+        ("lightning", n): lambda: bench.lightning(n),
+        ("runner", 1): lambda: bench.runner(1),
+        ("runner", n): lambda: bench.runner(n),
         ("runner_spawn", 1): lambda: bench.runner(1, "launch.start_method=spawn", who="runner_spawn"),
         ("join", 1): bench.join,
         ("clean", 20): lambda: bench.runner(20, "trainer.save_every_steps=50"),
         ("crash", 20): lambda: bench.runner(20, *crash, who="crash"),
-        ("sweep", 1): bench.sweep, ("separate", 1): bench.separate,
+        ("sweep", 1): bench.sweep,
+        ("separate", 1): bench.separate,
     }
     keys = list(measures)
     walls: dict[tuple, list[float]] = {k: [] for k in keys}
@@ -116,22 +140,33 @@ def main() -> None:
             shift = rep % len(keys)
             for key in keys[shift:] + keys[:shift]:
                 walls[key].append(measures[key]())
-                print(f"  rep {rep + 1}/{args.reps} {key[0]:<13} {key[1]:>3} epochs: {walls[key][-1]:6.2f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  rep {rep + 1}/{args.reps} {key[0]:<13} {key[1]:>3} epochs: {walls[key][-1]:6.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     elapsed = time.perf_counter() - started
 
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, python "
-          f"{platform.python_version()}, reps={args.reps} (medians), N={n}; benchmark took {elapsed / 60:.1f} min\n")
-    print(f"| command | 1-epoch wall | {n}-epoch wall | samples/s, {SAMPLES:,} x {n - 1} / wall difference |\n|---|---|---|---|")
-    for tool, label in [("script", "seed script under torchrun --standalone"),
-                        ("lightning", "PyTorch Lightning Trainer, ddp, 2 CPU processes"),
-                        ("runner", "runner (workers forked from the preloaded fork server)")]:
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__}, python "
+        f"{platform.python_version()}, reps={args.reps} (medians), N={n}; benchmark took {elapsed / 60:.1f} min\n"
+    )
+    print(
+        f"| command | 1-epoch wall | {n}-epoch wall | samples/s, {SAMPLES:,} x {n - 1} / wall difference |\n|---|---|---|---|"
+    )
+    for tool, label in [
+        ("script", "seed script under torchrun --standalone"),
+        ("lightning", "PyTorch Lightning Trainer, ddp, 2 CPU processes"),
+        ("runner", "runner (workers forked from the preloaded fork server)"),
+    ]:
         sps = SAMPLES * (n - 1) / (med[(tool, n)] - med[(tool, 1)])
         print(f"| {label} | {med[(tool, 1)]:.2f} s | {med[(tool, n)]:.2f} s | {sps:,.0f} |")
-    print(f"| runner, launch.start_method=spawn (as torchrun starts workers) | {med[('runner_spawn', 1)]:.2f} s |  |  |")
+    print(
+        f"| runner, launch.start_method=spawn (as torchrun starts workers) | {med[('runner_spawn', 1)]:.2f} s |  |  |"
+    )
     print(f"| torchrun of a script that only joins a process group | {med[('join', 1)]:.2f} s |  |  |")
 
     runner_sps = SAMPLES * (n - 1) / (med[("runner", n)] - med[("runner", 1)])
@@ -140,14 +175,26 @@ def main() -> None:
     sweep, separate = med[("sweep", 1)], med[("separate", 1)]
     print("\n| target | figure | met? |\n|---|---|---|")
     rows = [
-        ("1-epoch command <= 0.75x the seed script's", f"{med[('runner', 1)] / med[('script', 1)]:.2f}x",
-         med[("runner", 1)] <= 0.75 * med[("script", 1)]),
-        ("1-epoch command <= torchrun of a join-only script", f"{med[('runner', 1)]:.2f} s vs {med[('join', 1)]:.2f} s",
-         med[("runner", 1)] <= med[("join", 1)]),
-        ("a worker crash costs <= one such start-up", f"+{extra:.2f} s ({med[('crash', 20)]:.2f} vs {med[('clean', 20)]:.2f} s) "
-         f"vs {med[('join', 1)]:.2f} s", extra <= med[("join", 1)]),
-        (f"--multirun of {SWEEP_JOBS} one-epoch jobs <= 0.6x {SWEEP_JOBS} separate commands",
-         f"{sweep:.2f} s vs {separate:.2f} s = {sweep / separate:.2f}x", sweep <= 0.6 * separate),
+        (
+            "1-epoch command <= 0.75x the seed script's",
+            f"{med[('runner', 1)] / med[('script', 1)]:.2f}x",
+            med[("runner", 1)] <= 0.75 * med[("script", 1)],
+        ),
+        (
+            "1-epoch command <= torchrun of a join-only script",
+            f"{med[('runner', 1)]:.2f} s vs {med[('join', 1)]:.2f} s",
+            med[("runner", 1)] <= med[("join", 1)],
+        ),
+        (
+            "a worker crash costs <= one such start-up",
+            f"+{extra:.2f} s ({med[('crash', 20)]:.2f} vs {med[('clean', 20)]:.2f} s) vs {med[('join', 1)]:.2f} s",
+            extra <= med[("join", 1)],
+        ),
+        (
+            f"--multirun of {SWEEP_JOBS} one-epoch jobs <= 0.6x {SWEEP_JOBS} separate commands",
+            f"{sweep:.2f} s vs {separate:.2f} s = {sweep / separate:.2f}x",
+            sweep <= 0.6 * separate,
+        ),
         ("throughput >= 2x the seed script's", f"{runner_sps / script_sps:.2f}x", runner_sps >= 2 * script_sps),
     ]
     for label, figure, met in rows:

@@ -124,9 +124,15 @@ class EarlyStopConfig:
 class FSDPConfig:
     """trainer.strategy=fsdp: how the model is sharded (runner.train.engines.fsdp)."""
 
-    shard: Optional[str] = None  # class (dotted path or bare name) whose every module is sharded on its own; null = each top-level child
-    reshard_after_forward: bool = True  # free the gathered parameters after forward (less memory, a second all-gather in backward)
-    param_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype of forward/backward compute (weights stay float32); null = float32
+    shard: Optional[str] = (
+        None  # class (dotted path or bare name) whose every module is sharded on its own; null = each top-level child
+    )
+    reshard_after_forward: bool = (
+        True  # free the gathered parameters after forward (less memory, a second all-gather in backward)
+    )
+    param_dtype: Optional[str] = (
+        None  # bf16 | fp16 | 32: dtype of forward/backward compute (weights stay float32); null = float32
+    )
     reduce_dtype: Optional[str] = None  # bf16 | fp16 | 32: dtype the gradients are reduced in; null = param_dtype
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (CUDA workers)
     meta_init: bool = False  # build the model without memory, shard it, then initialise each rank's shards (reset_parameters / init_weights): no worker ever holds the whole model; not the same initial values as a whole-model build
@@ -138,7 +144,9 @@ class DDPConfig:
     A single process (launch=local, or one worker in all) is not wrapped in DDP: nothing to average."""
 
     broadcast_buffers: bool = True  # copy rank 0's buffers (BatchNorm statistics) to every rank before each forward
-    find_unused_parameters: bool = False  # find parameters a forward left unused (a model with branches): a graph walk per step
+    find_unused_parameters: bool = (
+        False  # find parameters a forward left unused (a model with branches): a graph walk per step
+    )
     static_graph: bool = False  # the set of used parameters never changes between steps (lets DDP skip that search)
     bucket_cap_mb: Optional[float] = None  # MiB of gradients averaged in one go; null = DDP's default (25)
     gradient_as_bucket_view: bool = False  # gradients live in DDP's buckets: saves a copy and the memory of one
@@ -189,7 +197,9 @@ class DataConfig:
     pin_memory: Optional[bool] = None  # page-locked host batches; null = on when training on CUDA
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs (num_workers > 0)
     prefetch_factor: Optional[int] = None  # batches each DataLoader worker prepares ahead; null = torch's default (2)
-    collate_fn: Any = None  # a _target_ building the collate function (called with no arguments); null = torch's default
+    collate_fn: Any = (
+        None  # a _target_ building the collate function (called with no arguments); null = torch's default
+    )
     drop_last: bool = False  # drop each rank's last incomplete batch of an epoch
     eval_batch_size: Optional[int] = None  # batch size for validation and test; null = trainer.batch_size
 
@@ -220,20 +230,35 @@ class LaunchConfig:
 # `snapshot.async` is the natural key, but `async` is a Python keyword and cannot be written as a
 # field in a class body; the class is declared from its namespace instead, without the generated
 # __init__, __repr__ and __eq__ (they would spell `self.async`). OmegaConf reads the annotations.
-SnapshotConfig = dataclass(init=False, repr=False, eq=False)(type("SnapshotConfig", (), {
-    "__doc__": "Where snapshots go, how many are kept and how a run resumes.",
-    "__annotations__": {"dir": str, "keep_last": int, "milestone_every": int, "resume": str, "async": bool,
-                        "monitor": Optional[str], "mode": Mode, "keep_best": int, "format": SnapshotFormat},
-    "dir": "snapshots",  # inside the run directory
-    "keep_last": 3,  # newest versions kept (milestones are kept on top)
-    "milestone_every": 0,  # epochs; end-of-epoch snapshots at multiples of it are kept forever
-    "resume": "auto",  # auto | never | must | path to a snapshot file (ResumeWord)
-    "async": False,  # write in the background; the loop waits only for a copy into reused buffers
-    "monitor": None,  # a metric to keep the best versions by, e.g. val/accuracy (also early stopping's metric)
-    "mode": Mode.min,  # min | max: which way `monitor` improves
-    "keep_best": 1,  # best versions by `monitor` kept beyond keep_last
-    "format": SnapshotFormat.auto,  # auto | file | dcp: one file by rank 0, or a folder of shards by every rank
-}))
+SnapshotConfig = dataclass(init=False, repr=False, eq=False)(
+    type(
+        "SnapshotConfig",
+        (),
+        {
+            "__doc__": "Where snapshots go, how many are kept and how a run resumes.",
+            "__annotations__": {
+                "dir": str,
+                "keep_last": int,
+                "milestone_every": int,
+                "resume": str,
+                "async": bool,
+                "monitor": Optional[str],
+                "mode": Mode,
+                "keep_best": int,
+                "format": SnapshotFormat,
+            },
+            "dir": "snapshots",  # inside the run directory
+            "keep_last": 3,  # newest versions kept (milestones are kept on top)
+            "milestone_every": 0,  # epochs; end-of-epoch snapshots at multiples of it are kept forever
+            "resume": "auto",  # auto | never | must | path to a snapshot file (ResumeWord)
+            "async": False,  # write in the background; the loop waits only for a copy into reused buffers
+            "monitor": None,  # a metric to keep the best versions by, e.g. val/accuracy (also early stopping's metric)
+            "mode": Mode.min,  # min | max: which way `monitor` improves
+            "keep_best": 1,  # best versions by `monitor` kept beyond keep_last
+            "format": SnapshotFormat.auto,  # auto | file | dcp: one file by rank 0, or a folder of shards by every rank
+        },
+    )
+)
 
 
 @dataclass
@@ -290,6 +315,7 @@ def register_schema() -> None:
 
 # ---- words that share a key with free values ---------------------------------------------------
 
+
 def parse_nproc(text: object) -> Union[NprocWord, int, None]:
     """launch.nproc_per_node as a word or a positive count; None when it is neither."""
     text = str(text)
@@ -314,8 +340,15 @@ def quote_path_overrides(args: list[str]) -> list[str]:
     quoted = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        if (sep and key.lstrip("+") in PATH_KEYS and value[:1] not in ("'", '"') and any(c in value for c in "=,")
-                and "'" not in value and "\\" not in value and Path(value).exists()):
+        if (
+            sep
+            and key.lstrip("+") in PATH_KEYS
+            and value[:1] not in ("'", '"')
+            and any(c in value for c in "=,")
+            and "'" not in value
+            and "\\" not in value
+            and Path(value).exists()
+        ):
             arg = f"{key}='{value}'"
         quoted.append(arg)
     return quoted
@@ -331,8 +364,15 @@ def parse_nnodes(text: object) -> Optional[tuple[int, int]]:
 
 # Sections of the schema and their dataclasses: a key `+`-added under one of them does nothing, so it is refused.
 def schema_sections() -> dict[str, type]:
-    return {"trainer": TrainerConfig, "trainer.early_stop": EarlyStopConfig, "trainer.fsdp": FSDPConfig,
-            "trainer.ddp": DDPConfig, "data": DataConfig, "launch": LaunchConfig, "snapshot": SnapshotConfig}
+    return {
+        "trainer": TrainerConfig,
+        "trainer.early_stop": EarlyStopConfig,
+        "trainer.fsdp": FSDPConfig,
+        "trainer.ddp": DDPConfig,
+        "data": DataConfig,
+        "launch": LaunchConfig,
+        "snapshot": SnapshotConfig,
+    }
 
 
 DTYPE_WORDS = ("bf16", "fp16", "32")

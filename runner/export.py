@@ -105,45 +105,82 @@ def read_run(run_dir: Union[str, Path], best: bool = True) -> RunWeights:
 
         weights = full_model(state[SHARDED_KEY])
     if not isinstance(weights, dict) or not weights:
-        raise UserError("snapshot", snapshot_dir / entry["file"], f"holds no model weights (its '{MODEL_KEY}' part is "
-                        f"{type(weights).__name__}{' and empty' if isinstance(weights, dict) else ''})",
-                        "a snapshot the runner wrote while training this run", "pass the run directory the run wrote")
+        raise UserError(
+            "snapshot",
+            snapshot_dir / entry["file"],
+            f"holds no model weights (its '{MODEL_KEY}' part is "
+            f"{type(weights).__name__}{' and empty' if isinstance(weights, dict) else ''})",
+            "a snapshot the runner wrote while training this run",
+            "pass the run directory the run wrote",
+        )
     return RunWeights(run_dir, snapshot_dir, model_config, entry, weights, chosen_by, notes)
 
 
 def _run_config(run_dir: Path) -> DictConfig:
     if not run_dir.exists():
-        raise UserError("run_dir", run_dir, "no such directory", _RUN_DIR_ALLOWED, "check the path (runs live in outputs/ by default)")
+        raise UserError(
+            "run_dir",
+            run_dir,
+            "no such directory",
+            _RUN_DIR_ALLOWED,
+            "check the path (runs live in outputs/ by default)",
+        )
     if not run_dir.is_dir():
-        raise UserError("run_dir", run_dir, "is a file, not a directory", _RUN_DIR_ALLOWED, "pass the folder that holds config.yaml")
+        raise UserError(
+            "run_dir", run_dir, "is a file, not a directory", _RUN_DIR_ALLOWED, "pass the folder that holds config.yaml"
+        )
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         runs = sorted(p.parent for p in run_dir.glob(f"*/{CONFIG_FILE}"))
-        fix = (f"pass one of the {len(runs)} run directories under it, e.g. {runs[0]}" if runs
-               else "pass the directory a training run wrote, e.g. outputs/<name>")
-        raise UserError("run_dir", run_dir, f"holds no {CONFIG_FILE}, so it is not a run directory", _RUN_DIR_ALLOWED, fix)
+        fix = (
+            f"pass one of the {len(runs)} run directories under it, e.g. {runs[0]}"
+            if runs
+            else "pass the directory a training run wrote, e.g. outputs/<name>"
+        )
+        raise UserError(
+            "run_dir", run_dir, f"holds no {CONFIG_FILE}, so it is not a run directory", _RUN_DIR_ALLOWED, fix
+        )
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:
-        raise UserError("run_dir", run_dir, f"{path} cannot be read: {_one_line(err)}", _RUN_DIR_ALLOWED,
-                        "restore the file the run wrote") from None
+        raise UserError(
+            "run_dir",
+            run_dir,
+            f"{path} cannot be read: {_one_line(err)}",
+            _RUN_DIR_ALLOWED,
+            "restore the file the run wrote",
+        ) from None
     if not isinstance(cfg, DictConfig):
-        raise UserError("run_dir", run_dir, f"{path} is not a mapping of config groups", _RUN_DIR_ALLOWED,
-                        "restore the file the run wrote")
+        raise UserError(
+            "run_dir",
+            run_dir,
+            f"{path} is not a mapping of config groups",
+            _RUN_DIR_ALLOWED,
+            "restore the file the run wrote",
+        )
     return cfg
 
 
 def _model_config(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     node = cfg.get("model")
     if not isinstance(node, DictConfig) or not node.get("_target_"):
-        raise UserError("model", node, f"{run_dir / CONFIG_FILE} has no model: node with a _target_",
-                        "the config.yaml a training run wrote (model._target_ names the model class)",
-                        "pass the run directory the run wrote")
+        raise UserError(
+            "model",
+            node,
+            f"{run_dir / CONFIG_FILE} has no model: node with a _target_",
+            "the config.yaml a training run wrote (model._target_ names the model class)",
+            "pass the run directory the run wrote",
+        )
     try:
         return OmegaConf.to_container(node, resolve=True)
     except Exception as err:
-        raise UserError("model", node.get("_target_"), f"the model config in {run_dir / CONFIG_FILE} cannot be resolved: "
-                        f"{_one_line(err)}", "a config.yaml as the run wrote it (resolved)", "restore the file the run wrote") from None
+        raise UserError(
+            "model",
+            node.get("_target_"),
+            f"the model config in {run_dir / CONFIG_FILE} cannot be resolved: {_one_line(err)}",
+            "a config.yaml as the run wrote it (resolved)",
+            "restore the file the run wrote",
+        ) from None
 
 
 def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tuple[dict, dict, str, list[str]]:
@@ -155,19 +192,32 @@ def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tup
                 try:
                     return entry, manager.load_entry(entry), "best", notes
                 except SnapshotError as err:
-                    raise UserError("snapshot", manager.dir / entry["file"], f"the best snapshot cannot be used: {err}",
-                                    "a snapshot that matches its manifest entry",
-                                    "export the newest valid snapshot instead (without --best; load_model(..., best=False))") from None
+                    raise UserError(
+                        "snapshot",
+                        manager.dir / entry["file"],
+                        f"the best snapshot cannot be used: {err}",
+                        "a snapshot that matches its manifest entry",
+                        "export the newest valid snapshot instead (without --best; load_model(..., best=False))",
+                    ) from None
             notes.append("no best snapshot recorded (the run did not set snapshot.monitor): using the newest")
         latest = manager.load_latest()  # verified (size, sha256) and unpickled weights-only, invalid ones skipped
     except SnapshotError as err:
-        raise UserError("run_dir", run_dir, f"has no usable snapshot: {err}", "a run directory with a valid snapshot",
-                        "re-run training to write a new snapshot, or restore the snapshot folder") from None
+        raise UserError(
+            "run_dir",
+            run_dir,
+            f"has no usable snapshot: {err}",
+            "a run directory with a valid snapshot",
+            "re-run training to write a new snapshot, or restore the snapshot folder",
+        ) from None
     if latest is None:
         where = f"{manager.manifest_path} lists none" if manager.dir.is_dir() else f"{manager.dir} does not exist"
-        raise UserError("run_dir", run_dir, f"has no snapshot to export: {where}",
-                        "a run directory whose training wrote at least one snapshot (one per epoch by default)",
-                        "train first (python -m runner ...), or pass the run directory that holds the snapshots")
+        raise UserError(
+            "run_dir",
+            run_dir,
+            f"has no snapshot to export: {where}",
+            "a run directory whose training wrote at least one snapshot (one per epoch by default)",
+            "train first (python -m runner ...), or pass the run directory that holds the snapshots",
+        )
     entry, state = latest
     return entry, state, "newest", notes
 
@@ -187,12 +237,20 @@ def _build(model_config: dict[str, Any], run_dir: Path, meta: bool = False) -> t
         cause = err
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise UserError("model._target_", target, f"cannot be built from {run_dir / CONFIG_FILE}: "
-                        f"{type(cause).__name__}: {_one_line(cause)}", "an importable torch.nn.Module class and its arguments",
-                        "run from where the model's module is importable (the folder you trained from, or set PYTHONPATH)") from None
+        raise UserError(
+            "model._target_",
+            target,
+            f"cannot be built from {run_dir / CONFIG_FILE}: {type(cause).__name__}: {_one_line(cause)}",
+            "an importable torch.nn.Module class and its arguments",
+            "run from where the model's module is importable (the folder you trained from, or set PYTHONPATH)",
+        ) from None
     if not isinstance(model, torch.nn.Module):
-        raise UserError("model._target_", target, f"builds a {type(model).__name__}, not a torch.nn.Module",
-                        "a class or function returning torch.nn.Module")
+        raise UserError(
+            "model._target_",
+            target,
+            f"builds a {type(model).__name__}, not a torch.nn.Module",
+            "a class or function returning torch.nn.Module",
+        )
     return model
 
 
@@ -202,14 +260,18 @@ def _load_weights(model: torch.nn.Module, source: RunWeights) -> None:
         try:
             model.load_state_dict(source.weights, strict=True)
         except Exception as err:
-            raise UserError("model", source.model_config.get("_target_"),
-                            f"the weights in {source.snapshot_path} do not fit the model config.yaml builds: {_one_line(err)}",
-                            "the config.yaml and snapshots of one run",
-                            "pass the run directory as the run wrote it (its config.yaml and snapshots together)") from None
+            raise UserError(
+                "model",
+                source.model_config.get("_target_"),
+                f"the weights in {source.snapshot_path} do not fit the model config.yaml builds: {_one_line(err)}",
+                "the config.yaml and snapshots of one run",
+                "pass the run directory as the run wrote it (its config.yaml and snapshots together)",
+            ) from None
 
 
-def load_model(run_dir: Union[str, Path], best: bool = True,
-               map_location: Union[str, torch.device, None] = "cpu") -> torch.nn.Module:
+def load_model(
+    run_dir: Union[str, Path], best: bool = True, map_location: Union[str, torch.device, None] = "cpu"
+) -> torch.nn.Module:
     """The trained model of `run_dir`, in eval mode, on `map_location` (a device; None: leave on CPU).
 
     Built from the run's config.yaml (`model:`), with the weights of the best snapshot when `best`
@@ -222,14 +284,22 @@ def load_model(run_dir: Union[str, Path], best: bool = True,
         log.info("%s: %s", source.run_dir, note)
     model = _build(source.model_config, source.run_dir)
     _load_weights(model, source)
-    log.info("loaded %s (%s, step %d, epoch %d)", source.snapshot_path, source.chosen_by, source.entry["step"], source.entry["epoch"])
+    log.info(
+        "loaded %s (%s, step %d, epoch %d)",
+        source.snapshot_path,
+        source.chosen_by,
+        source.entry["step"],
+        source.entry["epoch"],
+    )
     if map_location is not None:
         model.to(map_location)
     return model.eval()
 
 
 # ---- writing the export --------------------------------------------------------------------
-def export(run_dir: Union[str, Path], out: Union[str, Path, None] = None, best: bool = False, fmt: str = "auto") -> Path:
+def export(
+    run_dir: Union[str, Path], out: Union[str, Path, None] = None, best: bool = False, fmt: str = "auto"
+) -> Path:
     """Write the model's bare weights and its config (`<name>.yaml` beside them); returns the weights' path.
 
     `fmt`: safetensors, pt (a plain torch.save of the state dict) or auto (safetensors when the
@@ -242,8 +312,9 @@ def export(run_dir: Union[str, Path], out: Union[str, Path, None] = None, best: 
     return result.path
 
 
-def export_run(run_dir: Union[str, Path], out: Union[str, Path, None] = None, best: bool = False,
-               fmt: str = "auto") -> Exported:
+def export_run(
+    run_dir: Union[str, Path], out: Union[str, Path, None] = None, best: bool = False, fmt: str = "auto"
+) -> Exported:
     """`export`, returning what was written (paths, counts, the snapshot used)."""
     if fmt not in FORMATS:
         raise UserError("--format", fmt, "is not an export format", " | ".join(FORMATS))
@@ -266,33 +337,57 @@ def export_run(run_dir: Union[str, Path], out: Union[str, Path, None] = None, be
         config_path = path.with_suffix(".yaml")
         atomic_write(config_path, _config_text(path, meta, source.model_config), durable=False)
     except OSError as err:
-        raise UserError("--out", path, f"cannot be written: {err.strerror or err}", "a path in a writable folder",
-                        "pass --out with a writable location") from None
+        raise UserError(
+            "--out",
+            path,
+            f"cannot be written: {err.strerror or err}",
+            "a path in a writable folder",
+            "pass --out with a writable location",
+        ) from None
     return Exported(path, config_path, fmt, len(source.weights), parameters, source, shared, notes)
 
 
 def _pick_format(fmt: str, out: Union[str, Path, None], weights: dict[str, Any], notes: list[str]) -> str:
     by_suffix = _FORMAT_OF_SUFFIX.get(Path(out).suffix.lower()) if out is not None else None
     if fmt != "auto" and by_suffix is not None and by_suffix != fmt:
-        raise UserError("--out", out, f"names a {Path(out).suffix} file but the format is {fmt}",
-                        f"a {SUFFIXES[fmt]} file for --format {fmt}", f"end --out with {SUFFIXES[fmt]}, or drop --format")
+        raise UserError(
+            "--out",
+            out,
+            f"names a {Path(out).suffix} file but the format is {fmt}",
+            f"a {SUFFIXES[fmt]} file for --format {fmt}",
+            f"end --out with {SUFFIXES[fmt]}, or drop --format",
+        )
     have_safetensors = importlib.util.find_spec("safetensors") is not None
     chosen = fmt if fmt != "auto" else by_suffix or ("safetensors" if have_safetensors else "pt")
     if fmt == "auto" and chosen == "pt" and by_suffix is None:
-        notes.append('safetensors is not installed: writing a plain torch.save file (pip install "hydra-torch-runner[export]" for safetensors)')
+        notes.append(
+            'safetensors is not installed: writing a plain torch.save file (pip install "hydra-torch-runner[export]" for safetensors)'
+        )
     if chosen != "safetensors":
         return chosen
     if not have_safetensors:
-        raise UserError("--format", "safetensors", "needs the safetensors package, which is not installed",
-                        "--format pt, or safetensors installed", 'pip install "hydra-torch-runner[export]" (or pip install safetensors), or pass --format pt')
+        raise UserError(
+            "--format",
+            "safetensors",
+            "needs the safetensors package, which is not installed",
+            "--format pt, or safetensors installed",
+            'pip install "hydra-torch-runner[export]" (or pip install safetensors), or pass --format pt',
+        )
     odd = [k for k, v in weights.items() if not isinstance(v, torch.Tensor) or v.layout != torch.strided]
     if odd:
         if fmt == "auto" and by_suffix is None:
-            notes.append(f"safetensors holds dense tensors only, and {', '.join(odd[:3])} is not one: writing a plain torch.save file")
+            notes.append(
+                f"safetensors holds dense tensors only, and {', '.join(odd[:3])} is not one: writing a plain torch.save file"
+            )
             return "pt"
-        raise UserError("--format", "safetensors", f"holds dense tensors only, and the model's state has {', '.join(odd[:3])}"
-                        f"{' and more' if len(odd) > 3 else ''} ({type(weights[odd[0]]).__name__})",
-                        "--format pt for this model", "pass --format pt")
+        raise UserError(
+            "--format",
+            "safetensors",
+            f"holds dense tensors only, and the model's state has {', '.join(odd[:3])}"
+            f"{' and more' if len(odd) > 3 else ''} ({type(weights[odd[0]]).__name__})",
+            "--format pt for this model",
+            "pass --format pt",
+        )
     return chosen
 
 
@@ -305,8 +400,13 @@ def _out_path(run_dir: Path, out: Union[str, Path, None], fmt: str) -> Path:
     if out.is_dir() or text.endswith(("/", os.sep)):
         return out / name
     if out.suffix.lower() in (".yaml", ".yml"):
-        raise UserError("--out", out, "is where the model config goes (written beside the weights as <name>.yaml)",
-                        "a weights file, e.g. model.safetensors or model.pt", "pass the weights file's name")
+        raise UserError(
+            "--out",
+            out,
+            "is where the model config goes (written beside the weights as <name>.yaml)",
+            "a weights file, e.g. model.safetensors or model.pt",
+            "pass the weights file's name",
+        )
     return out if out.suffix else out.with_suffix(SUFFIXES[fmt])
 
 
@@ -346,8 +446,13 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[
     from safetensors.torch import save_file
 
     header = {"format": "pt"}  # the convention for torch tensors in safetensors files
-    header.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()
-                   if v is not None and k not in ("format", "weights")})  # strings only
+    header.update(
+        {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in meta.items()
+            if v is not None and k not in ("format", "weights")
+        }
+    )  # strings only
     header["model"] = json.dumps(model_config)
     tmp = temporary_path(path)
     try:
@@ -390,11 +495,16 @@ def _provenance(source: RunWeights, path: Path, fmt: str, parameters: int) -> di
 
 
 def _config_text(path: Path, meta: dict[str, Any], model_config: dict[str, Any]) -> str:
-    loader = (f"safetensors.torch.load_file({path.name!r})" if meta["format"] == "safetensors"
-              else f"torch.load({path.name!r}, weights_only=True)")
-    head = (f"# The model of {meta['run_dir']}, exported by python -m runner.export. To load it:\n"
-            f"#   model = hydra.utils.instantiate(OmegaConf.load({path.with_suffix('.yaml').name!r}).model).eval()\n"
-            f"#   model.load_state_dict({loader})\n")
+    loader = (
+        f"safetensors.torch.load_file({path.name!r})"
+        if meta["format"] == "safetensors"
+        else f"torch.load({path.name!r}, weights_only=True)"
+    )
+    head = (
+        f"# The model of {meta['run_dir']}, exported by python -m runner.export. To load it:\n"
+        f"#   model = hydra.utils.instantiate(OmegaConf.load({path.with_suffix('.yaml').name!r}).model).eval()\n"
+        f"#   model.load_state_dict({loader})\n"
+    )
     return head + OmegaConf.to_yaml(OmegaConf.create({"export": meta, "model": model_config}))
 
 
@@ -406,16 +516,31 @@ def _one_line(err: BaseException) -> str:
 
 # ---- command line ----------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.export", description=__doc__.splitlines()[0].split(": ", 1)[1],
-                                     epilog="The files load without the runner; see the module docstring (pydoc runner.export).")
+    parser = argparse.ArgumentParser(
+        prog="python -m runner.export",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        epilog="The files load without the runner; see the module docstring (pydoc runner.export).",
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml and snapshots/)")
-    parser.add_argument("--best", action="store_true",
-                        help="the best snapshot by snapshot.monitor, when the run kept one (default: the newest valid one)")
-    parser.add_argument("--out", default=None, metavar="FILE",
-                        help=f"the weights file (default: RUN_DIR/{EXPORT_DIR}/model.safetensors, or .pt); "
-                             "the model config is written beside it as <name>.yaml")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
-                        help="safetensors, pt (plain torch.save) or auto: safetensors when installed (default)")
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="the best snapshot by snapshot.monitor, when the run kept one (default: the newest valid one)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help=f"the weights file (default: RUN_DIR/{EXPORT_DIR}/model.safetensors, or .pt); "
+        "the model config is written beside it as <name>.yaml",
+    )
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=FORMATS,
+        default="auto",
+        help="safetensors, pt (plain torch.save) or auto: safetensors when installed (default)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
@@ -430,8 +555,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     size = result.path.stat().st_size / 2**20
     print(f"weights  : {result.path} ({result.format}, {size:.1f} MB)")
     print(f"config   : {result.config_path}")
-    print(f"contents : {result.tensors} tensors, {result.parameters:,} parameters"
-          + (f" (shared in the model, written as copies: {', '.join(result.shared)})" if result.shared else ""))
+    print(
+        f"contents : {result.tensors} tensors, {result.parameters:,} parameters"
+        + (f" (shared in the model, written as copies: {', '.join(result.shared)})" if result.shared else "")
+    )
     score = f"{monitor['name']}={monitor['value']:.6g}" if isinstance(monitor, dict) else ""
     chosen = f"best by {score}" if source.chosen_by == "best" else ", ".join(filter(None, [source.chosen_by, score]))
     print(f"snapshot : {source.snapshot_path} (step {entry['step']}, epoch {entry['epoch']}, {chosen})")

@@ -33,8 +33,11 @@ SENT_FILE = "loggers.json"  # in the run's logs/: how many records the loggers h
 
 def numeric_items(record: dict[str, Any]) -> dict[str, float]:
     """The record's metrics: numbers other than the position and the wall-clock time."""
-    return {k: float(v) for k, v in record.items()
-            if k not in ("epoch", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in ("epoch", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def tracked(record: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +131,15 @@ class MLflowLogger:
 
     TAG = "runner.run_dir"
 
-    def __init__(self, log_dir: str, run_dir: str, tracking_uri: Optional[str] = None, experiment: str = "runner",
-                 run_name: Optional[str] = None, log_snapshot: bool = True) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        run_dir: str,
+        tracking_uri: Optional[str] = None,
+        experiment: str = "runner",
+        run_name: Optional[str] = None,
+        log_snapshot: bool = True,
+    ) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -138,18 +148,23 @@ class MLflowLogger:
         self.run_dir, self.log_snapshot = Path(run_dir), log_snapshot
         self.client = MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{store / 'mlflow.db'}")
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=(store / "artifacts").as_uri())
+        experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=(store / "artifacts").as_uri())
+        )
         id_file = self.run_dir / "logs" / "mlflow_run_id"  # archived with the run by snapshot.resume=never
         if id_file.exists():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=run_name or self.run_dir.name, tags={self.TAG: str(self.run_dir)})
+            run = self.client.create_run(
+                experiment_id, run_name=run_name or self.run_dir.name, tags={self.TAG: str(self.run_dir)}
+            )
             self.run_id = run.info.run_id
             params = [Param(k[:250], v[:6000]) for k, v in flatten(load_config(self.run_dir)).items()]
             for begin in range(0, len(params), 100):
-                self.client.log_batch(self.run_id, params=params[begin: begin + 100])
+                self.client.log_batch(self.run_id, params=params[begin : begin + 100])
             if (self.run_dir / "config.yaml").exists():
                 self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
             id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +192,15 @@ class WandbLogger:
     network; `wandb sync` uploads it later). Its id is kept in the run directory, so a resumed run
     continues the same W&B run."""
 
-    def __init__(self, log_dir: str, run_dir: str, project: str = "runner", mode: str = "offline",
-                 entity: Optional[str] = None, run_name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        run_dir: str,
+        project: str = "runner",
+        mode: str = "offline",
+        entity: Optional[str] = None,
+        run_name: Optional[str] = None,
+    ) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")  # its banner would drown the runner's console
         import wandb
 
@@ -186,8 +208,17 @@ class WandbLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         id_file = self.dir / "run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(self.dir), id=run_id, resume="allow",
-                              name=run_name or self.run_dir.name, config=load_config(self.run_dir), reinit="create_new")
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            dir=str(self.dir),
+            id=run_id,
+            resume="allow",
+            name=run_name or self.run_dir.name,
+            config=load_config(self.run_dir),
+            reinit="create_new",
+        )
         atomic_write(id_file, run_id, durable=False)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -249,8 +280,12 @@ class Loggers:
         except Exception as err:  # a tracker must never end a training run
             if i not in self.failed:
                 self.failed.add(i)
-                log.warning("logger %s failed (%s: %s); training goes on, further failures of it are not reported",
-                            type(self.loggers[i]).__name__, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                log.warning(
+                    "logger %s failed (%s: %s); training goes on, further failures of it are not reported",
+                    type(self.loggers[i]).__name__,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                )
 
 
 def _build(node, run_dir: Path):
@@ -273,8 +308,12 @@ def build_logger(cfg, run_dir: Path) -> Optional[Loggers]:
         built = _build(node, Path(run_dir))
     except Exception as err:
         cause = err.__cause__ or err
-        log.warning("logger %s could not start (%s: %s); training goes on without it", node.get("_target_"),
-                    type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "")
+        log.warning(
+            "logger %s could not start (%s: %s); training goes on without it",
+            node.get("_target_"),
+            type(cause).__name__,
+            str(cause).splitlines()[0] if str(cause) else "",
+        )
         return None
     return Loggers(built.loggers if isinstance(built, ManyLoggers) else [built], run_dir)
 

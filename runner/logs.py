@@ -45,7 +45,9 @@ class _LogFile(logging.FileHandler):
         if not self._reported:
             self._reported = True
             err = sys.exc_info()[1]
-            sys.stderr.write(f"cannot write the log file {self.baseFilename} ({err}); its further records are dropped\n")
+            sys.stderr.write(
+                f"cannot write the log file {self.baseFilename} ({err}); its further records are dropped\n"
+            )
 
 
 class _RankFilter(logging.Filter):

@@ -56,23 +56,37 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     steps = [r["step"] for r in rows + step_rows if isinstance(r.get("step"), int)]
     done, target = (max(steps, default=0), max_steps) if max_steps else (epochs[-1] if epochs else 0, total)
     status = state.get("status") or ("finished" if target is not None and rows and done >= target else "partial")
-    return {"val": last_val, "dir": run_dir, "overrides": overrides, "rows": rows, "step_rows": step_rows,
-            "status": status, "epochs": epochs[-1] if epochs else 0, "total_epochs": total, "max_steps": max_steps,
-            "progress": f"{done}/{target if target is not None else '?'} {'steps' if max_steps else 'epochs'}",
-            "best": state.get("best"), "monitor": state.get("monitor"), "objective": state.get("objective"),
-            # a search ranks by the monitored metric in its direction, else by the final loss (lower is better)
-            "maximize": state.get("best") is not None and mode == Mode.max,
-            "final_loss": losses[-1] if losses else None, "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
-            "wall": sum(r.get("epoch_seconds") or 0 for r in rows)}
+    return {
+        "val": last_val,
+        "dir": run_dir,
+        "overrides": overrides,
+        "rows": rows,
+        "step_rows": step_rows,
+        "status": status,
+        "epochs": epochs[-1] if epochs else 0,
+        "total_epochs": total,
+        "max_steps": max_steps,
+        "progress": f"{done}/{target if target is not None else '?'} {'steps' if max_steps else 'epochs'}",
+        "best": state.get("best"),
+        "monitor": state.get("monitor"),
+        "objective": state.get("objective"),
+        # a search ranks by the monitored metric in its direction, else by the final loss (lower is better)
+        "maximize": state.get("best") is not None and mode == Mode.max,
+        "final_loss": losses[-1] if losses else None,
+        "best_loss": min(losses, key=lambda x: (x != x, x)) if losses else None,
+        "wall": sum(r.get("epoch_seconds") or 0 for r in rows),
+    }
 
 
 def rank_by_objective(runs: list[dict]) -> list[dict]:
     """Runs with an objective first, best first (failed runs have none and come last)."""
+
     def key(run: dict):
         value = run.get("objective")
         if not isinstance(value, (int, float)) or value != value:
             return (1, 0.0)
         return (0, -value if run["maximize"] else value)
+
     return sorted(runs, key=key)
 
 
@@ -92,12 +106,31 @@ def table(runs: list[dict], width: int = TABLE_WIDTH) -> str:
         runs = rank_by_objective(runs)
     labels = differing_overrides(runs)
     val_keys = sorted({k for r in runs for k in r["val"]})
-    header = ("run", *(("objective",) if with_objective else ()), "final loss", "best loss", *val_keys,
-              "progress", "train s", "status", "overrides")
-    rows = [[r["dir"].name, *((_num(r.get("objective")),) if with_objective else ()),
-             _num(r["final_loss"]), _num(r["best_loss"]), *(_num(r["val"].get(k)) for k in val_keys),
-             r["progress"], f"{r['wall']:.1f}", r["status"], label]
-            for r, label in zip(runs, labels)]
+    header = (
+        "run",
+        *(("objective",) if with_objective else ()),
+        "final loss",
+        "best loss",
+        *val_keys,
+        "progress",
+        "train s",
+        "status",
+        "overrides",
+    )
+    rows = [
+        [
+            r["dir"].name,
+            *((_num(r.get("objective")),) if with_objective else ()),
+            _num(r["final_loss"]),
+            _num(r["best_loss"]),
+            *(_num(r["val"].get(k)) for k in val_keys),
+            r["progress"],
+            f"{r['wall']:.1f}",
+            r["status"],
+            label,
+        ]
+        for r, label in zip(runs, labels)
+    ]
     _fit(header, rows, width)
     return format_table(header, rows)
 
@@ -105,6 +138,7 @@ def table(runs: list[dict], width: int = TABLE_WIDTH) -> str:
 def _fit(header: tuple[str, ...], rows: list[list[str]], width: int) -> None:
     """Shorten the overrides (last) column, then the run names (first), until the table fits: first the
     overrides' keys to their last part (`optimizer.lr=0.1` -> `lr=0.1`), then cut in the middle."""
+
     def total() -> int:
         return sum(max(len(line[c]) for line in (header, *rows)) for c in range(len(header))) + 2 * (len(header) - 1)
 
@@ -132,8 +166,8 @@ def _elide_names(rows: list[list[str]], keep: int) -> None:
         return
     for row in rows:
         if len(row[0]) > keep:
-            shown = row[0][:5] + "..." + row[0][common - 3:]
-            row[0] = shown if len(shown) <= keep else shown[:keep - 3] + "..."
+            shown = row[0][:5] + "..." + row[0][common - 3 :]
+            row[0] = shown if len(shown) <= keep else shown[: keep - 3] + "..."
 
 
 def _elide(text: str, keep: int) -> str:
@@ -141,7 +175,7 @@ def _elide(text: str, keep: int) -> str:
     if len(text) <= keep:
         return text
     tail = (keep - 3) // 2
-    return text[:keep - 3 - tail] + "..." + text[len(text) - tail:]
+    return text[: keep - 3 - tail] + "..." + text[len(text) - tail :]
 
 
 def _num(x: Optional[float]) -> str:
@@ -152,12 +186,18 @@ def curves(runs: list[dict]) -> tuple[str, list[tuple[str, list[float], list[flo
     """The x axis' name and one (label, x, loss) curve per run: the per-step rows where a run has them,
     else its epoch rows; optimizer steps on the x axis when any run counts steps or logged per-step rows."""
     by_step = any(run["max_steps"] or run["step_rows"] for run in runs) and all(
-        "step" in r for run in runs for r in run["step_rows"] or run["rows"])
+        "step" in r for run in runs for r in run["step_rows"] or run["rows"]
+    )
     out = []
     for run, label in zip(runs, differing_overrides(runs)):
         rows = [r for r in run["step_rows"] or run["rows"] if r["loss"] is not None]
-        out.append((label if label != "(same)" else run["dir"].name,
-                    [r["step" if by_step else "epoch"] for r in rows], [r["loss"] for r in rows]))
+        out.append(
+            (
+                label if label != "(same)" else run["dir"].name,
+                [r["step" if by_step else "epoch"] for r in rows],
+                [r["loss"] for r in rows],
+            )
+        )
     return ("optimizer step" if by_step else "epoch"), out
 
 

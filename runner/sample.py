@@ -43,7 +43,9 @@ def check_has_snapshot(run_dir: Path) -> None:
     from runner.snapshot.manager import SnapshotManager
 
     if not run_dir.is_dir():
-        raise SampleError(f"{run_dir} is not a directory: pass the run directory a training run wrote (e.g. outputs/<name>)")
+        raise SampleError(
+            f"{run_dir} is not a directory: pass the run directory a training run wrote (e.g. outputs/<name>)"
+        )
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         return  # load_model explains what a run directory is
@@ -56,12 +58,21 @@ def check_has_snapshot(run_dir: Path) -> None:
     except SnapshotError:
         return  # load_model says what is wrong with the manifest
     if not entries:
-        raise SampleError(f"{run_dir} has no snapshot to sample from ({run_dir / str(snapshot_dir)} lists none): "
-                          "train first, e.g. python -m runner experiment=charlm")
+        raise SampleError(
+            f"{run_dir} has no snapshot to sample from ({run_dir / str(snapshot_dir)} lists none): "
+            "train first, e.g. python -m runner experiment=charlm"
+        )
 
 
-def sample(run_dir: Path, prompt: str, tokens: int = 200, temperature: float = 0.8, top_k: Optional[int] = 20,
-           seed: int = 0, best: bool = True) -> str:
+def sample(
+    run_dir: Path,
+    prompt: str,
+    tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 20,
+    seed: int = 0,
+    best: bool = True,
+) -> str:
     """The prompt followed by `tokens` generated characters."""
     import torch
 
@@ -72,12 +83,16 @@ def sample(run_dir: Path, prompt: str, tokens: int = 200, temperature: float = 0
     model = load_model(run_dir, best=best)
     generate = getattr(model, "generate", None)
     if not callable(generate):
-        raise SampleError(f"the model of {run_dir} ({type(model).__name__}) has no generate() method: sampling needs a "
-                          "language model such as runner.examples.charlm.TinyGPT (model=tiny_gpt)")
+        raise SampleError(
+            f"the model of {run_dir} ({type(model).__name__}) has no generate() method: sampling needs a "
+            "language model such as runner.examples.charlm.TinyGPT (model=tiny_gpt)"
+        )
     vocab = getattr(model, "vocab_size", None)
     ids = encode(prompt or "\n")  # the model needs a first token to continue from
     if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
-        raise SampleError(f"the prompt has character codes up to {int(ids.max())}, but the model's vocabulary has {vocab}")
+        raise SampleError(
+            f"the prompt has character codes up to {int(ids.max())}, but the model's vocabulary has {vocab}"
+        )
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -92,20 +107,33 @@ def sample(run_dir: Path, prompt: str, tokens: int = 200, temperature: float = 0
         kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         out = generate(ids.to(device).unsqueeze(0), int(tokens), **kwargs)
-    return (prompt if prompt else "") + decode(out[0, ids.numel():] if prompt else out[0, 1:])
+    return (prompt if prompt else "") + decode(out[0, ids.numel() :] if prompt else out[0, 1:])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a run directory (holds config.yaml and snapshots/)")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", type=Path, help="a run directory (holds config.yaml and snapshots/)"
+    )
     parser.add_argument("--prompt", default="", help="text to continue (ASCII; default: start from a newline)")
     parser.add_argument("--tokens", type=int, default=200, help="characters to generate (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = always the most likely (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=20, help="sample among the k most likely characters; 0 = all (default: 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text (default: 0)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = always the most likely (default: 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=20, help="sample among the k most likely characters; 0 = all (default: 20)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed: the same seed gives the same text (default: 0)"
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--best", dest="best", action="store_true", default=True,
-                       help="the best snapshot by snapshot.monitor, else the newest (default)")
+    which.add_argument(
+        "--best",
+        dest="best",
+        action="store_true",
+        default=True,
+        help="the best snapshot by snapshot.monitor, else the newest (default)",
+    )
     which.add_argument("--last", dest="best", action="store_false", help="the newest valid snapshot")
     args = parser.parse_args(argv)
     if args.tokens < 0:

@@ -76,8 +76,10 @@ class Classification(Task):
 
     def validation_step(self, model, batch):
         logits, labels = model(batch[0]), batch[1]
-        metrics = {"loss": F.cross_entropy(logits.float(), labels),
-                   "accuracy": (logits.argmax(-1) == labels).float().mean()}
+        metrics = {
+            "loss": F.cross_entropy(logits.float(), labels),
+            "accuracy": (logits.argmax(-1) == labels).float().mean(),
+        }
         for k in self.top_k:
             top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
             metrics[f"top{k}_accuracy"] = (top == labels.unsqueeze(-1)).any(-1).float().mean()

@@ -77,8 +77,13 @@ def make_finished_run(cwd: Path, overrides: list[str], step: int = 64) -> Path:
     lock = RunDirLock(command.run_dir).acquire().accepted()  # a finished run leaves its lock file's record
     try:
         manager = SnapshotManager(command.run_dir / command.cfg.snapshot.dir)
-        manager.save(snapshot_state(weight=torch.zeros(1, 1)), step=step, epoch=1,
-                     config={"identity": identity(command.cfg)}, end_of_epoch=True)
+        manager.save(
+            snapshot_state(weight=torch.zeros(1, 1)),
+            step=step,
+            epoch=1,
+            config={"identity": identity(command.cfg)},
+            end_of_epoch=True,
+        )
     finally:
         lock.release()
     return command.run_dir

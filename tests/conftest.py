@@ -41,14 +41,26 @@ def cli_env() -> dict:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 180, env: dict | None = None) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env={**cli_env(), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        env={**cli_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=cwd, env={**cli_env(), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        env={**cli_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stop_when(proc: subprocess.Popen, condition, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[str, str]:
@@ -69,7 +81,11 @@ def metrics(run_dir: Path, steps: bool = False) -> list[dict]:
     """metrics.jsonl, parsed strictly (NaN or Infinity would fail): the epoch and validation records, or
     with `steps` the training rows written every trainer.log_every steps (`"scope": "step"`)."""
     path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line, parse_constant=_no_constants) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = (
+        [json.loads(line, parse_constant=_no_constants) for line in path.read_text().splitlines()]
+        if path.exists()
+        else []
+    )
     return [r for r in rows if (r.get("scope") == "step") == steps]
 
 
@@ -92,8 +108,17 @@ def snapshot_state(**model) -> dict:
     """The smallest complete snapshot (the parts every runner snapshot has) around `model`'s tensors."""
     from runner.snapshot import make_state
 
-    return make_state(model=model, optimizer={}, scheduler=None, train_state={}, rng=[], config={}, world_size=1,
-                      allreduce="gloo", metrics=[])
+    return make_state(
+        model=model,
+        optimizer={},
+        scheduler=None,
+        train_state={},
+        rng=[],
+        config={},
+        world_size=1,
+        allreduce="gloo",
+        metrics=[],
+    )
 
 
 @pytest.fixture
@@ -137,5 +162,8 @@ def process_tree(root: int) -> dict[tuple[int, str], str]:
 def running(processes) -> list[tuple[int, str]]:
     """Those of `processes` ((pid, start time) pairs, as process_tree gives them) still running; a
     zombie has ended."""
-    return [(pid, start) for pid, start in processes
-            if (stat := _proc_stat(pid)) is not None and stat[2] == start and stat[0] not in "ZX"]
+    return [
+        (pid, start)
+        for pid, start in processes
+        if (stat := _proc_stat(pid)) is not None and stat[2] == start and stat[0] not in "ZX"
+    ]

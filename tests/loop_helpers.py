@@ -24,8 +24,13 @@ from runner.train.collectives import Collectives
 from runner.train.engines.ddp import DDPEngine
 
 SAMPLES = 38  # with trainer.batch_size=4: 10 batches an epoch, the last of 2 samples
-BASE = ["trainer.batch_size=4", "trainer.total_epochs=2", "trainer.log_every=0", "trainer.progress=false",
-        "snapshot.keep_last=100"]
+BASE = [
+    "trainer.batch_size=4",
+    "trainer.total_epochs=2",
+    "trainer.log_every=0",
+    "trainer.progress=false",
+    "snapshot.keep_last=100",
+]
 
 
 def config(*overrides: str) -> DictConfig:
@@ -73,9 +78,17 @@ def build_engine(cfg: DictConfig, task) -> DDPEngine:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     rng.seed_everything(int(t.seed))  # the per-rank stream of rank 0
-    return DDPEngine(model, optimizer, scheduler, task, torch.device("cpu"), Collectives(), "gloo",
-                     skip_nonfinite=OnNonFinite(str(t.on_nonfinite)) == OnNonFinite.skip,
-                     clip_grad_norm=t.clip_grad_norm)
+    return DDPEngine(
+        model,
+        optimizer,
+        scheduler,
+        task,
+        torch.device("cpu"),
+        Collectives(),
+        "gloo",
+        skip_nonfinite=OnNonFinite(str(t.on_nonfinite)) == OnNonFinite.skip,
+        clip_grad_norm=t.clip_grad_norm,
+    )
 
 
 class StepSpy:

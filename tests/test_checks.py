@@ -24,14 +24,22 @@ def test_quick_checks_refuse_before_the_lock_and_only_its_holder_builds_anything
     def lock():
         taken.append(True)
 
-    for quick in (["trainer.total_epochs=0"], ["+trainer.nonsense=1"], ["name=.."],
-                  ["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"]):
+    for quick in (
+        ["trainer.total_epochs=0"],
+        ["+trainer.nonsense=1"],
+        ["name=.."],
+        ["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"],
+    ):
         command = compose_command(quick, tmp_path)
         with pytest.raises(UserError):
             check(command.cfg, command.run_dir, lock=lock)
         assert taken == [], quick  # a mistake in the config alone costs no wait for the lock
-    for slow in (["dataset.size=0"], ["model=mlp", "+model.hidden=3"], ["snapshot.monitor=val/loss"],
-                 ["snapshot.resume=must"]):
+    for slow in (
+        ["dataset.size=0"],
+        ["model=mlp", "+model.hidden=3"],
+        ["snapshot.monitor=val/loss"],
+        ["snapshot.resume=must"],
+    ):
         command = compose_command(slow, tmp_path)
         with pytest.raises(UserError):
             check(command.cfg, command.run_dir, lock=lock)
@@ -85,8 +93,10 @@ def test_a_sweep_job_is_checked_for_its_share_of_the_machine_and_launches_with_t
     config = compose_config(["launch.nproc_per_node=cpu", "launch.backend=gloo"])
     with read_write(config.hydra), open_dict(config.hydra):  # job 1 of a joblib sweep running 2 jobs side by side
         config.hydra.mode = RunMode.MULTIRUN
-        config.hydra.launcher = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
-                                 "n_jobs": 2}
+        config.hydra.launcher = {
+            "_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+            "n_jobs": 2,
+        }
         config.hydra.job.num = 1
     try:
         assert cli.run(_job_config(config, tmp_path / "job-1")) == 0
@@ -139,10 +149,12 @@ def test_config_words_mean_the_same_composed_or_read_back_from_yaml(tmp_path):
 
     for cfg in both(["trainer.strategy=fsdp"]):
         assert snapshot_format(cfg) == SnapshotFormat.dcp
-    for overrides, key in ((["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
-                           (["launch=rpc", "model=mlp", "trainer.strategy=fsdp"], "trainer.strategy"),
-                           (["trainer.fsdp.meta_init=true"], "trainer.fsdp.meta_init"),
-                           (["trainer.strategy=fsdp", "trainer.ddp.static_graph=true"], "trainer.ddp.static_graph")):
+    for overrides, key in (
+        (["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
+        (["launch=rpc", "model=mlp", "trainer.strategy=fsdp"], "trainer.strategy"),
+        (["trainer.fsdp.meta_init=true"], "trainer.fsdp.meta_init"),
+        (["trainer.strategy=fsdp", "trainer.ddp.static_graph=true"], "trainer.ddp.static_graph"),
+    ):
         for cfg in both(overrides):
             with pytest.raises(UserError) as caught:
                 check_ranges(cfg)

@@ -86,8 +86,18 @@ def test_local_mode_trains_in_one_process(workdir):
 
 
 def test_swapping_optimizer_and_model_needs_no_code(workdir):
-    res = run_cli(["launch=local", "optimizer=adam", "model=mlp", "model.hidden_size=16", "scheduler=cosine",
-                   "trainer.total_epochs=5", *QUIET], workdir)
+    res = run_cli(
+        [
+            "launch=local",
+            "optimizer=adam",
+            "model=mlp",
+            "model.hidden_size=16",
+            "scheduler=cosine",
+            "trainer.total_epochs=5",
+            *QUIET,
+        ],
+        workdir,
+    )
     assert res.returncode == 0, res.output
     run_dir = next((workdir / "outputs").iterdir())
     rows = metrics(run_dir)
@@ -117,7 +127,11 @@ def test_tensorboard_logger_writes_the_same_scalars_as_metrics_jsonl(workdir):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss_epoch")]
-    assert [e.step for e in events.Scalars("train/loss_epoch")] == [64, 128, 192]  # optimizer steps: 2048 / 32 per epoch
+    assert [e.step for e in events.Scalars("train/loss_epoch")] == [
+        64,
+        128,
+        192,
+    ]  # optimizer steps: 2048 / 32 per epoch
     assert losses == pytest.approx([r["train/loss"] for r in metrics(run_dir)], rel=1e-6)
     rows = events.Scalars("train/loss")  # a training row every trainer.log_every (50) steps
     assert [e.step for e in rows] == [50, 100, 150]

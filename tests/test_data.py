@@ -23,8 +23,17 @@ class Augmented(Dataset):
 
 
 def data_cfg(**over):
-    base = dict(loader="auto", val_fraction=0.0, num_workers=0, pin_memory=None, persistent_workers=True,
-                prefetch_factor=None, collate_fn=None, drop_last=False, eval_batch_size=None)
+    base = dict(
+        loader="auto",
+        val_fraction=0.0,
+        num_workers=0,
+        pin_memory=None,
+        persistent_workers=True,
+        prefetch_factor=None,
+        collate_fn=None,
+        drop_last=False,
+        eval_batch_size=None,
+    )
     return OmegaConf.create({**base, **over})
 
 
@@ -65,8 +74,13 @@ def test_tensor_datasets_take_the_fast_path_with_the_same_order_as_a_dataloader(
 
 
 def test_val_fraction_splits_deterministically_and_every_rank_evaluates_its_own_shard():
-    cfg = OmegaConf.create({"dataset": {"_target_": "runner.data.RegressionDataset", "size": 103},
-                            "trainer": {"seed": 5, "batch_size": 8, "shuffle": True}, "data": data_cfg(val_fraction=0.2)})
+    cfg = OmegaConf.create(
+        {
+            "dataset": {"_target_": "runner.data.RegressionDataset", "size": 103},
+            "trainer": {"seed": 5, "batch_size": 8, "shuffle": True},
+            "data": data_cfg(val_fraction=0.2),
+        }
+    )
     shards = [DataSource(cfg, rank, 3, torch.device("cpu")) for rank in range(3)]
     assert len(shards[0].train.dataset) == 82 and sum(len(s.val) for s in shards) == 21
     seen = torch.cat([torch.cat([b[0] for b in s.val]) for s in shards])

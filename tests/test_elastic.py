@@ -19,25 +19,40 @@ AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "tor
 
 
 def process_settings() -> dict:
-    return {"env": dict(os.environ), "warnoptions": list(sys.warnoptions),
-            "levels": {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict
-                       if name.startswith(AGENT_LOGGERS)},
-            "start_method": multiprocessing.get_start_method(allow_none=True),
-            "handlers": {sig: signal.getsignal(sig) for sig in elastic.FORWARDED_SIGNALS}}
+    return {
+        "env": dict(os.environ),
+        "warnoptions": list(sys.warnoptions),
+        "levels": {
+            name: logging.getLogger(name).level
+            for name in logging.root.manager.loggerDict
+            if name.startswith(AGENT_LOGGERS)
+        },
+        "start_method": multiprocessing.get_start_method(allow_none=True),
+        "handlers": {sig: signal.getsignal(sig) for sig in elastic.FORWARDED_SIGNALS},
+    }
 
 
 def fake_agent(seen: list, fail: bool):
     """elastic_launch as far as the process is concerned: it notes what the workers would get and
     installs its own signal handlers, as torch's agent does."""
+
     def launch(config, entrypoint):
         def run(run_dir, driver_env):
-            seen.append({"driver_env": dict(driver_env), "env": dict(os.environ), "warnoptions": list(sys.warnoptions),
-                         "level": logging.getLogger("torch.distributed.elastic.agent.server.api").level})
+            seen.append(
+                {
+                    "driver_env": dict(driver_env),
+                    "env": dict(os.environ),
+                    "warnoptions": list(sys.warnoptions),
+                    "level": logging.getLogger("torch.distributed.elastic.agent.server.api").level,
+                }
+            )
             signal.signal(signal.SIGTERM, lambda *_: None)
             if fail:
                 raise RuntimeError("a worker failed")
             return {0: {"epochs": 1}, 1: None}
+
         return run
+
     return launch
 
 

@@ -20,5 +20,6 @@ def test_ddp_and_fsdp_engines_are_siblings_that_add_only_what_differs():
     assert (DDPEngine.lockstep_evaluation, FSDPEngine.lockstep_evaluation) == (False, True)
     model = torch.nn.Linear(2, 1)
     with pytest.raises(TypeError, match="abstract"):  # the shared part alone is no engine
-        DataParallelEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), None, None, torch.device("cpu"),
-                           Collectives(), "gloo")
+        DataParallelEngine(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), None, None, torch.device("cpu"), Collectives(), "gloo"
+        )

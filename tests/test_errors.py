@@ -36,30 +36,50 @@ CASES = [
     (["trainer.early_stop.patience=3"], "trainer.early_stop.patience", 3, "snapshot.monitor, which is not set"),
     (["launch.nproc_per_node=many"], "launch.nproc_per_node", "many", "is not a worker count"),
     (["launch.nproc_per_node=0"], "launch.nproc_per_node", "0", "is not a worker count"),
-    (["launch=local", "launch.nproc_per_node=4"], "launch.nproc_per_node", "4",
-     "launch=local runs exactly one process"),
+    (
+        ["launch=local", "launch.nproc_per_node=4"],
+        "launch.nproc_per_node",
+        "4",
+        "launch=local runs exactly one process",
+    ),
     (["launch.max_restarts=-1"], "launch.max_restarts", -1, "must not be negative"),
     (["launch.monitor_interval=0"], "launch.monitor_interval", 0, "must be positive"),
     (["launch.collective_timeout=0"], "launch.collective_timeout", 0, "must be positive"),
     (["launch=multinode"], "launch.rdzv_endpoint", None, "needs a rendezvous endpoint"),
-    (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.nnodes=3:1"], "launch.nnodes", "3:1",
-     "is not a node count"),
-    (["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"], "launch.cpu_allreduce",
-     "shm", "may place the workers on several machines"),
+    (
+        ["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.nnodes=3:1"],
+        "launch.nnodes",
+        "3:1",
+        "is not a node count",
+    ),
+    (
+        ["launch=multinode", "launch.rdzv_endpoint=localhost:29400", "launch.cpu_allreduce=shm"],
+        "launch.cpu_allreduce",
+        "shm",
+        "may place the workers on several machines",
+    ),
     (["launch=rpc"], "launch.num_stages", 2, "torch.nn.Linear builds Linear"),  # a pipeline needs an nn.Sequential
     (["launch=rpc", "model=mlp", "scheduler=step"], "scheduler", "(set)", "schedulers are not supported"),
     (["launch=rpc", "model=mlp", "launch.nproc_per_node=5"], "launch.nproc_per_node", "5", "runs 3 processes"),
     (["launch=rpc", "model=mlp", "trainer.accumulate=2"], "trainer.accumulate", 2, "not supported with launch=rpc"),
     (["name=.."], "name", "..", "leaves no folder name"),  # would be outputs/ itself
     (["name=..."], "name", "...", "leaves no folder name"),
-    ([f"name={NAME_TOO_LONG}"], "name", f"{NAME_TOO_LONG[:40]}... (300 characters)",
-     "longer than this filesystem allows"),
+    (
+        [f"name={NAME_TOO_LONG}"],
+        "name",
+        f"{NAME_TOO_LONG[:40]}... (300 characters)",
+        "longer than this filesystem allows",
+    ),
     (["snapshot.dir=../elsewhere"], "snapshot.dir", "../elsewhere", "one folder inside the run directory"),
     (["snapshot.keep_last=0"], "snapshot.keep_last", 0, "must keep at least one version"),
     (["snapshot.resume=/no/such/snapshot.pt"], "snapshot.resume", "/no/such/snapshot.pt", "no such snapshot file"),
     (["snapshot.resume=must"], "snapshot.resume", "must", "to resume from"),
-    ([f"name={EXISTING}", "trainer.batch_size=16"], "snapshot.resume", "auto",  # batch size defines the run
-     "different run; differing keys: trainer.batch_size: 32 -> 16"),
+    (
+        [f"name={EXISTING}", "trainer.batch_size=16"],
+        "snapshot.resume",
+        "auto",  # batch size defines the run
+        "different run; differing keys: trainer.batch_size: 32 -> 16",
+    ),
     ([f"name={EXISTING}", "model=mlp"], "snapshot.resume", "auto", "model._target_"),  # snapshots of another model
     (["model._target_=torch.nn.Linearr"], "model._target_", "torch.nn.Linearr", "cannot be imported"),
     (["dataset._target_=no_such_module.Data"], "dataset._target_", "no_such_module.Data", "cannot be imported"),
@@ -81,14 +101,24 @@ CASES = [
     (["trainer.test=true"], "trainer.test", True, "no test split"),
     (["+data.collate_fn._target_=builtins.dict"], "data.collate_fn", "builtins.dict", "cannot be called"),
     (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval", "batch", "is not a scheduler interval"),
-    (["dataset._target_=loaders.regression_loader"], "dataset._target_", "loaders.regression_loader",
-     "builds a DataLoader"),
-    (["+data.collate_fn._target_=loaders.broken_collate", "data.loader=dataloader"], "data.collate_fn",
-     "loaders.broken_collate", "making the first batch failed: ValueError: masks need lengths"),
+    (
+        ["dataset._target_=loaders.regression_loader"],
+        "dataset._target_",
+        "loaders.regression_loader",
+        "builds a DataLoader",
+    ),
+    (
+        ["+data.collate_fn._target_=loaders.broken_collate", "data.loader=dataloader"],
+        "data.collate_fn",
+        "loaders.broken_collate",
+        "making the first batch failed: ValueError: masks need lengths",
+    ),
 ]
 if not torch.cuda.is_available():
-    CASES += [(["launch.nproc_per_node=gpu"], "launch.nproc_per_node", "gpu", "no CUDA device is visible"),
-              (["launch.backend=nccl"], "launch.backend", "nccl", "NCCL needs CUDA devices")]
+    CASES += [
+        (["launch.nproc_per_node=gpu"], "launch.nproc_per_node", "gpu", "no CUDA device is visible"),
+        (["launch.backend=nccl"], "launch.backend", "nccl", "NCCL needs CUDA devices"),
+    ]
 
 # Refused by Hydra while composing (wrong type, unknown key or entry, a word that is not a choice).
 COMPOSING_CASES = [
@@ -104,8 +134,10 @@ COMPOSING_CASES = [
 
 
 def tree_state(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +149,9 @@ def finished(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("args,key,value,phrase", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
-def test_a_mistake_is_refused_naming_key_value_and_fix_and_changes_nothing(finished, monkeypatch, args, key, value,
-                                                                            phrase):
+def test_a_mistake_is_refused_naming_key_value_and_fix_and_changes_nothing(
+    finished, monkeypatch, args, key, value, phrase
+):
     monkeypatch.syspath_prepend(str(PLUGINS))
     before = tree_state(finished)
     err = refusal(args, finished)
@@ -156,8 +189,10 @@ def test_mistakes_through_the_command_exit_2_with_one_paragraph_and_write_nothin
     commands = [(args, key) for args, key in COMPOSING_CASES[:4]] + [
         (["trainer.total_epochs=0"], "trainer.total_epochs=0: must be at least 1"),  # a quick check
         ([f"name={EXISTING}", "trainer.batch_size=16"], "differing keys: trainer.batch_size"),  # after the lock
-        (["dataset._target_=loaders.regression_loader"],
-         "dataset._target_=loaders.regression_loader: builds a DataLoader"),
+        (
+            ["dataset._target_=loaders.regression_loader"],
+            "dataset._target_=loaders.regression_loader: builds a DataLoader",
+        ),
     ]
     before = tree_state(tmp_path)
     env = {"PYTHONPATH": str(PLUGINS)}
@@ -181,8 +216,16 @@ def test_starting_over_archives_invalid_snapshots(tmp_path):
     snapshot.write_bytes(snapshot.read_bytes()[:100])
     res = run_cli([f"name={EXISTING}", "launch=local", "trainer.total_epochs=1", "trainer.progress=false"], tmp_path)
     assert res.returncode == 2 and "invalid" in res.stderr, res.output
-    res = run_cli([f"name={EXISTING}", "launch=local", "trainer.total_epochs=1", "trainer.progress=false",
-                   "snapshot.resume=never"], tmp_path)
+    res = run_cli(
+        [
+            f"name={EXISTING}",
+            "launch=local",
+            "trainer.total_epochs=1",
+            "trainer.progress=false",
+            "snapshot.resume=never",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.output
     archived = list((run_dir / "archive").glob(f"*/snapshots/{snapshot.name}"))
     assert len(archived) == 1 and archived[0].stat().st_size == 100
@@ -196,6 +239,6 @@ def test_training_failure_names_rank_error_and_log(workdir):
     assert "Error: training failed on rank" in res.stderr and "RuntimeError" in res.stderr
     assert "mat1 and mat2 shapes cannot be multiplied" in res.stderr
     assert "full logs: outputs/model.in_features=3/logs/rank-" in res.stderr
-    report = res.stderr[res.stderr.index("Error: training failed"):]
+    report = res.stderr[res.stderr.index("Error: training failed") :]
     assert len(report.strip().splitlines()) <= 12, report
     assert "elastic/multiprocessing" not in res.stderr and "ChildFailedError" not in res.stderr  # no agent noise

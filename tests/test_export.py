@@ -29,13 +29,16 @@ TIED_MODULE = "runner_export_test_tied"  # written into tmp_path, importable thr
 TIED = {"_target_": f"{TIED_MODULE}.TiedLM", "vocab": 11, "dim": 4}
 
 
-def make_run(root: Path, model_cfg: dict, snapshots: list[tuple[int, dict, dict | None]], keep_best: int = 0,
-             mode: str = "min") -> Path:
+def make_run(
+    root: Path, model_cfg: dict, snapshots: list[tuple[int, dict, dict | None]], keep_best: int = 0, mode: str = "min"
+) -> Path:
     """A run directory as training leaves it: config.yaml, and one snapshot per (step, weights, monitor)."""
     run = root / "run"
     run.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": model_cfg, "snapshot": {"dir": "snaps"}, "trainer": {"total_epochs": 2}}),
-                   run / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"model": model_cfg, "snapshot": {"dir": "snaps"}, "trainer": {"total_epochs": 2}}),
+        run / "config.yaml",
+    )
     manager = SnapshotManager(run / "snaps", keep_last=3, keep_best=keep_best, mode=mode)
     for step, weights, monitor in snapshots:
         manager.save(snapshot_state(**weights), step=step, epoch=step // 10, monitor=monitor)
@@ -57,7 +60,8 @@ def tied_module(tmp_path, monkeypatch):
     """A model whose head.weight IS its embedding's weight, in a module importable by _target_."""
     folder = tmp_path / "pkg"
     folder.mkdir()
-    (folder / f"{TIED_MODULE}.py").write_text(textwrap.dedent("""
+    (folder / f"{TIED_MODULE}.py").write_text(
+        textwrap.dedent("""
         import torch
 
         class TiedLM(torch.nn.Module):
@@ -70,7 +74,8 @@ def tied_module(tmp_path, monkeypatch):
 
             def forward(self, tokens):
                 return self.head(self.norm(self.emb(tokens)))
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(sys.modules, TIED_MODULE, raising=False)
     return folder
@@ -125,9 +130,17 @@ def test_out_path_decides_the_format_and_conflicts_are_user_errors(tmp_path):
 
 def test_load_model_picks_the_manifests_best_not_the_newest(tmp_path):
     best, newest = trained(MLP, seed=3), trained(MLP, seed=4)
-    run = make_run(tmp_path, MLP, [(10, trained(MLP, seed=5), {"name": "val/accuracy", "value": 0.2}),
-                                   (20, best, {"name": "val/accuracy", "value": 0.9}),
-                                   (30, newest, {"name": "val/accuracy", "value": 0.5})], keep_best=1, mode="max")
+    run = make_run(
+        tmp_path,
+        MLP,
+        [
+            (10, trained(MLP, seed=5), {"name": "val/accuracy", "value": 0.2}),
+            (20, best, {"name": "val/accuracy", "value": 0.9}),
+            (30, newest, {"name": "val/accuracy", "value": 0.5}),
+        ],
+        keep_best=1,
+        mode="max",
+    )
     manager = SnapshotManager(run / "snaps")
     assert manager.best_entry()["step"] == 20 and manager.entries()[-1]["step"] == 30
 
@@ -138,7 +151,10 @@ def test_load_model_picks_the_manifests_best_not_the_newest(tmp_path):
 
     exported = export_run(run, best=True)
     assert exported.source.entry["step"] == 20 and exported.source.chosen_by == "best"
-    assert OmegaConf.to_container(OmegaConf.load(exported.config_path).export.monitor) == {"name": "val/accuracy", "value": 0.9}
+    assert OmegaConf.to_container(OmegaConf.load(exported.config_path).export.monitor) == {
+        "name": "val/accuracy",
+        "value": 0.9,
+    }
     assert export_run(run).source.entry["step"] == 30  # the CLI's default: the newest
 
 
@@ -165,8 +181,14 @@ def test_load_model_reports_what_is_missing(tmp_path):
 
 def test_run_without_snapshots_exits_2_with_one_paragraph(tmp_path):
     run = make_run(tmp_path, MLP, [])
-    proc = subprocess.run([sys.executable, "-m", "runner.export", str(run)], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.export", str(run)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip()
     assert err.startswith(f"Error: run_dir={run}: has no snapshot to export") and "fix:" in err
@@ -188,8 +210,11 @@ def test_tied_weights_export_and_reload(tmp_path, tied_module, fmt):
 
     exported = export_run(run, fmt=fmt)
     assert exported.parameters == 11 * 4 + 2 * 4  # the tied matrix once, and the norm
-    loaded = (safetensors_torch.load_file(exported.path) if fmt == "safetensors"
-              else torch.load(exported.path, weights_only=True))
+    loaded = (
+        safetensors_torch.load_file(exported.path)
+        if fmt == "safetensors"
+        else torch.load(exported.path, weights_only=True)
+    )
     assert set(loaded) == {"emb.weight", "norm.weight", "norm.bias", "head.weight"}
     model = bare_model(exported.config_path)
     model.load_state_dict(loaded, strict=True)
@@ -212,8 +237,10 @@ def test_unshare_copies_only_what_shares_memory():
 
 
 def test_import_runner_stays_cheap_and_exports_load_model():
-    code = ("import sys, runner; assert 'torch' not in sys.modules and 'hydra' not in sys.modules; "
-            "from runner import load_model; import runner.export; assert load_model is runner.export.load_model")
+    code = (
+        "import sys, runner; assert 'torch' not in sys.modules and 'hydra' not in sys.modules; "
+        "from runner import load_model; import runner.export; assert load_model is runner.export.load_model"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

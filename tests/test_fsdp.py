@@ -14,7 +14,15 @@ from conftest import FAST, QUIET, metrics, run_cli, start_cli, stop_when
 
 pytestmark = pytest.mark.slow
 # 4096 samples / (2 workers x 32) = 64 steps per epoch; sharded snapshots every 20 steps, mid-epoch.
-RUN = ["model=mlp", "model.dropout=0.1", "optimizer=adam", "dataset.size=4096", "trainer.total_epochs=3", "trainer.save_every_steps=20", *FAST]
+RUN = [
+    "model=mlp",
+    "model.dropout=0.1",
+    "optimizer=adam",
+    "dataset.size=4096",
+    "trainer.total_epochs=3",
+    "trainer.save_every_steps=20",
+    *FAST,
+]
 FSDP = [*RUN, "trainer.strategy=fsdp"]
 
 
@@ -75,7 +83,9 @@ def test_fsdp_trains_like_ddp_and_snapshots_in_shards(tmp_path, fsdp_reference):
 
 
 def test_sigkilled_worker_restarts_and_ends_bitwise_equal(tmp_path, fsdp_reference):
-    res = run_ok([*FSDP, "name=crash", "trainer.crash_at_step=45", "trainer.crash_rank=1", "snapshot.async=true"], tmp_path)
+    res = run_ok(
+        [*FSDP, "name=crash", "trainer.crash_at_step=45", "trainer.crash_rank=1", "snapshot.async=true"], tmp_path
+    )
     assert "resumed from step-000000040" in res.output and "restart 1 after a worker failure" in res.output
     run_dir = tmp_path / "outputs" / "crash"
     reference = newest_model(fsdp_reference)
@@ -83,7 +93,9 @@ def test_sigkilled_worker_restarts_and_ends_bitwise_equal(tmp_path, fsdp_referen
     assert all(torch.equal(restarted[k], reference[k]) for k in reference)
     assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in metrics(fsdp_reference)]
     a, b = newest_optimizer_state(run_dir), newest_optimizer_state(fsdp_reference)
-    assert a.keys() == b.keys() and all(torch.equal(a[p][k], b[p][k]) for p in b for k in b[p])  # Adam's moments and step too
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[p][k], b[p][k]) for p in b for k in b[p]
+    )  # Adam's moments and step too
 
 
 def test_stopped_run_resumes_on_one_and_on_three_workers(tmp_path):
@@ -100,15 +112,28 @@ def test_stopped_run_resumes_on_one_and_on_three_workers(tmp_path):
         copy = tmp_path / "outputs" / f"on{workers}"
         shutil.copytree(run_dir, copy)
         # One more optimizer step than the snapshot holds: the next version is the loaded state plus one step.
-        res = run_ok([*args[:-1], f"name=on{workers}", f"launch.nproc_per_node={workers}", f"trainer.max_steps={stopped['step'] + 1}"],
-                     tmp_path)
-        assert (f"resumed from {stopped['file']}: epoch {position['epoch']}, step {stopped['step']}, "
-                f"{position['samples_in_epoch']} samples into the epoch") in res.output
+        res = run_ok(
+            [
+                *args[:-1],
+                f"name=on{workers}",
+                f"launch.nproc_per_node={workers}",
+                f"trainer.max_steps={stopped['step'] + 1}",
+            ],
+            tmp_path,
+        )
+        assert (
+            f"resumed from {stopped['file']}: epoch {position['epoch']}, step {stopped['step']}, "
+            f"{position['samples_in_epoch']} samples into the epoch"
+        ) in res.output
         assert f"written by 2 processes, this run has {workers}" in res.output  # random streams reseeded, said once
         assert res.output.count("random streams are reseeded") == 1
         resumed = versions(copy)[-1]
         assert resumed["step"] == stopped["step"] + 1
-        assert {f["name"] for f in resumed["files"]} == {".metadata", "loop.pt", *(f"__{r}_0.distcp" for r in range(workers))}
+        assert {f["name"] for f in resumed["files"]} == {
+            ".metadata",
+            "loop.pt",
+            *(f"__{r}_0.distcp" for r in range(workers)),
+        }
         after = newest_model(copy)
         for name, tensor in saved.items():  # one Adam step of lr 0.01 moves a weight by about 0.01 at most
             assert (after[name] - tensor).abs().max() < 0.02, name
@@ -148,13 +173,15 @@ def test_export_of_a_sharded_snapshot_loads_into_the_bare_model(tmp_path, fsdp_r
 
 
 def test_fsdp_mistakes_are_refused_before_launch(tmp_path):
-    cases = [(["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
-             (["trainer.strategy=fsdp", "trainer.fsdp.param_dtype=float8"], "trainer.fsdp.param_dtype"),
-             (["trainer.strategy=fsdp", "snapshot.format=file"], "snapshot.format"),
-             (["trainer.strategy=fsdp", "model=mlp", "trainer.fsdp.shard=Conv2d"], "trainer.fsdp.shard"),
-             (["trainer.strategy=fsdp", "launch.backend=gloo", "trainer.fsdp.cpu_offload=true"], "trainer.fsdp.cpu_offload"),
-             (["trainer.strategy=fsdp", "launch=rpc"], "trainer.strategy"),
-             (["trainer.fsdp.param_dtype=bf16"], "trainer.fsdp.param_dtype")]  # read only by fsdp: refused with ddp
+    cases = [
+        (["trainer.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
+        (["trainer.strategy=fsdp", "trainer.fsdp.param_dtype=float8"], "trainer.fsdp.param_dtype"),
+        (["trainer.strategy=fsdp", "snapshot.format=file"], "snapshot.format"),
+        (["trainer.strategy=fsdp", "model=mlp", "trainer.fsdp.shard=Conv2d"], "trainer.fsdp.shard"),
+        (["trainer.strategy=fsdp", "launch.backend=gloo", "trainer.fsdp.cpu_offload=true"], "trainer.fsdp.cpu_offload"),
+        (["trainer.strategy=fsdp", "launch=rpc"], "trainer.strategy"),
+        (["trainer.fsdp.param_dtype=bf16"], "trainer.fsdp.param_dtype"),
+    ]  # read only by fsdp: refused with ddp
     for overrides, key in cases:
         launch = [] if any(o.startswith("launch=") for o in overrides) else ["launch=local"]
         res = run_cli([*overrides, *launch, *QUIET], tmp_path)
@@ -177,7 +204,9 @@ def test_a_ddp_run_continues_as_fsdp_with_uneven_evaluation(tmp_path):
 
 
 def test_meta_init_builds_no_whole_model_and_trains(tmp_path):
-    res = run_ok([*FSDP, "model.dropout=0.0", "trainer.fsdp.meta_init=true", "trainer.total_epochs=2", "name=meta"], tmp_path)
+    res = run_ok(
+        [*FSDP, "model.dropout=0.0", "trainer.fsdp.meta_init=true", "trainer.total_epochs=2", "name=meta"], tmp_path
+    )
     run_dir = tmp_path / "outputs" / "meta"
     assert "initialised shard by shard" in (run_dir / "train.log").read_text()
     losses = [r["train/loss"] for r in metrics(run_dir)]

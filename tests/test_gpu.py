@@ -20,8 +20,13 @@ import torch
 from conftest import QUIET, assert_same_weights, manifest, metrics, run_cli, start_cli, stop_when
 from omegaconf import OmegaConf
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"
+    ),
+]
 
 
 def first_visible_device() -> str:
@@ -39,8 +44,15 @@ TIMEOUT = 300  # seconds per CLI run (CUDA and NCCL start-up included)
 MLP = ["model=mlp", "trainer.total_epochs=5", *GPU]
 # Exactness: 4096 samples / 32 = 128 steps per epoch, 1280 steps; snapshots every 20 steps, mid-epoch.
 # Long enough that a SIGTERM sent once the first snapshot exists lands mid-run.
-EXACT = ["model=mlp", "model.dropout=0.1", "dataset.size=4096", "trainer.total_epochs=10", "trainer.save_every_steps=20",
-         "trainer.deterministic=true", *GPU]
+EXACT = [
+    "model=mlp",
+    "model.dropout=0.1",
+    "dataset.size=4096",
+    "trainer.total_epochs=10",
+    "trainer.save_every_steps=20",
+    "trainer.deterministic=true",
+    *GPU,
+]
 EXACT_STEPS = 10 * 128
 
 
@@ -213,18 +225,32 @@ def test_async_snapshot_stages_cuda_tensors_in_reused_pinned_buffers(tmp_path):
 
     cuda = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=cuda).manual_seed(0)
-    model = {"0.weight": torch.randn(512, 256, device=cuda, generator=gen), "0.bias": torch.randn(512, device=cuda, generator=gen),
-             "2.weight": torch.randn(1, 512, device=cuda, generator=gen), "2.bias": torch.zeros(1, device=cuda),
-             "norm.num_batches_tracked": torch.tensor(7, device=cuda)}
-    optimizer = {"state": {0: {"momentum_buffer": torch.randn(512, 256, device=cuda, generator=gen)}},
-                 "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1, 2, 3]}]}
+    model = {
+        "0.weight": torch.randn(512, 256, device=cuda, generator=gen),
+        "0.bias": torch.randn(512, device=cuda, generator=gen),
+        "2.weight": torch.randn(1, 512, device=cuda, generator=gen),
+        "2.bias": torch.zeros(1, device=cuda),
+        "norm.num_batches_tracked": torch.tensor(7, device=cuda),
+    }
+    optimizer = {
+        "state": {0: {"momentum_buffer": torch.randn(512, 256, device=cuda, generator=gen)}},
+        "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1, 2, 3]}],
+    }
     # A real snapshot's RNG entry: CPU tensors beside the CUDA ones.
     rng = [{"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}]
 
     def state_now(step: int) -> dict:
-        return make_state(model=model, optimizer=optimizer, scheduler=None,
-                          train_state={"epoch": 0, "global_step": step, "samples_in_epoch": step * 32},
-                          rng=rng, config={}, world_size=1, allreduce="nccl", metrics=[])
+        return make_state(
+            model=model,
+            optimizer=optimizer,
+            scheduler=None,
+            train_state={"epoch": 0, "global_step": step, "samples_in_epoch": step * 32},
+            rng=rng,
+            config={},
+            world_size=1,
+            allreduce="nccl",
+            metrics=[],
+        )
 
     writer = SnapshotWriter(SnapshotManager(tmp_path), asynchronous=True)
     expected, pointers = {}, []
@@ -278,8 +304,18 @@ def test_gpu_worker_counts_resolve_against_the_visible_gpus(workdir):
 def test_fsdp_on_the_gpu_writes_pinned_async_shards_and_resumes(tmp_path):
     """FSDP2 over a one-GPU NCCL mesh with bf16 compute, asynchronous sharded snapshots staged
     into pinned memory, a resume, and an export gathered on the CPU."""
-    args = ["model=mlp", "optimizer=adam", "dataset.size=4096", "trainer.save_every_steps=20", "trainer.strategy=fsdp",
-            "trainer.fsdp.param_dtype=bf16", "trainer.fsdp.reduce_dtype=32", "snapshot.async=true", "name=fsdp", *GPU]
+    args = [
+        "model=mlp",
+        "optimizer=adam",
+        "dataset.size=4096",
+        "trainer.save_every_steps=20",
+        "trainer.strategy=fsdp",
+        "trainer.fsdp.param_dtype=bf16",
+        "trainer.fsdp.reduce_dtype=32",
+        "snapshot.async=true",
+        "name=fsdp",
+        *GPU,
+    ]
     res = cli([*args, "trainer.total_epochs=1"], tmp_path)
     assert res.returncode == 0 and DEVICE_LINE in res.output, res.output
     res = cli([*args, "trainer.total_epochs=2"], tmp_path)

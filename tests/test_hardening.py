@@ -82,18 +82,30 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
     assert [r["step"] for r in rows] == [50] and rows[0]["train/loss"] in ("nan", "inf")
 
     # Without training rows, at the end of epoch 1; metrics.jsonl stays strict JSON.
-    res = run_cli(["name=diverged-epoch", "optimizer.lr=1e30", "launch=local", "trainer.progress=false",
-                   "trainer.log_every=0"], workdir)
+    res = run_cli(
+        ["name=diverged-epoch", "optimizer.lr=1e30", "launch=local", "trainer.progress=false", "trainer.log_every=0"],
+        workdir,
+    )
     assert res.returncode == 1 and "not finite at step 64" in res.stderr, res.output
     assert "no snapshot of this attempt was written" in res.stderr
     rows = metrics(workdir / "outputs" / "diverged-epoch")  # parse_constant refuses NaN/Infinity
     assert len(rows) == 1 and rows[0]["train/loss"] in ("nan", "inf")
-    assert math.isnan(report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"]) or \
-        math.isinf(report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"])
+    assert math.isnan(report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"]) or math.isinf(
+        report.load_run(workdir / "outputs" / "diverged-epoch")["final_loss"]
+    )
 
     # trainer.on_nonfinite=skip: steps with non-finite gradients are skipped, the run finishes finite.
-    res = run_cli(["name=skipped", "optimizer.lr=1e30", "launch=local", "trainer.on_nonfinite=skip",
-                   "trainer.total_epochs=2", "trainer.progress=false"], workdir)
+    res = run_cli(
+        [
+            "name=skipped",
+            "optimizer.lr=1e30",
+            "launch=local",
+            "trainer.on_nonfinite=skip",
+            "trainer.total_epochs=2",
+            "trainer.progress=false",
+        ],
+        workdir,
+    )
     assert res.returncode == 0, res.output
     assert "skipped steps : 127" in res.stdout  # every step but the first
     assert [r["train/loss"] for r in metrics(workdir / "outputs" / "skipped")][1] == "nan"  # epoch 2: no step counted
@@ -105,8 +117,15 @@ def test_a_diverging_run_stops_naming_the_step_and_never_snapshots_non_finite_we
 def test_a_stop_that_could_not_snapshot_says_so_and_where_the_run_resumes(workdir):
     # Every worker hangs inside its 25th forward pass: the stop can never reach a step boundary.
     note = workdir / "hanging"
-    args = ["name=hung", "model._target_=hanging.HangingLinear", "+model.hang_at=25", f"+model.hang_note={note}",
-            "trainer.save_every_steps=10", "launch.stop_timeout=2", *FAST]
+    args = [
+        "name=hung",
+        "model._target_=hanging.HangingLinear",
+        "+model.hang_at=25",
+        f"+model.hang_note={note}",
+        "trainer.save_every_steps=10",
+        "launch.stop_timeout=2",
+        *FAST,
+    ]
     run_dir = workdir / "outputs" / "hung"
     proc = start_cli(args, workdir, env=PLUGINS)
     wait_for(lambda: all(Path(f"{note}.{rank}").exists() for rank in (0, 1)), proc=proc)  # both workers hang
@@ -127,12 +146,24 @@ def test_a_full_disk_is_reported_as_a_full_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root); the ENOSPC translation is unit-tested below")
     try:
         # ~3.2 MB per snapshot (MLP of 264k weights + Adam), one per step, kept: the disk fills mid-run.
-        res = run_cli(["name=full", "model=mlp", "model.hidden_size=512", "optimizer=adam", "trainer.save_every_steps=1",
-                       "snapshot.keep_last=100", "launch.nproc_per_node=1", "launch.backend=gloo", "launch.max_restarts=0",
-                       "trainer.progress=false"], mount)
+        res = run_cli(
+            [
+                "name=full",
+                "model=mlp",
+                "model.hidden_size=512",
+                "optimizer=adam",
+                "trainer.save_every_steps=1",
+                "snapshot.keep_last=100",
+                "launch.nproc_per_node=1",
+                "launch.backend=gloo",
+                "launch.max_restarts=0",
+                "trainer.progress=false",
+            ],
+            mount,
+        )
         assert res.returncode == 1, res.output
         assert "No space left on device" in res.stderr, res.stderr
-        report_text = res.stderr[res.stderr.index("Error: training failed"):]
+        report_text = res.stderr[res.stderr.index("Error: training failed") :]
         assert "JSONDecodeError" not in res.output and len(report_text.strip().splitlines()) <= 12, res.stderr
         assert "Logging error" not in res.stderr  # a log file on the full disk does not spam tracebacks
         manager = SnapshotManager(mount / "outputs" / "full" / "snapshots")
@@ -144,6 +175,7 @@ def test_a_full_disk_is_reported_as_a_full_disk(tmp_path):
 
 def test_a_failed_snapshot_write_on_a_full_disk_raises_enospc(tmp_path, monkeypatch):
     """torch reports a full disk as "unexpected pos ..."; the manager names the real cause."""
+
     class Full:
         f_bavail, f_frsize = 0, 4096
 
@@ -167,8 +199,16 @@ def test_a_tampered_manifest_cannot_delete_or_fake_a_finished_run(workdir):
     victim.write_text("precious")
     data = manifest(run_dir)
     for name in ("../../../victim.txt", str(victim)):
-        data["snapshots"].insert(0, {"file": name, "step": 0, "epoch": 99, "size": victim.stat().st_size,
-                                     "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()})
+        data["snapshots"].insert(
+            0,
+            {
+                "file": name,
+                "step": 0,
+                "epoch": 99,
+                "size": victim.stat().st_size,
+                "sha256": hashlib.sha256(victim.read_bytes()).hexdigest(),
+            },
+        )
     (run_dir / "snapshots" / "manifest.json").write_text(json.dumps(data))
     res = run_cli([*args[:-3], "trainer.total_epochs=3", "trainer.progress=false", "snapshot.keep_last=1"], workdir)
     assert res.returncode == 0, res.output

@@ -40,8 +40,20 @@ def log_text(run_dir: Path) -> str:
 @pytest.mark.slow
 def test_fine_tune_from_a_run_directory_a_snapshot_file_and_exported_weights(tmp_path):
     base = tmp_path / "outputs" / "base"
-    res = run_cli(["name=base", *MLP, "trainer.max_steps=6", "trainer.save_every_steps=2", "data.val_fraction=0.25",
-                   "trainer.val_every_steps=2", "snapshot.monitor=val/loss", "snapshot.keep_best=1", *FAST], tmp_path)
+    res = run_cli(
+        [
+            "name=base",
+            *MLP,
+            "trainer.max_steps=6",
+            "trainer.save_every_steps=2",
+            "data.val_fraction=0.25",
+            "trainer.val_every_steps=2",
+            "snapshot.monitor=val/loss",
+            "snapshot.keep_best=1",
+            *FAST,
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.output
     best_file = manifest(base)["best"]
     best = snapshot_weights(base, best_file)
@@ -92,8 +104,10 @@ def test_fine_tune_from_a_run_directory_a_snapshot_file_and_exported_weights(tmp
     res = run_cli(["model=linear", "trainer.init_from=outputs/base", "name=wrong", *FAST], tmp_path)
     assert res.returncode == 2, res.output
     assert res.stderr.startswith(f"Error: trainer.init_from={base}: its weights (best snapshot {best_file}")
-    assert "do not fit the model torch.nn.Linear builds: missing (2): weight, bias; unexpected (6): 0.weight, 0.bias" \
+    assert (
+        "do not fit the model torch.nn.Linear builds: missing (2): weight, bias; unexpected (6): 0.weight, 0.bias"
         in res.stderr
+    )
     assert not (tmp_path / "outputs" / "wrong").exists()
 
 
@@ -112,15 +126,18 @@ def test_fine_tune_from_a_sharded_fsdp_run(tmp_path):
     assert res.returncode == 0, res.output
     assert f"(newest snapshot {folder}, step 4)" in res.output
     assert_same_weights(snapshot_weights(tmp_path / "outputs" / "ddp_from_fsdp"), weights)
-    res = run_cli([*MLP, *FROZEN, *fsdp, f"trainer.init_from=outputs/sharded/snapshots/{folder}", "name=fsdp_from_fsdp",
-                   *FAST], tmp_path)
+    res = run_cli(
+        [*MLP, *FROZEN, *fsdp, f"trainer.init_from=outputs/sharded/snapshots/{folder}", "name=fsdp_from_fsdp", *FAST],
+        tmp_path,
+    )
     assert res.returncode == 0, res.output
     assert f"(sharded snapshot {folder}, step 4)" in res.output
     assert_same_weights(snapshot_weights(tmp_path / "outputs" / "fsdp_from_fsdp"), weights)
 
     # meta_init has no memory to load into: refused before launch.
-    res = run_cli([*MLP, *fsdp, "trainer.fsdp.meta_init=true", "trainer.init_from=outputs/sharded", "name=meta", *FAST],
-                  tmp_path)
+    res = run_cli(
+        [*MLP, *fsdp, "trainer.fsdp.meta_init=true", "trainer.init_from=outputs/sharded", "name=meta", *FAST], tmp_path
+    )
     assert res.returncode == 2, res.output
     assert "Error: trainer.fsdp.meta_init=True: builds the model without memory" in res.stderr
 
@@ -136,8 +153,10 @@ def test_resume_from_a_snapshot_past_the_target_is_refused_and_a_resume_names_it
     # snapshot.resume=<path> restores step 5: a run of 3 steps would train nothing and exit 0.
     res = run_cli([f"snapshot.resume={snapshot}", "trainer.max_steps=3", "name=trap", *FAST], tmp_path)
     assert res.returncode == 2, res.output
-    assert "which is at step 5, already at or past this run's end (trainer.max_steps=3): nothing would be trained" \
+    assert (
+        "which is at step 5, already at or past this run's end (trainer.max_steps=3): nothing would be trained"
         in res.stderr
+    )
     assert f"pass trainer.init_from={snapshot} instead" in res.stderr
     assert not (tmp_path / "outputs" / "trap").exists()
 
@@ -145,8 +164,10 @@ def test_resume_from_a_snapshot_past_the_target_is_refused_and_a_resume_names_it
     res = run_cli(["name=cos", *cosine, "trainer.max_steps=8", *FAST], tmp_path)
     assert res.returncode == 0, res.output
     assert "changed since the snapshot: trainer.max_steps 5 -> 8" in res.output
-    assert ("scheduler: WarmupCosine was planned for 5 steps (total_steps) when the run began, and the run now has 8: "
-            "the rate stays at its floor after step 5") in res.output
+    assert (
+        "scheduler: WarmupCosine was planned for 5 steps (total_steps) when the run began, and the run now has 8: "
+        "the rate stays at its floor after step 5"
+    ) in res.output
     assert "snapshot.resume=never" in res.output
     assert res.output.count("changed since the snapshot") == 1
 
@@ -175,15 +196,21 @@ def test_a_plain_state_dict_loads_and_a_wrapper_prefix_is_taken_off(tmp_path):
     with torch.device("meta"):
         meta = torch.nn.Linear(3, 2)
     assert mismatch(meta, fitted(meta, source.weights)) is None
-    assert mismatch(torch.nn.Linear(3, 4), model.state_dict()) == \
-        "other shapes (2): weight [2, 3] for [4, 3], bias [2] for [4]"
+    assert (
+        mismatch(torch.nn.Linear(3, 4), model.state_dict())
+        == "other shapes (2): weight [2, 3] for [4, 3], bias [2] for [4]"
+    )
 
 
 def test_existing_paths_with_hydra_syntax_are_quoted_for_hydra(tmp_path):
     run = tmp_path / "model=mlp,optimizer=adam"
     run.mkdir()
-    args = [f"trainer.init_from={run}", f"snapshot.resume={tmp_path}/a=b,c", "dataset.path=x=y",
-            "trainer.init_from='q=r'"]
+    args = [
+        f"trainer.init_from={run}",
+        f"snapshot.resume={tmp_path}/a=b,c",
+        "dataset.path=x=y",
+        "trainer.init_from='q=r'",
+    ]
     assert quote_path_overrides(args) == [f"trainer.init_from='{run}'", *args[1:]]  # only the existing path
 
 

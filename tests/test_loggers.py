@@ -12,7 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_csv_and_tensorboard_at_once_and_a_failing_logger_only_warns(workdir):
-    res = run_cli(["launch=local", "logger=many", "trainer.total_epochs=3", "data.val_fraction=0.2", "name=many", *QUIET], workdir)
+    res = run_cli(
+        ["launch=local", "logger=many", "trainer.total_epochs=3", "data.val_fraction=0.2", "name=many", *QUIET], workdir
+    )
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "many"
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -22,12 +24,22 @@ def test_csv_and_tensorboard_at_once_and_a_failing_logger_only_warns(workdir):
     assert [float(r["train/loss_epoch"]) for r in epochs] == pytest.approx([r["train/loss"] for r in metrics(run_dir)])
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [50, 100, 150]  # 64 steps per epoch
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == pytest.approx(
-        [r["train/loss"] for r in metrics(run_dir, steps=True)])
+        [r["train/loss"] for r in metrics(run_dir, steps=True)]
+    )
     assert all(r["val/loss"] for r in epochs)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-    broken = run_cli(["launch=local", "logger=csv", "logger.log_dir=/proc/no-such-dir", "trainer.total_epochs=3",
-                      "name=broken", *QUIET], workdir)
+    broken = run_cli(
+        [
+            "launch=local",
+            "logger=csv",
+            "logger.log_dir=/proc/no-such-dir",
+            "trainer.total_epochs=3",
+            "name=broken",
+            *QUIET,
+        ],
+        workdir,
+    )
     assert broken.returncode == 0, broken.output
     assert broken.output.count("logger CSVLogger failed") == 1 and "training goes on" in broken.output
 
@@ -46,11 +58,16 @@ def test_mlflow_holds_every_epoch_once_across_a_restart_and_a_resume(workdir):
     run = runs[0]
     history = client.get_metric_history(run.info.run_id, "train/loss_epoch")
     assert [m.step for m in history] == [32, 64, 96]  # 2048 samples / (2 workers x 32) per epoch, each once
-    assert [m.value for m in history] == pytest.approx([r["train/loss"] for r in metrics(workdir / "outputs" / "tracked")])
-    rows = client.get_metric_history(run.info.run_id, "train/loss")  # every 16 steps, each once across restart and resume
+    assert [m.value for m in history] == pytest.approx(
+        [r["train/loss"] for r in metrics(workdir / "outputs" / "tracked")]
+    )
+    rows = client.get_metric_history(
+        run.info.run_id, "train/loss"
+    )  # every 16 steps, each once across restart and resume
     assert sorted(m.step for m in rows) == [16, 32, 48, 64, 80, 96]
     assert [m.value for m in sorted(rows, key=lambda m: m.step)] == pytest.approx(
-        [r["train/loss"] for r in metrics(workdir / "outputs" / "tracked", steps=True)])
+        [r["train/loss"] for r in metrics(workdir / "outputs" / "tracked", steps=True)]
+    )
     assert run.data.params["optimizer.lr"] == "0.01" and run.data.params["trainer.batch_size"] == "32"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts and "snapshots" in artifacts and run.info.status == "FINISHED"
@@ -67,5 +84,8 @@ def test_wandb_offline_run_resumes_the_same_run_id(workdir):
     assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
     assert any(p.suffix == ".wandb" for p in offline[-1].iterdir())
     # Every record once: 2 epochs and the training rows of steps 50 and 100 (64 steps per epoch).
-    assert json.loads((run_dir / "logs" / "loggers.json").read_text())["sent"] == 4 == \
-        len(metrics(run_dir)) + len(metrics(run_dir, steps=True))
+    assert (
+        json.loads((run_dir / "logs" / "loggers.json").read_text())["sent"]
+        == 4
+        == len(metrics(run_dir)) + len(metrics(run_dir, steps=True))
+    )

@@ -44,7 +44,7 @@ def test_accumulation_windows_and_training_rows_every_log_every_steps(tmp_path):
     assert run.spy.windows == [3, 3, 3, 1] * 2 and run.spy.samples == [12, 12, 12, 2] * 2
     assert run.summary["steps"] == 8 == planned_steps(cfg.trainer, 10) and run.summary["epochs"] == 2
     for epoch in range(2):  # every sample once an epoch
-        seen = run.task.seen[10 * epoch: 10 * (epoch + 1)]
+        seen = run.task.seen[10 * epoch : 10 * (epoch + 1)]
         assert sorted(i for batch in seen for i in batch) == list(range(SAMPLES))
 
     rows, epochs = metrics(tmp_path, steps=True), metrics(tmp_path)
@@ -63,13 +63,25 @@ def test_accumulation_windows_and_training_rows_every_log_every_steps(tmp_path):
 def test_snapshots_every_save_every_steps_at_epoch_ends_and_at_the_end_once_per_step(tmp_path, monkeypatch):
     saved = []
     save = SnapshotWriter.save
-    monkeypatch.setattr(SnapshotWriter, "save", lambda self, state, step, *a, **k: (saved.append(step),
-                                                                                    save(self, state, step, *a, **k)))
+    monkeypatch.setattr(
+        SnapshotWriter,
+        "save",
+        lambda self, state, step, *a, **k: (saved.append(step), save(self, state, step, *a, **k)),
+    )
     # 4 steps an epoch; an improving validation every 3 steps wants a snapshot at the steps save_every_steps does.
-    run = train(tmp_path, config("trainer.accumulate=3", "trainer.total_epochs=3", "trainer.save_every_steps=3",
-                                 "trainer.save_every=1", "trainer.val_every_steps=3", "snapshot.monitor=val/loss",
-                                 "snapshot.keep_best=100"),
-                dataset={"train": samples(), "val": samples(16, seed=2)})
+    run = train(
+        tmp_path,
+        config(
+            "trainer.accumulate=3",
+            "trainer.total_epochs=3",
+            "trainer.save_every_steps=3",
+            "trainer.save_every=1",
+            "trainer.val_every_steps=3",
+            "snapshot.monitor=val/loss",
+            "snapshot.keep_best=100",
+        ),
+        dataset={"train": samples(), "val": samples(16, seed=2)},
+    )
     assert run.error is None, run.error
     # Inside epochs every 3 steps; the ends of epochs 1 and 2 (4, 8); the end of the run (12).
     assert [e["step"] for e in manifest(tmp_path)["snapshots"]] == [3, 4, 6, 8, 9, 12]
@@ -91,15 +103,22 @@ def test_stop_snapshots_and_resume_continues_with_the_next_batch_bitwise(tmp_pat
     assert isinstance(stopped.error, Stopped) and stopped.error.step == 4, stopped.error
     assert signal.getsignal(signal.SIGTERM) == handler  # the run put the previous handler back
     assert len(stopped.task.seen) == 8  # the step finished, no further batch was read
-    assert json.loads(stop_marker(run_dir).read_text()) == {"file": "snapshot-000000004.pt", "step": 4,
-                                                            "signal": signal.SIGTERM}
+    assert json.loads(stop_marker(run_dir).read_text()) == {
+        "file": "snapshot-000000004.pt",
+        "step": 4,
+        "signal": signal.SIGTERM,
+    }
     assert [e["step"] for e in manifest(run_dir)["snapshots"]] == [4]
     assert [r["step"] for r in metrics(run_dir, steps=True)] == [3]
 
     resumed = train(run_dir, cfg)
     assert resumed.error is None, resumed.error
-    assert resumed.summary["resumed_from"] == {"file": "snapshot-000000004.pt", "epoch": 0, "step": 4,
-                                               "samples_in_epoch": 32}
+    assert resumed.summary["resumed_from"] == {
+        "file": "snapshot-000000004.pt",
+        "epoch": 0,
+        "step": 4,
+        "samples_in_epoch": 32,
+    }
     assert resumed.task.seen == reference.task.seen[8:]  # the very next batch, then the same order
     assert stable(metrics(run_dir, steps=True)) == stable(metrics(tmp_path / "reference", steps=True))
     assert stable(metrics(run_dir)) == stable(metrics(tmp_path / "reference"))
@@ -131,10 +150,17 @@ BAD_SAMPLE = 18  # unshuffled, it is in batch 5: the loss of step 5 (and of step
 
 
 def test_nonfinite_loss_stops_the_run_with_its_last_finite_snapshot(tmp_path):
-    run = train(tmp_path, config("trainer.shuffle=false", "trainer.log_every=1", "trainer.save_every_steps=2"),
-                dataset=samples(nan_at=BAD_SAMPLE))
-    assert run.error is None and run.summary == {"status": "diverged", "step": 5, "what": "the loss",
-                                                 "last_snapshot": "snapshot-000000004.pt"}
+    run = train(
+        tmp_path,
+        config("trainer.shuffle=false", "trainer.log_every=1", "trainer.save_every_steps=2"),
+        dataset=samples(nan_at=BAD_SAMPLE),
+    )
+    assert run.error is None and run.summary == {
+        "status": "diverged",
+        "step": 5,
+        "what": "the loss",
+        "last_snapshot": "snapshot-000000004.pt",
+    }
     rows = metrics(tmp_path, steps=True)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["train/loss"] == "nan"  # the file shows where
     assert [e["step"] for e in manifest(tmp_path)["snapshots"]] == [2, 4]
@@ -143,8 +169,9 @@ def test_nonfinite_loss_stops_the_run_with_its_last_finite_snapshot(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_with_on_nonfinite_skip(tmp_path):
-    run = train(tmp_path, config("trainer.shuffle=false", "trainer.on_nonfinite=skip"),
-                dataset=samples(nan_at=BAD_SAMPLE))
+    run = train(
+        tmp_path, config("trainer.shuffle=false", "trainer.on_nonfinite=skip"), dataset=samples(nan_at=BAD_SAMPLE)
+    )
     assert run.error is None and run.summary["status"] == "finished", run.error
     assert run.summary["skipped_steps"] == 2 and run.summary["steps"] == 20
     assert [i for i, loss in enumerate(run.spy.losses) if loss is None] == [4, 14]  # steps 5 and 15
@@ -158,8 +185,11 @@ def test_nonfinite_steps_are_skipped_with_on_nonfinite_skip(tmp_path):
 
 
 def test_nonfinite_weights_with_on_nonfinite_warn_train_on_but_are_never_snapshotted(tmp_path):
-    run = train(tmp_path, config("trainer.shuffle=false", "trainer.on_nonfinite=warn", "trainer.save_every_steps=2"),
-                dataset=samples(nan_at=BAD_SAMPLE))
+    run = train(
+        tmp_path,
+        config("trainer.shuffle=false", "trainer.on_nonfinite=warn", "trainer.save_every_steps=2"),
+        dataset=samples(nan_at=BAD_SAMPLE),
+    )
     assert run.error is None and run.summary["status"] == "finished", run.error
     assert run.summary["steps"] == 20 and math.isnan(run.summary["final_loss"])
     assert [e["step"] for e in manifest(tmp_path)["snapshots"]] == [2, 4]  # none after the weights became NaN
@@ -167,15 +197,22 @@ def test_nonfinite_weights_with_on_nonfinite_warn_train_on_but_are_never_snapsho
 
 
 def test_early_stop_ends_mid_epoch_and_a_rerun_trains_no_further(tmp_path):
-    cfg = config("trainer.val_every_steps=2", "snapshot.monitor=val/loss", "trainer.early_stop.patience=1",
-                 "trainer.early_stop.min_delta=1e9")  # no improvement is big enough: the second validation ends it
+    cfg = config(
+        "trainer.val_every_steps=2",
+        "snapshot.monitor=val/loss",
+        "trainer.early_stop.patience=1",
+        "trainer.early_stop.min_delta=1e9",
+    )  # no improvement is big enough: the second validation ends it
     data = {"train": samples(), "val": samples(16, seed=2)}
     run = train(tmp_path, cfg, dataset=data)
     assert run.error is None, run.error
     assert run.summary["steps"] == 4 and run.summary["ended"].startswith("early stop: val/loss has not improved")
     records = metrics(tmp_path)
-    assert [(r["step"], "val/loss" in r, r.get("early_stop"), r.get("partial_epoch")) for r in records] == \
-        [(2, True, None, None), (4, True, True, None), (4, False, None, True)]
+    assert [(r["step"], "val/loss" in r, r.get("early_stop"), r.get("partial_epoch")) for r in records] == [
+        (2, True, None, None),
+        (4, True, True, None),
+        (4, False, None, True),
+    ]
     entry = manifest(tmp_path)["snapshots"][-1]
     assert entry["step"] == 4 and entry["ended"] == run.summary["ended"]
 
@@ -184,11 +221,15 @@ def test_early_stop_ends_mid_epoch_and_a_rerun_trains_no_further(tmp_path):
     assert len(metrics(tmp_path)) == 3
 
 
-
 def test_the_test_split_is_evaluated_with_the_best_snapshot(tmp_path):
     # mode=max calls the highest validation loss best: the best snapshot is one from the middle of the run.
-    cfg = config("trainer.test=true", "snapshot.monitor=val/loss", "snapshot.mode=max", "trainer.val_every_steps=3",
-                 "trainer.total_epochs=3")
+    cfg = config(
+        "trainer.test=true",
+        "snapshot.monitor=val/loss",
+        "snapshot.mode=max",
+        "trainer.val_every_steps=3",
+        "trainer.total_epochs=3",
+    )
     run = train(tmp_path, cfg, dataset={"train": samples(), "val": samples(16, seed=2), "test": samples(12, seed=3)})
     assert run.error is None, run.error
     results = json.loads((tmp_path / "results.json").read_text())
@@ -206,9 +247,14 @@ def test_the_test_split_is_evaluated_with_the_best_snapshot(tmp_path):
 
     assert test_loss(results["snapshot"]) == results["test/loss"] != test_loss(run.summary["snapshot"])
 
+
 # ---- the engine seam -------------------------------------------------------------------------------
-ENGINES = ["ddp.DDPEngine", "fsdp.FSDPEngine", "rpc.pipeline.PipelineEngine",
-           "rpc.parameter_server.ParameterServerEngine"]
+ENGINES = [
+    "ddp.DDPEngine",
+    "fsdp.FSDPEngine",
+    "rpc.pipeline.PipelineEngine",
+    "rpc.parameter_server.ParameterServerEngine",
+]
 # launch=rpc refuses snapshot.format=dcp before any worker starts: the loop never asks them for shards.
 NOT_ASKED = {"PipelineEngine": ["sharded_state"], "ParameterServerEngine": ["sharded_state"]}
 

@@ -10,7 +10,13 @@ from conftest import assert_same_weights, latest_snapshot, metrics, run_cli, sta
 from runner.launch.elastic import _free_port
 
 pytestmark = pytest.mark.slow
-TASK = ["trainer.total_epochs=4", "trainer.save_every_steps=20", "trainer.progress=false", "model=mlp", "launch.backend=gloo"]
+TASK = [
+    "trainer.total_epochs=4",
+    "trainer.save_every_steps=20",
+    "trainer.progress=false",
+    "model=mlp",
+    "launch.backend=gloo",
+]
 
 
 def listening(port: int) -> bool:
@@ -28,9 +34,17 @@ def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):
     assert ref.returncode == 0, ref.output
 
     port = _free_port()
-    node = [*TASK, "name=two-nodes", "launch=multinode", "launch.nnodes=2", "launch.nproc_per_node=1",
-            f"launch.rdzv_endpoint=127.0.0.1:{port}", "launch.rdzv_id=test-job",
-            "trainer.crash_at_step=50", "trainer.crash_rank=1"]  # the worker of the second node dies once
+    node = [
+        *TASK,
+        "name=two-nodes",
+        "launch=multinode",
+        "launch.nnodes=2",
+        "launch.nproc_per_node=1",
+        f"launch.rdzv_endpoint=127.0.0.1:{port}",
+        "launch.rdzv_id=test-job",
+        "trainer.crash_at_step=50",
+        "trainer.crash_rank=1",
+    ]  # the worker of the second node dies once
     nodes = [start_cli(node, workdir) for _ in range(2)]
     outputs = [p.communicate(timeout=180) for p in nodes]
     for proc, (out, err) in zip(nodes, outputs):
@@ -41,7 +55,9 @@ def test_two_nodes_train_like_one_and_a_dead_node_is_restarted(workdir):
     assert "(restart 1 after a worker failure)" in log
     # Two nodes of one worker each, with a crash and a restart, end exactly where one node of two ends.
     assert_same_weights(latest_snapshot(run_dir)["model"], latest_snapshot(workdir / "outputs" / "single")["model"])
-    assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in metrics(workdir / "outputs" / "single")]
+    assert [r["train/loss"] for r in metrics(run_dir)] == [
+        r["train/loss"] for r in metrics(workdir / "outputs" / "single")
+    ]
 
 
 def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_stop_everywhere(workdir):
@@ -50,8 +66,17 @@ def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_st
     import time
 
     port = _free_port()
-    node = [*TASK, "trainer.total_epochs=200", "dataset.size=20000", "trainer.save_every_steps=50", "name=stopped",
-            "launch=multinode", "launch.nnodes=2", "launch.nproc_per_node=1", f"launch.rdzv_endpoint=127.0.0.1:{port}"]
+    node = [
+        *TASK,
+        "trainer.total_epochs=200",
+        "dataset.size=20000",
+        "trainer.save_every_steps=50",
+        "name=stopped",
+        "launch=multinode",
+        "launch.nnodes=2",
+        "launch.nproc_per_node=1",
+        f"launch.rdzv_endpoint=127.0.0.1:{port}",
+    ]
     run_dir = workdir / "outputs" / "stopped"
     host = start_cli(node, workdir)  # the first node hosts the rendezvous store
     deadline = time.time() + 120
@@ -61,8 +86,11 @@ def test_a_node_says_what_it_waits_for_and_a_stop_of_the_rendezvous_host_is_a_st
     other = start_cli(node, workdir)
     log = run_dir / "train.log"
     deadline = time.time() + 120
-    while time.time() < deadline and host.poll() is None and not (
-            log.exists() and "snapshot-000000050.pt written" in log.read_text()):
+    while (
+        time.time() < deadline
+        and host.poll() is None
+        and not (log.exists() and "snapshot-000000050.pt written" in log.read_text())
+    ):
         time.sleep(0.05)
     host.send_signal(signal.SIGTERM)
     (_, host_err), (_, other_err) = host.communicate(timeout=120), other.communicate(timeout=120)

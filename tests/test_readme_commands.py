@@ -33,8 +33,11 @@ import pytest
 from conftest import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "README.md", *sorted((ROOT / "conf" / "experiment").glob("*.yaml")),
-           *sorted((ROOT / "conf" / "hparams_search").glob("*.yaml"))]
+SOURCES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "conf" / "experiment").glob("*.yaml")),
+    *sorted((ROOT / "conf" / "hparams_search").glob("*.yaml")),
+]
 COMMAND = re.compile(r"^python -m runner(\.\w+)?(\s|$)")
 INLINE_CODE = re.compile(r"`([^`]+)`")
 PLACEHOLDER = re.compile(r"(^|\s)\.\.\.(\s|$)|<[^>]+>|\bRUN_DIR\b")
@@ -49,11 +52,15 @@ TIMEOUT_S = 150  # one command
 
 # Commands that need what one machine does not have. Each entry: (text in the command, why).
 SKIPPED = [
-    ("launch.rdzv_endpoint=node0:", "needs a second machine reachable as node0 (tests/test_multinode.py runs two "
-                                    "nodes on one machine)"),
+    (
+        "launch.rdzv_endpoint=node0:",
+        "needs a second machine reachable as node0 (tests/test_multinode.py runs two nodes on one machine)",
+    ),
     ("hydra/launcher=slurm", "needs a SLURM cluster (tests/test_slurm.py runs the recipe with submitit_local)"),
-    ("--config-dir myconf", "needs the reader's own package (mypackage.models, mypackage.tasks), which the README "
-                            "only sketches"),
+    (
+        "--config-dir myconf",
+        "needs the reader's own package (mypackage.models, mypackage.tasks), which the README only sketches",
+    ),
 ]
 PLACEHOLDER_REASON = "a placeholder (`...`, `<run directory>`, RUN_DIR) that the reader fills in"
 EXIT_CODES: dict[str, int] = {}  # command text -> the exit code the README states, where it is not 0
@@ -100,8 +107,11 @@ def _commands_in(text: str) -> list[str]:
 
 def _inline_commands(text: str) -> list[str]:
     """`python -m runner ...` in backticks, with at least one argument (a bare module name is a mention)."""
-    return [span.strip() for span in INLINE_CODE.findall(text)
-            if COMMAND.match(span.strip()) and len(shlex.split(span, comments=True)) > 3]
+    return [
+        span.strip()
+        for span in INLINE_CODE.findall(text)
+        if COMMAND.match(span.strip()) and len(shlex.split(span, comments=True)) > 3
+    ]
 
 
 def collect(path: Path) -> list[Command]:
@@ -188,9 +198,10 @@ def test_every_command_is_collected_and_every_skip_is_used():
     assert "python -m runner model=linear trainer.save_every=10" in texts  # the first fenced block
     assert "python -m runner experiment=digits" in texts and "python -m runner launch=rpc model=mlp" in texts
     assert any(t.startswith("python -m runner.export outputs/digits") for t in texts)
-    assert any(t.startswith("python -m runner --config-dir myconf dataset=cityscapes")
-               and t.endswith("trainer.test=true")
-               for t in texts)  # a continued line, joined
+    assert any(
+        t.startswith("python -m runner --config-dir myconf dataset=cityscapes") and t.endswith("trainer.test=true")
+        for t in texts
+    )  # a continued line, joined
     assert any(c.where.startswith("conf/hparams_search/lr.yaml") for c in commands)
     assert not any(t.startswith("python -m runner.sample") and len(shlex.split(t)) == 3 for t in texts)  # a mention
     for text, _ in SKIPPED:
@@ -214,10 +225,13 @@ def test_readme_and_config_header_commands_run_as_written(tmp_path):
         expected = EXIT_CODES.get(command.text, 0)
         if code != expected or "Traceback (most recent call last)" in output:
             tail = "\n    ".join(output.replace("\r", "\n").splitlines()[-15:])
-            failures.append(f"{command.where}: {command.text}\n  ran {shlex.join(argv[1:])}\n  exit {code}, "
-                            f"expected {expected}; last lines:\n    {tail}")
-        elif command.module == "runner" and "--cfg" not in command.argv and not re.search(r"\r|already complete",
-                                                                                           output):
+            failures.append(
+                f"{command.where}: {command.text}\n  ran {shlex.join(argv[1:])}\n  exit {code}, "
+                f"expected {expected}; last lines:\n    {tail}"
+            )
+        elif (
+            command.module == "runner" and "--cfg" not in command.argv and not re.search(r"\r|already complete", output)
+        ):
             failures.append(f"{command.where}: {command.text}\n  showed no progress bar in a terminal")
     print("\n".join(ran))
     assert not failures, f"{len(failures)} of {len(ran)} commands failed:\n\n" + "\n\n".join(failures)

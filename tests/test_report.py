@@ -28,23 +28,32 @@ def step_row(step: int, loss: float) -> dict:
 def test_numbers_come_first_and_the_table_fits_120_columns(tmp_path):
     long_overrides = [f"model.layer_{i}.hidden_size={100 + i}" for i in range(6)]
     for n in range(3):
-        make_run(tmp_path, f"model=mlp,optimizer.lr=0.{n}1,optimizer.weight_decay=0.0001,scheduler=cosine-{'x' * 40}",
-                 [*long_overrides, f"optimizer.lr=0.{n}1", f"optimizer.weight_decay=0.000{n}1"],
-                 [{"epoch": 1, "step": 32, "train/loss": 0.5 - n / 10, "val/accuracy": 0.9, "epoch_seconds": 1.5}])
+        make_run(
+            tmp_path,
+            f"model=mlp,optimizer.lr=0.{n}1,optimizer.weight_decay=0.0001,scheduler=cosine-{'x' * 40}",
+            [*long_overrides, f"optimizer.lr=0.{n}1", f"optimizer.weight_decay=0.000{n}1"],
+            [{"epoch": 1, "step": 32, "train/loss": 0.5 - n / 10, "val/accuracy": 0.9, "epoch_seconds": 1.5}],
+        )
     text = report.table([report.load_run(d) for d in report.find_runs(tmp_path)])
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120, text
     assert lines[0].split()[:5] == ["run", "final", "loss", "best", "loss"] and lines[0].rstrip().endswith("overrides")
     names = [line.split()[0] for line in lines[1:]]  # long names cut, from where they start to differ
-    assert all(name.startswith("model...") for name in names) and ["0.01," in names[0], "0.11," in names[1]] == [True] * 2
+    assert (
+        all(name.startswith("model...") for name in names) and ["0.01," in names[0], "0.11," in names[1]] == [True] * 2
+    )
     assert "0.4" in lines[2] and "0.9" in lines[2] and "1/20 epochs" in lines[2] and "1.5" in lines[2]
 
 
 def test_a_max_steps_run_counts_steps_and_step_rows_stay_out_of_the_epoch_numbers(tmp_path):
-    rows = [step_row(10, 9.0), step_row(20, 0.01),  # per-step rows: a lower loss than any epoch's mean
-            {"epoch": 1, "step": 32, "train/loss": 2.0, "val/loss": 1.5, "epoch_seconds": 2.0},
-            step_row(40, 5.0), step_row(60, 0.02),
-            {"epoch": 1, "step": 60, "train/loss": 1.0, "val/loss": 1.25, "epoch_seconds": 1.0}]
+    rows = [
+        step_row(10, 9.0),
+        step_row(20, 0.01),  # per-step rows: a lower loss than any epoch's mean
+        {"epoch": 1, "step": 32, "train/loss": 2.0, "val/loss": 1.5, "epoch_seconds": 2.0},
+        step_row(40, 5.0),
+        step_row(60, 0.02),
+        {"epoch": 1, "step": 60, "train/loss": 1.0, "val/loss": 1.25, "epoch_seconds": 1.0},
+    ]
     stepped = report.load_run(make_run(tmp_path, "lm", ["experiment=charlm"], rows, max_steps=60))
     assert stepped["final_loss"] == 1.0 and stepped["best_loss"] == 1.0 and stepped["wall"] == 3.0
     assert stepped["val"] == {"val/loss": 1.25} and stepped["status"] == "finished"

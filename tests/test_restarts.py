@@ -53,15 +53,33 @@ def test_failures_that_a_restart_may_fix_are_restarted_and_counted(workdir):
 def test_ctrl_c_of_the_process_group_is_said_once_and_each_version_once(workdir):
     # A terminal's Ctrl-C reaches every process of the group: the driver (agent) and each worker.
     # An improving validation and save_every_steps both land on every 10th step.
-    args = ["name=ctrl-c", "dataset.size=20000", "data.val_fraction=0.05", "trainer.val_every_steps=10",
-            "trainer.save_every_steps=10", "snapshot.monitor=val/loss", "trainer.total_epochs=50", *FAST]
+    args = [
+        "name=ctrl-c",
+        "dataset.size=20000",
+        "data.val_fraction=0.05",
+        "trainer.val_every_steps=10",
+        "trainer.save_every_steps=10",
+        "snapshot.monitor=val/loss",
+        "trainer.total_epochs=50",
+        *FAST,
+    ]
     run_dir = workdir / "outputs" / "ctrl-c"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=workdir, env=cli_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=workdir,
+        env=cli_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     log = run_dir / "train.log"
-    while proc.poll() is None and time.time() < deadline and "snapshot-000000030.pt written" not in (
-            log.read_text() if log.exists() else ""):
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and "snapshot-000000030.pt written" not in (log.read_text() if log.exists() else "")
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -70,7 +88,10 @@ def test_ctrl_c_of_the_process_group_is_said_once_and_each_version_once(workdir)
     assert "death signal" not in err and "[rank 1] stopped" not in err, err
     assert "Stopped by SIGINT: a snapshot of the last step" in err
     assert "received SIGINT" in (run_dir / "logs" / "rank-1.log").read_text()  # the other ranks keep it in their logs
-    written = Counter(line.split("snapshot ")[1].split(" written")[0] for line in log.read_text().splitlines()
-                      if "written (epoch" in line)
+    written = Counter(
+        line.split("snapshot ")[1].split(" written")[0]
+        for line in log.read_text().splitlines()
+        if "written (epoch" in line
+    )
     assert written and max(written.values()) == 1, written  # each version is written and logged once
     assert {"snapshot-000000010.pt", "snapshot-000000020.pt", "snapshot-000000030.pt"} <= set(written)

@@ -9,8 +9,14 @@ from conftest import FAST, assert_same_weights, latest_snapshot, manifest, metri
 
 pytestmark = pytest.mark.slow
 # 4096 samples / (2 workers x 32) = 64 steps per epoch; snapshots every 20 steps, mid-epoch.
-RUN = ["model=mlp", "model.dropout=0.1", "dataset.size=4096", "trainer.total_epochs=6",
-       "trainer.save_every_steps=20", *FAST]
+RUN = [
+    "model=mlp",
+    "model.dropout=0.1",
+    "dataset.size=4096",
+    "trainer.total_epochs=6",
+    "trainer.save_every_steps=20",
+    *FAST,
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +31,16 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("crash_rank,crash_step,write_async", [(1, 45, False), (0, 150, True)])
 def test_sigkilled_worker_is_restarted_and_ends_bitwise_equal(workdir, reference, crash_rank, crash_step, write_async):
-    res = run_cli([*RUN, "name=crash", f"trainer.crash_at_step={crash_step}", f"trainer.crash_rank={crash_rank}",
-                   f"snapshot.async={str(write_async).lower()}"], workdir)
+    res = run_cli(
+        [
+            *RUN,
+            "name=crash",
+            f"trainer.crash_at_step={crash_step}",
+            f"trainer.crash_rank={crash_rank}",
+            f"snapshot.async={str(write_async).lower()}",
+        ],
+        workdir,
+    )
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "crash"
     resumed_step = crash_step // 20 * 20
@@ -38,7 +52,9 @@ def test_sigkilled_worker_is_restarted_and_ends_bitwise_equal(workdir, reference
     assert_same_weights(state["model"], ref_state["model"])
     assert state["optimizer"]["state"].keys() == ref_state["optimizer"]["state"].keys()
     # The epoch the crash interrupted is reported once, with the same loss as without the crash.
-    assert [(r["epoch"], r["train/loss"]) for r in metrics(run_dir)] == [(r["epoch"], r["train/loss"]) for r in ref_metrics]
+    assert [(r["epoch"], r["train/loss"]) for r in metrics(run_dir)] == [
+        (r["epoch"], r["train/loss"]) for r in ref_metrics
+    ]
 
 
 def test_sigterm_snapshots_and_reinvocation_ends_bitwise_equal(workdir, reference):

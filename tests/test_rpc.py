@@ -10,8 +10,16 @@ from runner.models import MLP
 
 pytestmark = pytest.mark.slow
 # 512 samples / batch 32 = 16 steps per epoch; a snapshot every 8 steps, Adam so optimizer state matters.
-TASK = ["model=mlp", "model.hidden_size=16", "dataset.size=512", "trainer.total_epochs=2", "optimizer=adam",
-        "optimizer.lr=0.01", "trainer.save_every_steps=5", "trainer.progress=false"]
+TASK = [
+    "model=mlp",
+    "model.hidden_size=16",
+    "dataset.size=512",
+    "trainer.total_epochs=2",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+    "trainer.save_every_steps=5",
+    "trainer.progress=false",
+]
 
 
 def test_pipeline_equals_single_process_and_resumes_exactly(workdir):
@@ -29,17 +37,30 @@ def test_pipeline_equals_single_process_and_resumes_exactly(workdir):
     MLP(2, 1, hidden_size=16).load_state_dict(split["model"])
     assert len(split["optimizer"]["per_owner"]) == 2 and split["optimizer"]["per_owner"][0]["state"]
 
-    crashed = run_cli([*TASK, "launch=rpc", "name=crashed", "trainer.crash_at_step=13", "trainer.crash_rank=0"], workdir)
+    crashed = run_cli(
+        [*TASK, "launch=rpc", "name=crashed", "trainer.crash_at_step=13", "trainer.crash_rank=0"], workdir
+    )
     assert crashed.returncode == 0, crashed.output
     assert "resumed from snapshot-000000010.pt" in crashed.output
     resumed = latest_snapshot(workdir / "outputs" / "crashed")
     assert_same_weights(resumed["model"], split["model"])
-    assert [r["train/loss"] for r in metrics(workdir / "outputs" / "crashed")] == [r["train/loss"] for r in metrics(workdir / "outputs" / "pipeline")]
+    assert [r["train/loss"] for r in metrics(workdir / "outputs" / "crashed")] == [
+        r["train/loss"] for r in metrics(workdir / "outputs" / "pipeline")
+    ]
 
 
 def test_parameter_server_with_two_trainers_reduces_the_loss(workdir):
-    res = run_cli(["launch=rpc", "launch.topology=parameter_server", "model=mlp", "trainer.total_epochs=3",
-                   "trainer.progress=false", "name=ps"], workdir)
+    res = run_cli(
+        [
+            "launch=rpc",
+            "launch.topology=parameter_server",
+            "model=mlp",
+            "trainer.total_epochs=3",
+            "trainer.progress=false",
+            "name=ps",
+        ],
+        workdir,
+    )
     assert res.returncode == 0, res.output
     assert "3 workers" in res.output
     rows = metrics(workdir / "outputs" / "ps")

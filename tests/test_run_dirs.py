@@ -15,8 +15,14 @@ import pytest
 from conftest import FAST, cli_env, run_cli
 from omegaconf import OmegaConf
 
-SEARCH = ["hparams_search=lr", "experiment=digits", "hydra.sweeper.n_trials=3", "trainer.total_epochs=1",
-          "data.num_workers=0", *FAST]
+SEARCH = [
+    "hparams_search=lr",
+    "experiment=digits",
+    "hydra.sweeper.n_trials=3",
+    "trainer.total_epochs=1",
+    "data.num_workers=0",
+    *FAST,
+]
 
 
 def status_files(root: Path) -> dict[str, str]:
@@ -165,9 +171,22 @@ def test_slurm_off_cluster_and_a_missing_launcher_plugin_are_one_paragraph_error
     assert not (workdir / "outputs").exists()
 
     # hydra-joblib-launcher as if it were not installed.
-    proc = subprocess.run([sys.executable, "-c", BLOCK_PLUGIN, "hydra_plugins.hydra_joblib_launcher", "--multirun",
-                           "hydra/launcher=joblib", "optimizer.lr=0.1,0.01"], cwd=workdir, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK_PLUGIN,
+            "hydra_plugins.hydra_joblib_launcher",
+            "--multirun",
+            "hydra/launcher=joblib",
+            "optimizer.lr=0.1,0.01",
+        ],
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert output.startswith("Error: hydra/launcher=joblib: needs the hydra-joblib-launcher package")

@@ -47,10 +47,14 @@ def test_search_returns_objectives_picks_the_best_and_resumes_only_what_is_missi
     import subprocess
     import sys
 
-    table = subprocess.run([sys.executable, "-m", "runner.report", str(outputs)], capture_output=True, text=True, cwd=workdir)
+    table = subprocess.run(
+        [sys.executable, "-m", "runner.report", str(outputs)], capture_output=True, text=True, cwd=workdir
+    )
     rows = [line for line in table.stdout.splitlines()[1:] if " finished " in line]  # one per trial
     ranked = [float(line.split()[1]) for line in rows]  # run, objective, ...
-    assert ranked == pytest.approx(sorted(objectives.values()), rel=1e-3) and "objective" in table.stdout.splitlines()[0]
+    assert (
+        ranked == pytest.approx(sorted(objectives.values()), rel=1e-3) and "objective" in table.stdout.splitlines()[0]
+    )
 
 
 def test_a_failed_or_diverged_trial_counts_as_failed_never_as_the_best():

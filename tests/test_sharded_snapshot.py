@@ -23,8 +23,11 @@ def write_version(mgr: SnapshotManager, step: int, epoch: int = 0, **marks) -> d
 
     tmp = mgr.dir / f".step-{step:09d}.tmp-test"
     model = {"w": torch.full((4, 3), float(step)), "b": torch.arange(3.0) + step}
-    dcp.save({"model": model, "optimizer": {"state": {"w": {"exp_avg": torch.ones(4, 3) * step}}}}, checkpoint_id=str(tmp),
-             no_dist=True)
+    dcp.save(
+        {"model": model, "optimizer": {"state": {"w": {"exp_avg": torch.ones(4, 3) * step}}}},
+        checkpoint_id=str(tmp),
+        no_dist=True,
+    )
     torch.save({snap.FORMAT_KEY: snap.FORMAT_VERSION, **REQUIRED_PARTS, "train_state": {"step": step}}, tmp / "loop.pt")
     return mgr.commit_folder(tmp, step, epoch, **marks)
 
@@ -75,8 +78,12 @@ def test_entries_naming_paths_or_foreign_files_are_refused(tmp_path, caplog):
     good = write_version(mgr, 10)
     manifest = json.loads(mgr.manifest_path.read_text())
     bad_names = ["../step-000000010", "step-1/..", "snapshot-000000010.pt"]
-    bad_files = [[{"name": "../../etc/passwd", "size": 1, "sha256": "0" * 64}], [], "x",
-                 [f for f in good["files"] if f["name"] != ".metadata"]]
+    bad_files = [
+        [{"name": "../../etc/passwd", "size": 1, "sha256": "0" * 64}],
+        [],
+        "x",
+        [f for f in good["files"] if f["name"] != ".metadata"],
+    ]
     for name in bad_names:
         manifest["snapshots"].append(dict(good, file=name, step=11))
     for i, files in enumerate(bad_files):
@@ -129,7 +136,11 @@ def test_rewriting_a_step_replaces_its_folder(tmp_path):
     os.truncate(next((tmp_path / "step-000000020").glob("*.distcp")), 1)  # torn: a resume falls back to 10...
     write_version(mgr, 20)  # ...and training writes step 20 again
     entry, _ = mgr.load_latest()
-    assert entry["step"] == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step-000000010", "step-000000020"]
+    assert entry["step"] == 20 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json",
+        "step-000000010",
+        "step-000000020",
+    ]
 
 
 class Payload:
@@ -158,8 +169,10 @@ def test_a_tampered_metadata_pickle_never_runs(tmp_path):
     metadata = tmp_path / "snaps" / entry["file"] / ".metadata"
     metadata.write_bytes(pickle.dumps(Payload()))
     data = metadata.read_bytes()
-    files = [dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
-             for f in entry["files"]]
+    files = [
+        dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
+        for f in entry["files"]
+    ]
     relisted(mgr, entry, files=files)
     _, state = mgr.load_latest()  # the bytes match the (rewritten) manifest...
     with pytest.raises(SnapshotError, match="cannot be read safely"):
@@ -197,10 +210,13 @@ def test_non_tensor_values_load_weights_only(tmp_path):
     assert not Payload.marker.exists()
 
 
-@pytest.mark.parametrize("prefix", [
-    b"cpathlib\nPosixPath\n(N}V_str\nV/etc\nstb0",  # BUILD on a class: every Path of the process would be /etc
-    b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(I0\ntR(N}V_value_\nI7\nstb0",  # BUILD on an enum member
-])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        b"cpathlib\nPosixPath\n(N}V_str\nV/etc\nstb0",  # BUILD on a class: every Path of the process would be /etc
+        b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(I0\ntR(N}V_value_\nI7\nstb0",  # BUILD on an enum member
+    ],
+)
 def test_metadata_cannot_change_anything_outside_what_it_builds(tmp_path, prefix):
     import hashlib
     from pathlib import Path
@@ -212,8 +228,10 @@ def test_metadata_cannot_change_anything_outside_what_it_builds(tmp_path, prefix
     metadata = tmp_path / "snaps" / entry["file"] / ".metadata"
     data = prefix + metadata.read_bytes()  # then the real metadata, which alone loads
     metadata.write_bytes(data)
-    files = [dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
-             for f in entry["files"]]
+    files = [
+        dict(f, size=len(data), sha256=hashlib.sha256(data).hexdigest()) if f["name"] == ".metadata" else f
+        for f in entry["files"]
+    ]
     relisted(mgr, entry, files=files)
     _, state = mgr.load_latest()
     with pytest.raises(SnapshotError, match="refusing .*state"):

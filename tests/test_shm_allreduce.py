@@ -18,8 +18,9 @@ import torch.multiprocessing as mp
 from runner.train import shm_allreduce
 from runner.train.shm_allreduce import SharedMemoryAllreduce, shm_allreduce_hook
 
-pytestmark = pytest.mark.skipif(shm_allreduce.unavailable_reason("cpu", True) is not None,
-                                reason=str(shm_allreduce.unavailable_reason("cpu", True)))
+pytestmark = pytest.mark.skipif(
+    shm_allreduce.unavailable_reason("cpu", True) is not None, reason=str(shm_allreduce.unavailable_reason("cpu", True))
+)
 WORLD = 3
 
 
@@ -107,8 +108,9 @@ def test_shared_memory_allreduce(tmp_path):
     shm_dir = os.path.join(shm_allreduce.SHM_DIR, f"runner-test-{uuid.uuid4().hex}")
     os.mkdir(shm_dir)
     try:
-        mp.start_processes(_worker, args=(str(tmp_path), str(tmp_path), shm_dir), nprocs=WORLD, start_method="spawn",
-                           join=True)
+        mp.start_processes(
+            _worker, args=(str(tmp_path), str(tmp_path), shm_dir), nprocs=WORLD, start_method="spawn", join=True
+        )
         left = os.listdir(shm_dir)
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
@@ -165,8 +167,10 @@ def test_mismatched_calls_raise_on_every_rank(tmp_path):
         "size": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 4 float32 elements (sum)",
         "dtype": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 8 float64 elements (sum)",
         "op": "rank 0 reduces 8 float32 elements (sum), rank 1 reduces 8 float32 elements (max)",
-        "chunked_size": (f"rank 0 reduces {2 * SLOT // 4 + 7} float32 elements (sum), a chunk of {SLOT // 4} of them, "
-                         f"rank 1 reduces {2 * SLOT // 4} float32 elements (sum), a chunk of {SLOT // 4} of them"),
+        "chunked_size": (
+            f"rank 0 reduces {2 * SLOT // 4 + 7} float32 elements (sum), a chunk of {SLOT // 4} of them, "
+            f"rank 1 reduces {2 * SLOT // 4} float32 elements (sum), a chunk of {SLOT // 4} of them"
+        ),
     }
     for rank, rep in enumerate(reports):
         for case, calls in expected.items():

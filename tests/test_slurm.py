@@ -18,8 +18,16 @@ from runner.driver.sweep import read_status
 
 @pytest.mark.slow
 def test_preempted_job_snapshots_requeues_and_resumes(workdir):
-    args = ["--multirun", "hydra/launcher=submitit_local", "name=preempt", "model=mlp", "dataset.size=65536",
-            "trainer.total_epochs=6", "trainer.progress=false", *WORKERS]
+    args = [
+        "--multirun",
+        "hydra/launcher=submitit_local",
+        "name=preempt",
+        "model=mlp",
+        "dataset.size=65536",
+        "trainer.total_epochs=6",
+        "trainer.progress=false",
+        *WORKERS,
+    ]
     run_dir = workdir / "outputs" / "preempt" / "dataset.size=65536,model=mlp"  # a named sweep's job: under the name
     # SLURM jobs are usually given SIGUSR1 (`--signal=USR1@120`); tell submitit so.
     proc = start_cli(args, workdir, env={"SUBMITIT_PREEMPT_SIGNAL": "USR1"})

@@ -23,8 +23,12 @@ REQUIRED_PARTS = {"optimizer": {}, "train_state": {}, "rng": [], "metrics": []}
 
 
 def make_state(step: int, size: int = 8) -> dict:
-    return {snap.FORMAT_KEY: snap.FORMAT_VERSION, "model": {"w": torch.full((size,), float(step))}, "step": step,
-            **REQUIRED_PARTS}
+    return {
+        snap.FORMAT_KEY: snap.FORMAT_VERSION,
+        "model": {"w": torch.full((size,), float(step))},
+        "step": step,
+        **REQUIRED_PARTS,
+    }
 
 
 def test_versions_manifest_and_retention(tmp_path):
@@ -176,8 +180,9 @@ def test_killing_the_writer_at_any_moment_of_a_save_never_leaves_a_bad_version(t
     snaps = tmp_path / "snaps"
     paused_at, newest_after = [], set()
     for pause_at in range(1, 40):
-        proc = subprocess.Popen([sys.executable, str(script), str(snaps), str(pause_at)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(snaps), str(pause_at)], stdout=subprocess.PIPE, text=True
+        )
         line = proc.stdout.readline()  # the writer waits there until it is killed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -198,8 +203,16 @@ def test_killing_the_writer_at_any_moment_of_a_save_never_leaves_a_bad_version(t
 # ---- a tampered or malformed manifest ----------------------------------------------------------
 def fake_entry(file: str, data: bytes, step: int = 10**6, epoch: int = 99) -> dict:
     """An entry that names `file` with its real size and sha256, and claims to be the newest and final."""
-    return {"file": file, "step": step, "epoch": epoch, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "created": "2020-01-01T00:00:00+0000", "milestone": False, "commit_seconds": 0.1}
+    return {
+        "file": file,
+        "step": step,
+        "epoch": epoch,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "created": "2020-01-01T00:00:00+0000",
+        "milestone": False,
+        "commit_seconds": 0.1,
+    }
 
 
 def add_entries(mgr: SnapshotManager, *entries: dict) -> None:
@@ -217,8 +230,11 @@ def test_entries_naming_files_outside_the_directory_are_never_deleted_or_loaded(
     absolute_victim.parent.mkdir()
     relative_victim.write_bytes(b"precious")
     absolute_victim.write_bytes(b"also precious")
-    add_entries(mgr, fake_entry("../victim.txt", b"precious", step=step),
-                fake_entry(str(absolute_victim), b"also precious", step=step))
+    add_entries(
+        mgr,
+        fake_entry("../victim.txt", b"precious", step=step),
+        fake_entry(str(absolute_victim), b"also precious", step=step),
+    )
     with caplog.at_level(logging.WARNING):
         entry, state = mgr.load_latest()
         valid, loadable = mgr.newest_valid_entry()[0], mgr.newest_loadable_entry()[0]
@@ -257,13 +273,20 @@ def test_symlinked_snapshot_is_neither_followed_nor_deleted(tmp_path):
 GOOD = {"file": "snapshot-000000001.pt", "step": 1, "epoch": 0, "size": 3, "sha256": "ab" * 32}
 
 
-@pytest.mark.parametrize("manifest", [[], None, 5, "text", {}, {"snapshots": 5}, {"snapshots": None}, {"snapshots": {}}],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "manifest", [[], None, 5, "text", {}, {"snapshots": 5}, {"snapshots": None}, {"snapshots": {}}], ids=repr
+)
 def test_wrong_top_level_is_a_snapshot_error(tmp_path, manifest):
     mgr = SnapshotManager(tmp_path)
     mgr.manifest_path.write_text(json.dumps(manifest))
-    for call in (mgr.entries, mgr.load_latest, mgr.newest_valid_entry, mgr.newest_loadable_entry,
-                 lambda: mgr.save(make_state(1), step=1, epoch=0), lambda: snap.load_path(tmp_path / GOOD["file"])):
+    for call in (
+        mgr.entries,
+        mgr.load_latest,
+        mgr.newest_valid_entry,
+        mgr.newest_loadable_entry,
+        lambda: mgr.save(make_state(1), step=1, epoch=0),
+        lambda: snap.load_path(tmp_path / GOOD["file"]),
+    ):
         with pytest.raises(SnapshotError, match="manifest.json is not a valid manifest") as err:
             call()
         assert "\n" not in str(err.value)
@@ -277,17 +300,40 @@ def test_unparsable_manifest_is_a_snapshot_error(tmp_path, text):
         mgr.entries()
 
 
-@pytest.mark.parametrize("bad", [
-    {}, None, [], "snapshot-000000001.pt",
-    {**GOOD, "step": "x"}, {**GOOD, "step": -1}, {**GOOD, "step": True}, {**GOOD, "step": 1.0},
-    {**GOOD, "epoch": None}, {**GOOD, "epoch": False}, {**GOOD, "size": "3"}, {**GOOD, "size": -3},
-    {**GOOD, "sha256": "AB" * 32}, {**GOOD, "sha256": "ab"}, {**GOOD, "sha256": 7},
-    {**GOOD, "milestone": "yes"}, {**GOOD, "created": 5}, {**GOOD, "commit_seconds": "1"},
-    {**GOOD, "file": None}, {**GOOD, "file": ".."}, {**GOOD, "file": "."}, {**GOOD, "file": "/etc/passwd"},
-    {**GOOD, "file": "sub/snapshot-000000001.pt"}, {**GOOD, "file": "..\\snapshot-000000001.pt"},
-    {**GOOD, "file": "snapshot-000000001.pt\x00"}, {**GOOD, "file": "manifest.json"},
-    {**GOOD, "file": "snapshot-000000001.pt\n"}, {**GOOD, "file": "snapshot-\u0661.pt"},
-], ids=repr)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        None,
+        [],
+        "snapshot-000000001.pt",
+        {**GOOD, "step": "x"},
+        {**GOOD, "step": -1},
+        {**GOOD, "step": True},
+        {**GOOD, "step": 1.0},
+        {**GOOD, "epoch": None},
+        {**GOOD, "epoch": False},
+        {**GOOD, "size": "3"},
+        {**GOOD, "size": -3},
+        {**GOOD, "sha256": "AB" * 32},
+        {**GOOD, "sha256": "ab"},
+        {**GOOD, "sha256": 7},
+        {**GOOD, "milestone": "yes"},
+        {**GOOD, "created": 5},
+        {**GOOD, "commit_seconds": "1"},
+        {**GOOD, "file": None},
+        {**GOOD, "file": ".."},
+        {**GOOD, "file": "."},
+        {**GOOD, "file": "/etc/passwd"},
+        {**GOOD, "file": "sub/snapshot-000000001.pt"},
+        {**GOOD, "file": "..\\snapshot-000000001.pt"},
+        {**GOOD, "file": "snapshot-000000001.pt\x00"},
+        {**GOOD, "file": "manifest.json"},
+        {**GOOD, "file": "snapshot-000000001.pt\n"},
+        {**GOOD, "file": "snapshot-\u0661.pt"},
+    ],
+    ids=repr,
+)
 def test_bad_entries_are_dropped_and_good_ones_kept(tmp_path, bad, caplog):
     mgr = SnapshotManager(tmp_path, keep_last=1)
     good = mgr.save(make_state(2), step=2, epoch=0)

@@ -15,8 +15,14 @@ from conftest import FAST, assert_same_weights, latest_snapshot, run_cli
 from runner.launch import start
 
 PLUGINS = {"PYTHONPATH": str(Path(__file__).parent / "plugins")}
-RUN = ["model=mlp", "model.dropout=0.1", "dataset._target_=probe.probe_dataset", "dataset.size=512",
-       "trainer.total_epochs=2", *FAST]
+RUN = [
+    "model=mlp",
+    "model.dropout=0.1",
+    "dataset._target_=probe.probe_dataset",
+    "dataset.size=512",
+    "trainer.total_epochs=2",
+    *FAST,
+]
 
 
 def test_workers_adopt_the_drivers_environment_and_keep_their_own(monkeypatch):
@@ -24,18 +30,36 @@ def test_workers_adopt_the_drivers_environment_and_keep_their_own(monkeypatch):
     monkeypatch.setattr(start, "INHERITED_ENV", {**dict(os.environ), **inherited})
     for key, value in {**inherited, "RANK": "1", "MASTER_PORT": "2345"}.items():  # the agent set RANK, MASTER_PORT
         monkeypatch.setenv(key, value)
-    driver = {**{k: v for k, v in os.environ.items() if k not in ("REMOVED", "RANK", "MASTER_PORT")},
-              "CHANGED": "new", "ADDED": "y", "RANK": "driver's"}
+    driver = {
+        **{k: v for k, v in os.environ.items() if k not in ("REMOVED", "RANK", "MASTER_PORT")},
+        "CHANGED": "new",
+        "ADDED": "y",
+        "RANK": "driver's",
+    }
     start.adopt_driver_environment(driver)
-    assert (os.environ["KEPT"], os.environ["CHANGED"], os.environ.get("ADDED"), "REMOVED" in os.environ) == ("same", "new", "y", False)
+    assert (os.environ["KEPT"], os.environ["CHANGED"], os.environ.get("ADDED"), "REMOVED" in os.environ) == (
+        "same",
+        "new",
+        "y",
+        False,
+    )
     assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("1", "2345")  # the rank's own values win
     monkeypatch.delenv("ADDED")
 
 
 def test_warm_up_is_skipped_where_the_driver_starts_no_workers_of_its_own():
-    skipped = ["launch=local", "launch.start_method=spawn", "launch.start_method=fork", "hydra/launcher=joblib", "--cfg", "-h"]
+    skipped = [
+        "launch=local",
+        "launch.start_method=spawn",
+        "launch.start_method=fork",
+        "hydra/launcher=joblib",
+        "--cfg",
+        "-h",
+    ]
     assert all(start.NO_WARM_UP.match(arg) for arg in skipped)
-    assert not any(start.NO_WARM_UP.match(arg) for arg in ["launch=multinode", "launch.start_method=forkserver", "model=mlp"])
+    assert not any(
+        start.NO_WARM_UP.match(arg) for arg in ["launch=multinode", "launch.start_method=forkserver", "model=mlp"]
+    )
 
 
 def _probes(out: Path) -> dict:
@@ -48,8 +72,17 @@ def test_start_methods_train_the_same_bits_and_workers_see_the_drivers_environme
     finals = {}
     for method in ("auto", "spawn", "fork"):
         out = workdir / f"probe-{method}"
-        res = run_cli([*RUN, f"launch.start_method={method}", f"name={method}", f"+dataset.out={out}",
-                       "+hydra.job.env_set.RUNNER_PROBE=from-the-command-line"], workdir, env=PLUGINS)
+        res = run_cli(
+            [
+                *RUN,
+                f"launch.start_method={method}",
+                f"name={method}",
+                f"+dataset.out={out}",
+                "+hydra.job.env_set.RUNNER_PROBE=from-the-command-line",
+            ],
+            workdir,
+            env=PLUGINS,
+        )
         assert res.returncode == 0, res.output
         finals[method] = latest_snapshot(workdir / "outputs" / method)["model"]
         probes = _probes(out)
@@ -57,7 +90,9 @@ def test_start_methods_train_the_same_bits_and_workers_see_the_drivers_environme
         assert sorted(workers) == ["0", "1"]
         for w in workers.values():
             # hydra.job.env_set and what the driver sets at launch reach every worker, however it started
-            assert w["env"] == {"RUNNER_PROBE": "from-the-command-line", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, method
+            assert w["env"] == {"RUNNER_PROBE": "from-the-command-line", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, (
+                method
+            )
             if method == "auto":  # forked from the fork server, which had torch._dynamo loaded already
                 assert w["ppid"] != driver["pid"] and w["dynamo"] and not w["preflight"]
             elif method == "fork":  # forked from the driver: everything it imported is there
@@ -97,8 +132,15 @@ def test_sigterm_to_the_whole_process_group_still_gets_the_stop_snapshot(workdir
 
     args = ["model=mlp", "dataset.size=4096", "trainer.total_epochs=400", "name=group", *FAST]
     run_dir = workdir / "outputs" / "group"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=workdir, env=cli_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=workdir,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:
@@ -111,11 +153,15 @@ def test_sigterm_to_the_whole_process_group_still_gets_the_stop_snapshot(workdir
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "Stopped by SIGTERM" in err and "did not write a snapshot" not in err, err
     latest = manifest(run_dir)["snapshots"][-1]
-    assert f"a snapshot of the last step ({latest['file']}, step {latest['step']})" in err, err  # written after the signal
+    assert f"a snapshot of the last step ({latest['file']}, step {latest['step']})" in err, (
+        err
+    )  # written after the signal
 
 
 def test_a_changed_import_time_variable_means_a_new_server_and_launch_time_ones_do_not():
     server = {"TORCH_LOGS": "", "OMP_NUM_THREADS": "2", "PATH": "/bin"}
     launch = {**server, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PATH": "/usr/bin"}
-    assert start._import_time_env(server) == start._import_time_env(launch)  # the driver's own settings, PATH: same server
+    assert start._import_time_env(server) == start._import_time_env(
+        launch
+    )  # the driver's own settings, PATH: same server
     assert start._import_time_env(server) != start._import_time_env({**launch, "TORCH_LOGS": "recompiles"})

@@ -15,9 +15,20 @@ from runner import report
 from runner.system import usable_cores
 
 pytestmark = pytest.mark.slow
-SWEEP = ["--multirun", "optimizer=sgd,adam", "optimizer.lr=0.05,0.01", "trainer.total_epochs=2", "trainer.progress=false", *WORKERS]
-JOB_DIRS = ["optimizer.lr=0.05,optimizer=sgd", "optimizer.lr=0.01,optimizer=sgd",
-            "optimizer.lr=0.05,optimizer=adam", "optimizer.lr=0.01,optimizer=adam"]
+SWEEP = [
+    "--multirun",
+    "optimizer=sgd,adam",
+    "optimizer.lr=0.05,0.01",
+    "trainer.total_epochs=2",
+    "trainer.progress=false",
+    *WORKERS,
+]
+JOB_DIRS = [
+    "optimizer.lr=0.05,optimizer=sgd",
+    "optimizer.lr=0.01,optimizer=sgd",
+    "optimizer.lr=0.05,optimizer=adam",
+    "optimizer.lr=0.01,optimizer=adam",
+]
 
 
 def statuses(root):
@@ -65,15 +76,28 @@ def test_sweep_interrupted_then_resumed_then_skipped_and_reported(workdir):
     for name, run in zip(JOB_DIRS, runs):
         line = report.table([run]).splitlines()[1]  # alone: its name is not cut to fit beside the others
         assert line.startswith(name), line
-        assert f"{metrics(workdir / 'outputs' / name)[-1]['train/loss']:.4g}" in line and "2/2" in line and "finished" in line
+        assert (
+            f"{metrics(workdir / 'outputs' / name)[-1]['train/loss']:.4g}" in line
+            and "2/2" in line
+            and "finished" in line
+        )
     assert report.differing_overrides(runs)[3] == "optimizer=adam optimizer.lr=0.01"
     assert report.main([str(workdir / "outputs")]) == 0
     assert (workdir / "outputs" / "losses.png").stat().st_size > 1000
 
 
 def test_a_failing_job_does_not_stop_the_sweep(workdir):
-    res = run_cli(["--multirun", "launch=local", "model.in_features=2,3", "+model.bias=true,false", "trainer.total_epochs=1",
-                   "trainer.progress=false"], workdir)
+    res = run_cli(
+        [
+            "--multirun",
+            "launch=local",
+            "model.in_features=2,3",
+            "+model.bias=true,false",
+            "trainer.total_epochs=1",
+            "trainer.progress=false",
+        ],
+        workdir,
+    )
     assert res.returncode == 1, res.output
     assert "sweep: 4 jobs, 2 failed" in res.output
     assert res.output.count("Error: training failed on rank 0") == 2
@@ -85,8 +109,19 @@ def test_a_failing_job_does_not_stop_the_sweep(workdir):
 
 
 def test_parallel_sweep_with_joblib_shares_the_machine(workdir):
-    res = run_cli(["--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd,adam",
-                   "trainer.total_epochs=2", "trainer.progress=false", "launch.nproc_per_node=cpu", "launch.backend=gloo"], workdir)
+    res = run_cli(
+        [
+            "--multirun",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "optimizer=sgd,adam",
+            "trainer.total_epochs=2",
+            "trainer.progress=false",
+            "launch.nproc_per_node=cpu",
+            "launch.backend=gloo",
+        ],
+        workdir,
+    )
     assert res.returncode == 0, res.output
     assert "sweep: 2 jobs, 0 failed" in res.output
     for name in ("optimizer=sgd", "optimizer=adam"):

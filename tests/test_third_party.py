@@ -25,7 +25,7 @@ CONFIGS = {
     "dataset/token_sequences.yaml": "_target_: third_party.token_splits\nsize: 512\nval_size: 128\n",
     "task/sequence_classification.yaml": "_target_: third_party.SequenceClassification\n",
     "model/tutorial_transformer.yaml": "_target_: third_party.TransformerModel\nntoken: 128\nninp: 32\nnhead: 2\n"
-                                       "nhid: 64\nnlayers: 2\ndropout: 0.1\n",
+    "nhid: 64\nnlayers: 2\ndropout: 0.1\n",
 }
 
 
@@ -51,9 +51,18 @@ def finite_losses(run_dir: Path) -> list[float]:
 
 # ResNet-18: 256 training images / (2 workers x 16) = 8 steps per epoch, two loader workers per rank
 # drawing torchvision's RandomCrop and RandomHorizontalFlip. The progress bar stays on (no validation).
-RESNET = ["model=resnet18", "dataset=digit_images", "task=classification", "optimizer=adamw", "optimizer.lr=0.003",
-          "trainer.batch_size=16", "trainer.total_epochs=2", "trainer.save_every_steps=4", "data.num_workers=2",
-          *WORKERS]
+RESNET = [
+    "model=resnet18",
+    "dataset=digit_images",
+    "task=classification",
+    "optimizer=adamw",
+    "optimizer.lr=0.003",
+    "trainer.batch_size=16",
+    "trainer.total_epochs=2",
+    "trainer.save_every_steps=4",
+    "data.num_workers=2",
+    *WORKERS,
+]
 
 
 @pytest.mark.slow
@@ -76,10 +85,21 @@ def test_torchvision_resnet_with_v2_transforms_in_loader_workers_resumes_bitwise
 
 # BERT from a tiny config: 512 variable-length sequences / (2 workers x 16 x 2 micro-batches) = 8
 # steps per epoch; dict batches padded by the user's collate, the loss computed by the model.
-BERT = ["model=tiny_bert", "dataset=token_sequences", "task=sequence_classification",
-        "+data.collate_fn._target_=third_party.pad_collate", "data.num_workers=1", "optimizer=adamw",
-        "optimizer.lr=0.003", "trainer.batch_size=16", "trainer.accumulate=2", "trainer.clip_grad_norm=1.0",
-        "trainer.total_epochs=4", *QUIET, *WORKERS]
+BERT = [
+    "model=tiny_bert",
+    "dataset=token_sequences",
+    "task=sequence_classification",
+    "+data.collate_fn._target_=third_party.pad_collate",
+    "data.num_workers=1",
+    "optimizer=adamw",
+    "optimizer.lr=0.003",
+    "trainer.batch_size=16",
+    "trainer.accumulate=2",
+    "trainer.clip_grad_norm=1.0",
+    "trainer.total_epochs=4",
+    *QUIET,
+    *WORKERS,
+]
 
 
 @pytest.mark.slow
@@ -98,8 +118,15 @@ def test_tiny_bert_with_dict_batches_a_custom_collate_and_task(tmp_path, user_co
 
 # PyTorch's word-level Transformer example on characters: its `pe` buffer is (5000, 1, 32) with the
 # strides of a transposed view, which DDP's buffer broadcast refused even in one process.
-TUTORIAL = ["model=tutorial_transformer", "dataset=charlm", "dataset.block_size=32", "dataset.max_chars=20000",
-            "task=language_model", "trainer.batch_size=8", *QUIET]
+TUTORIAL = [
+    "model=tutorial_transformer",
+    "dataset=charlm",
+    "dataset.block_size=32",
+    "dataset.max_chars=20000",
+    "task=language_model",
+    "trainer.batch_size=8",
+    *QUIET,
+]
 
 
 @pytest.mark.slow
@@ -129,11 +156,18 @@ def test_tutorial_transformer_with_a_transposed_buffer_trains_on_two_workers_and
 
 @pytest.mark.slow
 def test_ddp_options_are_refused_where_they_cannot_work(tmp_path):
-    cases = [(["trainer.strategy=fsdp", "trainer.ddp.find_unused_parameters=true"],
-              "trainer.ddp.find_unused_parameters=True: is read only with trainer.strategy=ddp"),
-             (["trainer.ddp.static_graph=true", "trainer.accumulate=2"], "trainer.ddp.static_graph=True: cannot be combined"),
-             (["trainer.ddp.bucket_cap_mb=0"], "trainer.ddp.bucket_cap_mb=0.0: must be positive"),
-             (["+trainer.ddp.sync_bn=true"], "trainer.ddp.sync_bn")]
+    cases = [
+        (
+            ["trainer.strategy=fsdp", "trainer.ddp.find_unused_parameters=true"],
+            "trainer.ddp.find_unused_parameters=True: is read only with trainer.strategy=ddp",
+        ),
+        (
+            ["trainer.ddp.static_graph=true", "trainer.accumulate=2"],
+            "trainer.ddp.static_graph=True: cannot be combined",
+        ),
+        (["trainer.ddp.bucket_cap_mb=0"], "trainer.ddp.bucket_cap_mb=0.0: must be positive"),
+        (["+trainer.ddp.sync_bn=true"], "trainer.ddp.sync_bn"),
+    ]
     for overrides, message in cases:
         res = run_cli([*overrides, "launch=local", *QUIET], tmp_path)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.output, res.output

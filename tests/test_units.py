@@ -19,7 +19,10 @@ from runner.train.sampler import ResumableDistributedSampler
 def test_sampler_matches_torch_distributed_sampler(world):
     data = list(range(23))
     for rank in range(world):
-        ours, theirs = ResumableDistributedSampler(data, world, rank, seed=7), DistributedSampler(data, world, rank, seed=7)
+        ours, theirs = (
+            ResumableDistributedSampler(data, world, rank, seed=7),
+            DistributedSampler(data, world, rank, seed=7),
+        )
         ours.set_epoch(4), theirs.set_epoch(4)
         assert list(ours) == list(theirs) and len(ours) == len(theirs)
 
@@ -47,11 +50,13 @@ def test_sampler_resumes_mid_epoch_without_repeating_or_skipping(new_world):
             resumed = ResumableDistributedSampler(data, world, r, seed=1)
             resumed.set_epoch(2)
             resumed.set_start(steps_done * batch * world)
-            assert list(resumed) == list(s)[steps_done * batch:]
+            assert list(resumed) == list(s)[steps_done * batch :]
 
 
 def test_run_dir_name_is_stable_and_ignores_extend_only_overrides():
-    a = run_dir_name(None, ["optimizer=adam", "model=mlp", "trainer.total_epochs=50", "launch=local", "snapshot.keep_last=9"])
+    a = run_dir_name(
+        None, ["optimizer=adam", "model=mlp", "trainer.total_epochs=50", "launch=local", "snapshot.keep_last=9"]
+    )
     b = run_dir_name(None, ["model=mlp", "optimizer=adam"])
     assert a == b == "model=mlp,optimizer=adam"
     assert run_dir_name(None, []) == "default"
@@ -64,10 +69,16 @@ def test_run_dir_name_is_stable_and_ignores_extend_only_overrides():
 def test_identity_ignores_total_epochs_but_not_the_model():
     from omegaconf import OmegaConf
 
-    base = OmegaConf.create({"trainer": {"total_epochs": 5, "seed": 0, "shuffle": True}, "task": {"_target_": "T"},
-                             "model": {"_target_": "M", "n": 2}, "dataset": {"_target_": "D"},
-                             "optimizer": {"_target_": "O", "lr": 0.1},
-                             "scheduler": {"_target_": "S", "T_max": "${trainer.total_epochs}"}})
+    base = OmegaConf.create(
+        {
+            "trainer": {"total_epochs": 5, "seed": 0, "shuffle": True},
+            "task": {"_target_": "T"},
+            "model": {"_target_": "M", "n": 2},
+            "dataset": {"_target_": "D"},
+            "optimizer": {"_target_": "O", "lr": 0.1},
+            "scheduler": {"_target_": "S", "T_max": "${trainer.total_epochs}"},
+        }
+    )
     longer = OmegaConf.merge(base, {"trainer": {"total_epochs": 50}})
     other = OmegaConf.merge(base, {"model": {"n": 3}, "optimizer": {"lr": 0.2}})
     assert identity_diff(identity(base), identity(longer)) == []
@@ -96,8 +107,12 @@ def test_regression_dataset_is_the_seed_task_and_deterministic():
 def test_report_ranks_runs_by_objective_in_the_monitor_direction():
     from runner.report import rank_by_objective
 
-    runs = [{"objective": 0.5, "maximize": False}, {"objective": None, "maximize": False},
-            {"objective": 0.1, "maximize": False}, {"objective": float("nan"), "maximize": False}]
+    runs = [
+        {"objective": 0.5, "maximize": False},
+        {"objective": None, "maximize": False},
+        {"objective": 0.1, "maximize": False},
+        {"objective": float("nan"), "maximize": False},
+    ]
     assert [r["objective"] for r in rank_by_objective(runs)][:2] == [0.1, 0.5]
     accuracy = [{"objective": 0.8, "maximize": True}, {"objective": 0.95, "maximize": True}]
     assert [r["objective"] for r in rank_by_objective(accuracy)] == [0.95, 0.8]
@@ -154,7 +169,9 @@ def test_meta_init_is_refused_where_nothing_would_initialise_a_parameter(caplog)
 
     with torch.device("meta"):
         attention, mlp, gpt = torch.nn.MultiheadAttention(8, 2), MLP(2, 1), TinyGPT(n_layer=1)
-    with pytest.raises(UserError, match="in_proj_weight") as err:  # MHA initialises in _reset_parameters, not reset_parameters
+    with pytest.raises(
+        UserError, match="in_proj_weight"
+    ) as err:  # MHA initialises in _reset_parameters, not reset_parameters
         check_meta_init(attention, "torch.nn.MultiheadAttention")
     assert "init_weights" in str(err.value)
     check_meta_init(mlp, "runner.models.MLP")  # Linear layers: reset_parameters covers every weight

@@ -14,7 +14,13 @@ pytestmark = pytest.mark.slow
 
 # Digits: ~1,257 training images / (2 workers x 64) = 10 steps per epoch, two loader workers per rank
 # with random-shift augmentation in them.
-DIGITS = ["experiment=digits", "trainer.total_epochs=3", "trainer.early_stop.patience=0", "trainer.save_every_steps=4", *FAST]
+DIGITS = [
+    "experiment=digits",
+    "trainer.total_epochs=3",
+    "trainer.early_stop.patience=0",
+    "trainer.save_every_steps=4",
+    *FAST,
+]
 
 
 def test_digits_example_validates_keeps_the_best_and_tests(workdir):
@@ -40,8 +46,11 @@ def test_digits_example_validates_keeps_the_best_and_tests(workdir):
 def test_digits_with_loader_workers_killed_mid_epoch_ends_bitwise_equal(workdir):
     ref = run_cli([*DIGITS, "trainer.test=false", "name=ref"], workdir, timeout=300)
     assert ref.returncode == 0, ref.output
-    crash = run_cli([*DIGITS, "trainer.test=false", "name=crash", "trainer.crash_at_step=15", "trainer.crash_rank=1"],
-                    workdir, timeout=300)
+    crash = run_cli(
+        [*DIGITS, "trainer.test=false", "name=crash", "trainer.crash_at_step=15", "trainer.crash_rank=1"],
+        workdir,
+        timeout=300,
+    )
     assert crash.returncode == 0, crash.output
     assert "resumed from snapshot-000000012.pt" in crash.output  # step 12: mid-epoch 2
     a, b = latest_snapshot(workdir / "outputs" / "ref"), latest_snapshot(workdir / "outputs" / "crash")
@@ -51,7 +60,14 @@ def test_digits_with_loader_workers_killed_mid_epoch_ends_bitwise_equal(workdir)
 
 
 # 8192 samples / (2 workers x 32 x 4 micro-batches) = 32 optimizer steps per epoch.
-ACCUMULATE = ["model=mlp", "model.dropout=0.1", "dataset.size=8192", "trainer.total_epochs=4", "trainer.accumulate=4", *FAST]
+ACCUMULATE = [
+    "model=mlp",
+    "model.dropout=0.1",
+    "dataset.size=8192",
+    "trainer.total_epochs=4",
+    "trainer.accumulate=4",
+    *FAST,
+]
 
 
 def test_accumulation_stopped_by_sigterm_resumes_bitwise_equal(workdir):
@@ -68,15 +84,21 @@ def test_accumulation_stopped_by_sigterm_resumes_bitwise_equal(workdir):
     res = run_cli([*ACCUMULATE, "name=acc_stop"], workdir)
     assert res.returncode == 0, res.output
     assert_same_weights(latest_snapshot(run_dir)["model"], latest_snapshot(workdir / "outputs" / "acc_ref")["model"])
-    assert [r["train/loss"] for r in metrics(run_dir)] == [r["train/loss"] for r in metrics(workdir / "outputs" / "acc_ref")]
+    assert [r["train/loss"] for r in metrics(run_dir)] == [
+        r["train/loss"] for r in metrics(workdir / "outputs" / "acc_ref")
+    ]
 
 
 def test_precision_clipping_and_step_schedules_do_what_they_say(workdir):
     base = ["launch=local", "trainer.total_epochs=2", "model=mlp", *QUIET]
     plain = run_cli([*base, "name=plain"], workdir)
     bf16 = run_cli([*base, "name=bf16", "trainer.precision=bf16"], workdir)
-    clipped = run_cli([*base, "name=clipped", "trainer.clip_grad_norm=0.001", "optimizer=sgd", "optimizer.lr=0.01"], workdir)
-    sched = run_cli([*base, "name=sched", "scheduler=warmup_cosine", "scheduler.warmup_steps=10", "trainer.max_steps=100"], workdir)
+    clipped = run_cli(
+        [*base, "name=clipped", "trainer.clip_grad_norm=0.001", "optimizer=sgd", "optimizer.lr=0.01"], workdir
+    )
+    sched = run_cli(
+        [*base, "name=sched", "scheduler=warmup_cosine", "scheduler.warmup_steps=10", "trainer.max_steps=100"], workdir
+    )
     fp16 = run_cli([*base, "name=fp16", "trainer.precision=fp16"], workdir)
     compiled = run_cli([*base, "name=compiled", "trainer.compile=true"], workdir, timeout=300)
     for res in (plain, bf16, clipped, sched, fp16, compiled):
@@ -100,8 +122,13 @@ def test_precision_clipping_and_step_schedules_do_what_they_say(workdir):
     assert srows[-1]["step"] == 100 and srows[-1].get("partial_epoch") is True
     state = latest_snapshot(out / "sched")
     assert state["scheduler"]["last_epoch"] == 100  # stepped once per optimizer step
-    assert "already complete" in run_cli([*base, "name=sched", "scheduler=warmup_cosine", "scheduler.warmup_steps=10",
-                                          "trainer.max_steps=100"], workdir).stdout
+    assert (
+        "already complete"
+        in run_cli(
+            [*base, "name=sched", "scheduler=warmup_cosine", "scheduler.warmup_steps=10", "trainer.max_steps=100"],
+            workdir,
+        ).stdout
+    )
 
 
 def _initial_mlp() -> dict:
@@ -113,8 +140,16 @@ def _initial_mlp() -> dict:
 
 
 def test_early_stop_ends_the_run_as_finished_and_reinvocation_does_nothing(workdir):
-    args = ["launch=local", "trainer.total_epochs=20", "data.val_fraction=0.2", "snapshot.monitor=val/loss",
-            "trainer.early_stop.patience=2", "trainer.early_stop.min_delta=1000", "name=early", *QUIET]
+    args = [
+        "launch=local",
+        "trainer.total_epochs=20",
+        "data.val_fraction=0.2",
+        "snapshot.monitor=val/loss",
+        "trainer.early_stop.patience=2",
+        "trainer.early_stop.min_delta=1000",
+        "name=early",
+        *QUIET,
+    ]
     res = run_cli(args, workdir)
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "early"
@@ -128,8 +163,20 @@ def test_early_stop_ends_the_run_as_finished_and_reinvocation_does_nothing(workd
 
 
 def test_charlm_example_trains_and_samples(workdir):
-    res = run_cli(["experiment=charlm", "trainer.max_steps=12", "trainer.val_every_steps=6", "data.eval_batch_size=8",
-                   "dataset.max_chars=40000", "name=charlm", "launch=local", *QUIET], workdir, timeout=300)
+    res = run_cli(
+        [
+            "experiment=charlm",
+            "trainer.max_steps=12",
+            "trainer.val_every_steps=6",
+            "data.eval_batch_size=8",
+            "dataset.max_chars=40000",
+            "name=charlm",
+            "launch=local",
+            *QUIET,
+        ],
+        workdir,
+        timeout=300,
+    )
     assert res.returncode == 0, res.output
     run_dir = workdir / "outputs" / "charlm"
     vals = [r for r in metrics(run_dir) if "val/perplexity" in r]
@@ -138,7 +185,11 @@ def test_charlm_example_trains_and_samples(workdir):
     import subprocess
     import sys
 
-    sample = subprocess.run([sys.executable, "-m", "runner.sample", str(run_dir), "--prompt", "def ", "--tokens", "20"],
-                            capture_output=True, text=True, timeout=120)
+    sample = subprocess.run(
+        [sys.executable, "-m", "runner.sample", str(run_dir), "--prompt", "def ", "--tokens", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("def ") and len(sample.stdout.rstrip("\n")) >= 20

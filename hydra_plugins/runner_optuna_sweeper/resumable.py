@@ -52,8 +52,13 @@ def past_trials(sweep_dir: Path, distributions: dict, fixed: dict) -> tuple[list
         if any(v is None for v in params.values()):
             continue
         state = DONE.get(status.get("status"))
-        trial = {"params": params, "state": state, "value": status.get("objective"), "dir": status_file.parent.name,
-                 "status": status}
+        trial = {
+            "params": params,
+            "state": state,
+            "value": status.get("objective"),
+            "dir": status_file.parent.name,
+            "status": status,
+        }
         (done if state else interrupted).append(trial)
     return done, interrupted
 
@@ -82,12 +87,16 @@ def search_direction(given: Any, monitor: Optional[str], mode: Any) -> str:
         return follows
     name = str(getattr(given, "name", given))
     if monitor and name != follows:
-        raise UserError("hydra.sweeper.direction", name, f"each trial's objective is its best {monitor}, and "
-                        f"snapshot.mode={mode} says {'higher' if mode == 'max' else 'lower'} is better, so "
-                        f"{name[:-1]}ing it would rank the worst trial best",
-                        f"{follows}, or no hydra.sweeper.direction (it follows snapshot.mode)",
-                        f"drop hydra.sweeper.direction, or set snapshot.mode={'min' if mode == 'max' else 'max'} "
-                        f"if {monitor} improves the other way")
+        raise UserError(
+            "hydra.sweeper.direction",
+            name,
+            f"each trial's objective is its best {monitor}, and "
+            f"snapshot.mode={mode} says {'higher' if mode == 'max' else 'lower'} is better, so "
+            f"{name[:-1]}ing it would rank the worst trial best",
+            f"{follows}, or no hydra.sweeper.direction (it follows snapshot.mode)",
+            f"drop hydra.sweeper.direction, or set snapshot.mode={'min' if mode == 'max' else 'max'} "
+            f"if {monitor} improves the other way",
+        )
     return name
 
 
@@ -109,8 +118,13 @@ class _ResumableOptunaSweeper:
             directions = impl._get_directions()  # several objectives: the user's own task function
         else:
             directions = [_checked_direction(impl)]
-        study = optuna.create_study(study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
-                                    directions=directions, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=impl.study_name,
+            storage=impl.storage,
+            sampler=impl.sampler,
+            directions=directions,
+            load_if_exists=True,
+        )
         sweep_dir = Path(impl.config.hydra.sweep.dir)
         done, interrupted = past_trials(sweep_dir, distributions, fixed)
         known = {json.dumps(t.params, sort_keys=True) for t in study.trials}
@@ -122,8 +136,14 @@ class _ResumableOptunaSweeper:
                 value = trial["value"]
                 value = value if isinstance(value, (int, float)) and math.isfinite(value) else None
                 state = TrialState.COMPLETE if trial["state"] == "COMPLETE" and value is not None else TrialState.FAIL
-                study.add_trial(create_trial(params=trial["params"], distributions=distributions, state=state,
-                                             value=value if state == TrialState.COMPLETE else None))
+                study.add_trial(
+                    create_trial(
+                        params=trial["params"],
+                        distributions=distributions,
+                        state=state,
+                        value=value if state == TrialState.COMPLETE else None,
+                    )
+                )
             for trial in interrupted:
                 study.enqueue_trial(trial["params"])
         if done and hasattr(impl.sampler, "reseed_rng"):
@@ -135,9 +155,14 @@ class _ResumableOptunaSweeper:
             sweep_table.add_row(sweep_dir / trial["dir"], {**trial["status"], "job_num": num, "earlier": True})
         impl.job_idx = max(impl.job_idx, len(done))
         if done or interrupted:
-            log.info("search: %d of %d trials already done in %s%s; running %d more", len(done), impl.n_trials,
-                     sweep_dir,
-                     f", {len(interrupted)} interrupted (they resume)" if interrupted else "", remaining)
+            log.info(
+                "search: %d of %d trials already done in %s%s; running %d more",
+                len(done),
+                impl.n_trials,
+                sweep_dir,
+                f", {len(interrupted)} interrupted (they resume)" if interrupted else "",
+                remaining,
+            )
 
         while remaining > 0:
             batch = min(remaining, impl.n_jobs)
@@ -173,9 +198,18 @@ class _ResumableOptunaSweeper:
         best = study.best_trial
         log.info("search: best value %s with %s", best.value, best.params)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
-                                         "trials": len(study.trials), "complete": len(complete)}),
-                       sweep_dir / "optimization_results.yaml")
+        OmegaConf.save(
+            OmegaConf.create(
+                {
+                    "name": "optuna",
+                    "best_params": best.params,
+                    "best_value": best.value,
+                    "trials": len(study.trials),
+                    "complete": len(complete),
+                }
+            ),
+            sweep_dir / "optimization_results.yaml",
+        )
 
 
 def _checked_direction(impl) -> str:
@@ -193,5 +227,6 @@ def _checked_direction(impl) -> str:
 
 
 if OptunaSweeper is not None:
+
     class ResumableOptunaSweeper(_ResumableOptunaSweeper, OptunaSweeper):
         """hydra/sweeper=optuna that continues its search instead of starting `n_trials` anew."""

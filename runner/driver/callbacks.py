@@ -32,8 +32,13 @@ class PreflightCallback(Callback):
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         lock = RunDirLock(run_dir, shared=task_cfg.launch.mode == LaunchMode.multinode)
         try:
-            runtime = check(task_cfg, run_dir, dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task),
-                            lock=lock.acquire)
+            runtime = check(
+                task_cfg,
+                run_dir,
+                dict(config.hydra.runtime.choices),
+                tuple(config.hydra.overrides.task),
+                lock=lock.acquire,
+            )
         except UserError as err:
             lock.abandon()
             if full_errors_requested():

@@ -129,16 +129,26 @@ def run(cfg: DictConfig) -> int:
         if lock.holding and cfg.get("runtime"):  # a single run: the preflight callback checked, locked and resolved
             runtime = Runtime.from_config(cfg.runtime)
         else:
-            runtime = checks.check(cfg, run_dir, dict(hydra_cfg.runtime.choices), tuple(overrides), lock=lock.acquire,
-                                   **_parallel_share(hydra_cfg))
+            runtime = checks.check(
+                cfg,
+                run_dir,
+                dict(hydra_cfg.runtime.choices),
+                tuple(overrides),
+                lock=lock.acquire,
+                **_parallel_share(hydra_cfg),
+            )
     except UserError as err:
         lock.abandon()
         if full_errors_requested():
             raise
         report_user_error(err)
         if multirun:
-            sweep.write_refused(run_dir, "in use" if isinstance(err, RunDirInUse) else "invalid config",
-                                exit_code=EXIT_USER_ERROR, **job)
+            sweep.write_refused(
+                run_dir,
+                "in use" if isinstance(err, RunDirInUse) else "invalid config",
+                exit_code=EXIT_USER_ERROR,
+                **job,
+            )
         _remove_if_empty(run_dir)
         return EXIT_USER_ERROR
     except BaseException:
@@ -155,17 +165,31 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict, runtime: R
     finished = _finished_entry(cfg, run_dir)
     if finished is not None:
         if finished.get("ended"):
-            where, advice = f"step {finished['step']}, ended early: {finished['ended']}", "Pass snapshot.resume=never to start over."
+            where, advice = (
+                f"step {finished['step']}, ended early: {finished['ended']}",
+                "Pass snapshot.resume=never to start over.",
+            )
         elif cfg.trainer.max_steps:
-            where, advice = (f"step {finished['step']} of {cfg.trainer.max_steps}",
-                             "Raise trainer.max_steps to train on, or pass snapshot.resume=never to start over.")
+            where, advice = (
+                f"step {finished['step']} of {cfg.trainer.max_steps}",
+                "Raise trainer.max_steps to train on, or pass snapshot.resume=never to start over.",
+            )
         else:
-            where, advice = (f"epoch {finished['epoch']} of {cfg.trainer.total_epochs}",
-                             "Raise trainer.total_epochs to train on, or pass snapshot.resume=never to start over.")
+            where, advice = (
+                f"epoch {finished['epoch']} of {cfg.trainer.total_epochs}",
+                "Raise trainer.total_epochs to train on, or pass snapshot.resume=never to start over.",
+            )
         print(f"{reports.short(run_dir)}: already complete ({finished['file']}, {where}); nothing to run. {advice}")
         previous = sweep.read_status(run_dir) or {}
-        sweep.write_status(run_dir, "finished", exit_code=0, skipped=True, epochs=finished["epoch"],
-                           **{k: previous[k] for k in ("final_loss", "val", "best", "monitor", "objective") if k in previous}, **job)
+        sweep.write_status(
+            run_dir,
+            "finished",
+            exit_code=0,
+            skipped=True,
+            epochs=finished["epoch"],
+            **{k: previous[k] for k in ("final_loss", "val", "best", "monitor", "objective") if k in previous},
+            **job,
+        )
         return 0
     from runner.logs import add_driver_log_file
 
@@ -176,12 +200,21 @@ def _run_locked(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict, runtime: R
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-    status = summary.get("status") if summary.get("status") == "diverged" else \
-        ("finished" if code == 0 else ("stopped" if code >= 128 else "failed"))
-    sweep.write_status(run_dir, status, exit_code=code, **job, **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")},
-                       objective=reports.objective(summary) if status == "finished" else None,
-                       **({"val": summary["val"]} if summary.get("val") else {}),
-                       **({"best": summary["best"], "monitor": summary["monitor"]} if summary.get("best") is not None else {}))
+    status = (
+        summary.get("status")
+        if summary.get("status") == "diverged"
+        else ("finished" if code == 0 else ("stopped" if code >= 128 else "failed"))
+    )
+    sweep.write_status(
+        run_dir,
+        status,
+        exit_code=code,
+        **job,
+        **{k: summary.get(k) for k in ("epochs", "steps", "final_loss")},
+        objective=reports.objective(summary) if status == "finished" else None,
+        **({"val": summary["val"]} if summary.get("val") else {}),
+        **({"best": summary["best"], "monitor": summary["monitor"]} if summary.get("best") is not None else {}),
+    )
     if code - 128 in (signal.SIGUSR1, signal.SIGUSR2):
         _requeue_if_preempted(code - 128)
     return code
@@ -246,8 +279,13 @@ def _launch_and_report(cfg: DictConfig, run_dir: Path, runtime) -> tuple[int, di
     from runner.layout import stop_marker
 
     started = "" if cfg.launch.mode == LaunchMode.local else f", workers by {runtime.start_method}"
-    log.info("run directory %s: %s, launch=%s%s", reports.short(run_dir), runtime.describe(cfg.trainer.strategy),
-             cfg.launch.mode, started)
+    log.info(
+        "run directory %s: %s, launch=%s%s",
+        reports.short(run_dir),
+        runtime.describe(cfg.trainer.strategy),
+        cfg.launch.mode,
+        started,
+    )
     log.info("training: %s", reports.training_setup(cfg, runtime))
     stop_marker(run_dir).unlink(missing_ok=True)
     started = time.perf_counter()
@@ -275,7 +313,15 @@ def _archive_previous_run(run_dir: Path, snapshot_dir: str) -> None:
     """snapshot.resume=never: start over, but keep (never delete) the previous snapshots and metrics."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for name in (snapshot_dir, "metrics.jsonl", "metrics.csv", "results.json", "logs/loggers.json", "logs/mlflow_run_id", "wandb"):
+    for name in (
+        snapshot_dir,
+        "metrics.jsonl",
+        "metrics.csv",
+        "results.json",
+        "logs/loggers.json",
+        "logs/mlflow_run_id",
+        "wandb",
+    ):
         src = run_dir / name
         if src.exists():
             dst = run_dir / "archive" / stamp / name
@@ -283,7 +329,10 @@ def _archive_previous_run(run_dir: Path, snapshot_dir: str) -> None:
             os.replace(src, dst)
             moved.append(str(dst))
     if moved:
-        log.info("snapshot.resume=never: previous snapshots and metrics moved to %s", reports.short(run_dir / "archive" / stamp))
+        log.info(
+            "snapshot.resume=never: previous snapshots and metrics moved to %s",
+            reports.short(run_dir / "archive" / stamp),
+        )
 
 
 def _exit_now(code: int) -> None:

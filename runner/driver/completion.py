@@ -12,7 +12,8 @@ from hydra._internal.core_plugins.bash_completion import BashCompletion
 
 COMMANDS = "python python3 runner"  # the command words the completion is registered for
 
-SCRIPT = r"""_runner_complete()
+SCRIPT = (
+    r"""_runner_complete()
 {
     local words=($COMP_LINE) helper rest
     if [ "${words[1]}" == "-m" ] && [ "${words[2]}" == "runner" ]; then
@@ -31,7 +32,9 @@ SCRIPT = r"""_runner_complete()
     COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$word"))
 }
 COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
-complete -o nospace -o default -F _runner_complete """ + COMMANDS
+complete -o nospace -o default -F _runner_complete """
+    + COMMANDS
+)
 
 
 class RunnerBashCompletion(BashCompletion):

@@ -85,17 +85,22 @@ class RunDirLock:
                 if time.monotonic() < (deadline if holder.get("state") == CHECKING else grace):
                     time.sleep(0.05)
                     continue
-                raise RunDirInUse("run directory", str(self.path.parent),
-                                  f"is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started at "
-                                  f"{holder.get('started', '?')}); two runs in one directory would mix their "
-                                  "snapshots and metrics",
-                                  "one run per directory at a time",
-                                  "wait for it to finish (or stop it), or pass name=<another name> for a separate run"
-                                  ) from None
+                raise RunDirInUse(
+                    "run directory",
+                    str(self.path.parent),
+                    f"is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started at "
+                    f"{holder.get('started', '?')}); two runs in one directory would mix their "
+                    "snapshots and metrics",
+                    "one run per directory at a time",
+                    "wait for it to finish (or stop it), or pass name=<another name> for a separate run",
+                ) from None
             except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this filesystem
                 os.close(fd)
-                log.warning("cannot lock %s (%s): running without the one-driver-per-directory guarantee",
-                            self.path, err.strerror)
+                log.warning(
+                    "cannot lock %s (%s): running without the one-driver-per-directory guarantee",
+                    self.path,
+                    err.strerror,
+                )
                 self._unlockable = True
                 break
             if _same_file(fd, self.path):
@@ -162,8 +167,14 @@ class RunDirLock:
 
 
 def _holder(state: str) -> bytes:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "state": state}).encode()
+    return json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "state": state,
+        }
+    ).encode()
 
 
 def _missing(path: Path) -> list[Path]:

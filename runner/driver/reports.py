@@ -23,8 +23,9 @@ def training_setup(cfg: DictConfig, runtime) -> str:
     from runner.config import parse_nnodes
 
     trainer = cfg.trainer
-    precision = {"32": "float32", "bf16": "bf16 autocast",
-                 "fp16": "fp16 autocast + gradient scaler"}.get(str(trainer.precision), str(trainer.precision))
+    precision = {"32": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}.get(
+        str(trainer.precision), str(trainer.precision)
+    )
     if cfg.launch.mode == LaunchMode.rpc:
         return f"{cfg.launch.topology} over RPC, precision {precision}"
     nodes = (parse_nnodes(cfg.launch.nnodes) or (1, 1))[0] if cfg.launch.mode == LaunchMode.multinode else 1
@@ -35,8 +36,10 @@ def training_setup(cfg: DictConfig, runtime) -> str:
     parts = [f"{trainer.batch_size} per worker", f"{workers} worker{'s' if workers > 1 else ''}"]
     if accumulate > 1:
         parts.append(f"{accumulate} micro-batches")
-    return (f"{strategy}, precision {precision}, global batch {int(trainer.batch_size) * workers * accumulate} "
-            f"({' x '.join(parts)})")
+    return (
+        f"{strategy}, precision {precision}, global batch {int(trainer.batch_size) * workers * accumulate} "
+        f"({' x '.join(parts)})"
+    )
 
 
 def short(path: Path) -> str:
@@ -79,11 +82,15 @@ def print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) ->
         + (" (gradients through shared memory)" if summary.get("allreduce") == "shm" else ""),
         f"wall time     : {wall:.1f} s",
         f"peak memory   : driver {peak_rss_mb():.0f} MB, " + _worker_memory(summary),
-        f"snapshot      : {short(run_dir / cfg.snapshot.dir / snapshot)}" if snapshot else "snapshot      : none written",
+        f"snapshot      : {short(run_dir / cfg.snapshot.dir / snapshot)}"
+        if snapshot
+        else "snapshot      : none written",
     ]
     stalls = summary.get("snapshot_stall_seconds") or []
     if snapshot and stalls:
-        lines[-1] += f" (training waited {sum(stalls):.2f} s for {len(stalls)} snapshot{'s' if len(stalls) > 1 else ''})"
+        lines[-1] += (
+            f" (training waited {sum(stalls):.2f} s for {len(stalls)} snapshot{'s' if len(stalls) > 1 else ''})"
+        )
     unit = next((k for k in summary if k.endswith("_per_s") and k != "samples_per_s" and summary[k]), None)
     if unit:
         lines[3] += f", {summary[unit]:,.0f} {unit[:-6]}/s"
@@ -94,13 +101,18 @@ def print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) ->
         extra.append(f"best          : {summary['monitor']} {summary['best']:.6g} at step {summary['best_step']}")
     if summary.get("test"):
         test = summary["test"]
-        extra.append("test          : " + _metrics_line({k: v for k, v in test.items() if k.startswith("test/")})
-                     + f" ({test.get('chosen_by')}, {test.get('snapshot')}; results.json)")
+        extra.append(
+            "test          : "
+            + _metrics_line({k: v for k, v in test.items() if k.startswith("test/")})
+            + f" ({test.get('chosen_by')}, {test.get('snapshot')}; results.json)"
+        )
     if summary.get("ended"):
         extra.append(f"ended early   : {summary['ended']}")
     lines[3:3] = extra
     if summary.get("skipped_steps"):
-        lines.insert(3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)")
+        lines.insert(
+            3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)"
+        )
     print("\n".join(lines))
 
 
@@ -128,7 +140,6 @@ def report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None, abor
     """Say what is on disk: the stop's own snapshot only when the workers wrote it."""
     import json
 
-
     try:
         written = json.loads(stop_marker(run_dir).read_text())
     except (OSError, ValueError):
@@ -136,28 +147,47 @@ def report_stopped(run_dir: Path, signum, cfg: Optional[DictConfig] = None, abor
     signum = (written or {}).get("signal") or signum  # the signal that stopped the job, maybe on another node
     name = signal.Signals(signum).name if signum else "a signal"
     if written and written.get("file"):
-        print(f"Stopped by {name}: a snapshot of the last step ({written['file']}, step {written['step']}) is in "
-              f"{short(run_dir)}; run the same command again to resume.", file=sys.stderr)
+        print(
+            f"Stopped by {name}: a snapshot of the last step ({written['file']}, step {written['step']}) is in "
+            f"{short(run_dir)}; run the same command again to resume.",
+            file=sys.stderr,
+        )
     elif written:
-        print(f"Stopped by {name} at step {written['step']} without a snapshot of it (its weights are not finite); "
-              f"run the same command again: {resume_point(cfg, run_dir)}.", file=sys.stderr)
+        print(
+            f"Stopped by {name} at step {written['step']} without a snapshot of it (its weights are not finite); "
+            f"run the same command again: {resume_point(cfg, run_dir)}.",
+            file=sys.stderr,
+        )
     elif aborted:
-        print(f"Aborted by a second {name}: no snapshot of the last step was written; run the same command again: "
-              f"{resume_point(cfg, run_dir)}.", file=sys.stderr)
+        print(
+            f"Aborted by a second {name}: no snapshot of the last step was written; run the same command again: "
+            f"{resume_point(cfg, run_dir)}.",
+            file=sys.stderr,
+        )
     else:
         timeout = f" within launch.stop_timeout={cfg.launch.stop_timeout} s" if cfg is not None else ""
-        print(f"Stopped by {name}: the workers did not write a snapshot after the signal (they did not reach a step "
-              f"boundary{timeout}); run the same command again: {resume_point(cfg, run_dir)}.", file=sys.stderr)
+        print(
+            f"Stopped by {name}: the workers did not write a snapshot after the signal (they did not reach a step "
+            f"boundary{timeout}); run the same command again: {resume_point(cfg, run_dir)}.",
+            file=sys.stderr,
+        )
     return 128 + (signum or 15)
 
 
 def report_diverged(summary: dict, cfg: DictConfig, run_dir: Path) -> int:
     last = summary.get("last_snapshot")
-    kept = f"the last finite snapshot is {last}" if last else f"no snapshot of this attempt was written; {resume_point(cfg, run_dir)}"
-    print(f"Error: training diverged: {summary.get('what')} is not finite at step {summary.get('step')} "
-          f"(trainer.on_nonfinite=stop); {kept}.\n"
-          f"  fix: lower optimizer.lr (now {cfg.optimizer.get('lr', '?')}), or pass trainer.on_nonfinite=skip to skip "
-          f"such steps; snapshot.resume=never starts over", file=sys.stderr)
+    kept = (
+        f"the last finite snapshot is {last}"
+        if last
+        else f"no snapshot of this attempt was written; {resume_point(cfg, run_dir)}"
+    )
+    print(
+        f"Error: training diverged: {summary.get('what')} is not finite at step {summary.get('step')} "
+        f"(trainer.on_nonfinite=stop); {kept}.\n"
+        f"  fix: lower optimizer.lr (now {cfg.optimizer.get('lr', '?')}), or pass trainer.on_nonfinite=skip to skip "
+        f"such steps; snapshot.resume=never starts over",
+        file=sys.stderr,
+    )
     return EXIT_TRAINING_FAILED
 
 
@@ -176,12 +206,18 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         return report_stopped(run_dir, int(err.sigval), cfg)
     stop = getattr(err, "stop_request", None)  # the workers stopped on request; the signal may have gone elsewhere
     if stop is not None and stop.get("signal") is None and not stop_marker(run_dir).exists():
-        print(f"Stopped at step {stop.get('step')}: another node was asked to stop, and rank 0 writes the snapshot on "
-              f"its node; run the same command again on every node to resume.", file=sys.stderr)
+        print(
+            f"Stopped at step {stop.get('step')}: another node was asked to stop, and rank 0 writes the snapshot on "
+            f"its node; run the same command again on every node to resume.",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGTERM
     if isinstance(err, KeyboardInterrupt) and cfg.launch.mode != LaunchMode.local:  # before the agent took signals
-        print(f"Stopped by SIGINT while the workers were starting; run the same command again: "
-              f"{resume_point(cfg, run_dir)}.", file=sys.stderr)
+        print(
+            f"Stopped by SIGINT while the workers were starting; run the same command again: "
+            f"{resume_point(cfg, run_dir)}.",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGINT
     if isinstance(err, KeyboardInterrupt):  # launch=local: a second signal while the first was being handled
         return report_stopped(run_dir, signal.SIGINT, cfg, aborted=True)
@@ -226,7 +262,10 @@ def _disk_full(run_dir: Path) -> Optional[str]:
     """The run directory's filesystem when it has (almost) no room left: the likeliest cause of a
     failure whose own report could not be written (torch's error file is empty on a full disk)."""
     try:
-        return f"the filesystem of {short(run_dir)} has {shutil.disk_usage(run_dir).free >> 10} KiB free" \
-            if shutil.disk_usage(run_dir).free < (1 << 20) else None
+        return (
+            f"the filesystem of {short(run_dir)} has {shutil.disk_usage(run_dir).free >> 10} KiB free"
+            if shutil.disk_usage(run_dir).free < (1 << 20)
+            else None
+        )
     except OSError:
         return None

@@ -21,24 +21,64 @@ from runner.layout import CONFIG_FILE
 
 # Keys (and groups) that never change what a run computes, only how long or how it is watched.
 NON_DEFINING_KEYS = (
-    "name", "hydra", "launch", "snapshot", "logger",
-    "trainer.total_epochs", "trainer.save_every", "trainer.save_every_steps", "trainer.log_every",
-    "trainer.progress", "trainer.crash_at_step", "trainer.crash_rank", "trainer.max_steps", "trainer.val_every",
-    "trainer.val_every_steps", "trainer.test", "trainer.early_stop", "data.num_workers", "data.pin_memory",
-    "data.persistent_workers", "data.prefetch_factor", "data.eval_batch_size", "data.loader",
+    "name",
+    "hydra",
+    "launch",
+    "snapshot",
+    "logger",
+    "trainer.total_epochs",
+    "trainer.save_every",
+    "trainer.save_every_steps",
+    "trainer.log_every",
+    "trainer.progress",
+    "trainer.crash_at_step",
+    "trainer.crash_rank",
+    "trainer.max_steps",
+    "trainer.val_every",
+    "trainer.val_every_steps",
+    "trainer.test",
+    "trainer.early_stop",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.prefetch_factor",
+    "data.eval_batch_size",
+    "data.loader",
     # How the model is spread over the workers, not what it computes: a run may move between
     # ddp and fsdp, and between numbers of workers (sharded snapshots reshard at load).
-    "trainer.strategy", "trainer.fsdp.shard", "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload",
+    "trainer.strategy",
+    "trainer.fsdp.shard",
+    "trainer.fsdp.reshard_after_forward",
+    "trainer.fsdp.cpu_offload",
     "trainer.ddp",
 )
 # What a snapshot's config must share with the current one for a resume to make sense.
 # trainer.batch_size changes the data order and the steps (and names the run directory like these).
-IDENTITY_KEYS = ("dataset", "task", "model", "optimizer", "scheduler", "trainer.seed", "trainer.shuffle",
-                 "trainer.batch_size", "trainer.accumulate", "data.val_fraction", "data.drop_last", "trainer.init_from")
+IDENTITY_KEYS = (
+    "dataset",
+    "task",
+    "model",
+    "optimizer",
+    "scheduler",
+    "trainer.seed",
+    "trainer.shuffle",
+    "trainer.batch_size",
+    "trainer.accumulate",
+    "data.val_fraction",
+    "data.drop_last",
+    "trainer.init_from",
+)
 # Identity keys added after runs were already written: a snapshot without them still resumes (the
 # loss moved from trainer.loss to task.loss; a scheduler's `interval` defaults to epoch, as before).
-LATER_IDENTITY_KEYS = ("trainer.batch_size", "task", "trainer.accumulate", "data.val_fraction", "data.drop_last",
-                       "scheduler.interval", "trainer.init_from")
+LATER_IDENTITY_KEYS = (
+    "trainer.batch_size",
+    "task",
+    "trainer.accumulate",
+    "data.val_fraction",
+    "data.drop_last",
+    "scheduler.interval",
+    "trainer.init_from",
+)
 RETIRED_IDENTITY_KEYS = ("trainer.loss",)
 MAX_NAME = 80
 
@@ -83,15 +123,26 @@ def check_name(name: Optional[str], parent: Path) -> None:
         return
     cleaned = _sanitize(str(name))
     if not cleaned:
-        raise UserError("name", name, "leaves no folder name once cleaned (letters, digits and ._=,+@- are kept; "
-                        "leading and trailing dots are dropped)", "a name with at least one letter or digit", "e.g. name=baseline")
+        raise UserError(
+            "name",
+            name,
+            "leaves no folder name once cleaned (letters, digits and ._=,+@- are kept; "
+            "leading and trailing dots are dropped)",
+            "a name with at least one letter or digit",
+            "e.g. name=baseline",
+        )
     try:
         limit = os.pathconf(existing_ancestor(parent), "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     if len(cleaned.encode()) > limit:
-        raise UserError("name", f"{cleaned[:40]}... ({len(cleaned)} characters)", f"is longer than this filesystem allows ({limit} bytes)",
-                        f"a name of at most {limit} bytes", "pass a shorter name=...")
+        raise UserError(
+            "name",
+            f"{cleaned[:40]}... ({len(cleaned)} characters)",
+            f"is longer than this filesystem allows ({limit} bytes)",
+            f"a name of at most {limit} bytes",
+            "pass a shorter name=...",
+        )
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -117,7 +168,9 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             OmegaConf.update(copy, key, None, force_add=True)
     launch = copy.get("launch") or {}
     mode = launch.get("mode", "standalone")
-    flat: dict[str, Any] = {"engine": f"rpc/{launch.get('topology')}/{launch.get('num_stages')}" if mode == LaunchMode.rpc else "ddp"}
+    flat: dict[str, Any] = {
+        "engine": f"rpc/{launch.get('topology')}/{launch.get('num_stages')}" if mode == LaunchMode.rpc else "ddp"
+    }
     for key in IDENTITY_KEYS:
         node = OmegaConf.select(copy, key)
         _flatten(key, OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node, flat)

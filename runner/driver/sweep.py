@@ -36,10 +36,12 @@ _rows_lock = None  # held on this sweep's rows folder while it runs
 
 # A choice on the command line -> the plugin package it needs and the extra that installs it.
 PLUGINS = {
-    "hydra/launcher": {"slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-                       "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-                       "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-                       "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib")},
+    "hydra/launcher": {
+        "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+        "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+        "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+        "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib"),
+    },
     "hydra/sweeper": {"optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "search")},
     "hparams_search": {"*": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "search")},
 }
@@ -60,8 +62,9 @@ def check_plugins(args: list[str]) -> None:
 
     from runner.errors import UserError
 
-    shows_only = any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
-                     for a in args)  # prints the config or help: nothing is submitted
+    shows_only = any(
+        a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc") for a in args
+    )  # prints the config or help: nothing is submitted
     for arg in args:
         group, _, choice = arg.lstrip("+~").partition("=")
         plugin = PLUGINS.get(group, {}).get("*" if group == "hparams_search" else choice)
@@ -73,13 +76,22 @@ def check_plugins(args: list[str]) -> None:
         except ImportError:
             found = False
         if not found:
-            raise UserError(group, choice, f"needs the {package} package (a Hydra plugin), which is not installed",
-                            WITHOUT_PLUGIN[group], f'pip install "hydra-torch-runner[{extra}]"')
+            raise UserError(
+                group,
+                choice,
+                f"needs the {package} package (a Hydra plugin), which is not installed",
+                WITHOUT_PLUGIN[group],
+                f'pip install "hydra-torch-runner[{extra}]"',
+            )
         if group == "hydra/launcher" and choice in SLURM_LAUNCHERS and shell.which("sbatch") is None and not shows_only:
-            raise UserError(group, choice, "submits every job to SLURM with sbatch, which is not on this "
-                            "machine's PATH (not a SLURM login node)", f"{group}={choice} where SLURM's commands are, "
-                            "submitit_local or joblib on this machine", "run the command on the cluster's login node, "
-                            "or pass hydra/launcher=submitit_local to run the same jobs here")
+            raise UserError(
+                group,
+                choice,
+                "submits every job to SLURM with sbatch, which is not on this machine's PATH (not a SLURM login node)",
+                f"{group}={choice} where SLURM's commands are, submitit_local or joblib on this machine",
+                "run the command on the cluster's login node, "
+                "or pass hydra/launcher=submitit_local to run the same jobs here",
+            )
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> dict[str, Any]:
@@ -156,13 +168,20 @@ def _status_cell(job: dict[str, Any]) -> str:
 
 def format_jobs(jobs: list[dict[str, Any]]) -> str:
     with_val = any(j.get("val") or j.get("best") is not None for j in jobs)
-    rows = [(str(j.get("job_num", i)), _status_cell(j),
-             str(j["epochs"] if j.get("epochs") is not None else "-"),
-             f"{j['final_loss']:.4g}" if isinstance(j.get("final_loss"), (int, float)) else "-",
-             *((validation_cell(j),) if with_val else ()),
-             " ".join(j.get("overrides") or []) or "(defaults)")
-            for i, j in enumerate(jobs)]
-    return format_table(("#", "status", "epochs", "final loss", *(("validation",) if with_val else ()), "overrides"), rows)
+    rows = [
+        (
+            str(j.get("job_num", i)),
+            _status_cell(j),
+            str(j["epochs"] if j.get("epochs") is not None else "-"),
+            f"{j['final_loss']:.4g}" if isinstance(j.get("final_loss"), (int, float)) else "-",
+            *((validation_cell(j),) if with_val else ()),
+            " ".join(j.get("overrides") or []) or "(defaults)",
+        )
+        for i, j in enumerate(jobs)
+    ]
+    return format_table(
+        ("#", "status", "epochs", "final loss", *(("validation",) if with_val else ()), "overrides"), rows
+    )
 
 
 class SweepReport(Callback):
@@ -182,9 +201,11 @@ class SweepReport(Callback):
             return
         _ended_failed = any(_failed(j) for j in jobs if not j.get("earlier"))
         earlier = sum(1 for j in jobs if j.get("earlier"))
-        print(f"\nsweep: {len(jobs)} jobs, {sum(map(_failed, jobs))} failed"
-              + (f" ({earlier} done by an earlier command)" if earlier else "")
-              + f" (run directories under {sweep_dir}/)")
+        print(
+            f"\nsweep: {len(jobs)} jobs, {sum(map(_failed, jobs))} failed"
+            + (f" ({earlier} done by an earlier command)" if earlier else "")
+            + f" (run directories under {sweep_dir}/)"
+        )
         print(format_jobs(jobs))
         print(f"details: python -m runner.report {sweep_dir}")
 

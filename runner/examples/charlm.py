@@ -27,9 +27,23 @@ UNKNOWN = "?"  # what a non-ASCII character becomes
 # Well-known modules, read in this order (relative to the standard library's folder). They exist
 # on every CPython from 3.9 on; one that a trimmed installation lacks is skipped.
 DEFAULT_FILES = (
-    "os.py", "functools.py", "collections/__init__.py", "dataclasses.py", "argparse.py", "typing.py",
-    "inspect.py", "subprocess.py", "threading.py", "shutil.py", "contextlib.py", "enum.py", "random.py",
-    "textwrap.py", "heapq.py", "fractions.py", "statistics.py",
+    "os.py",
+    "functools.py",
+    "collections/__init__.py",
+    "dataclasses.py",
+    "argparse.py",
+    "typing.py",
+    "inspect.py",
+    "subprocess.py",
+    "threading.py",
+    "shutil.py",
+    "contextlib.py",
+    "enum.py",
+    "random.py",
+    "textwrap.py",
+    "heapq.py",
+    "fractions.py",
+    "statistics.py",
 )
 
 
@@ -77,8 +91,10 @@ def read_corpus(files: Optional[Sequence[str]] = None, max_chars: int = 400_000)
             break
     corpus = "\n\n".join(parts)[:max_chars]
     if not corpus:
-        raise FileNotFoundError(f"no corpus text: none of {names[:3]}... is a file under {root} "
-                                "(a Python without its standard library's sources?); pass dataset.files=[...]")
+        raise FileNotFoundError(
+            f"no corpus text: none of {names[:3]}... is a file under {root} "
+            "(a Python without its standard library's sources?); pass dataset.files=[...]"
+        )
     return corpus
 
 
@@ -104,14 +120,19 @@ class CharWindows(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(f"window {index} of {self.count}")
         start = index * self.stride
-        return self.ids[start:start + self.block_size + 1].clone()
+        return self.ids[start : start + self.block_size + 1].clone()
 
     def decode(self, ids) -> str:
         return decode(ids)
 
 
-def CharCorpus(block_size: int = 64, max_chars: int = 400_000, val_fraction: float = 0.1,
-               files: Optional[Sequence[str]] = None, train_stride: Optional[int] = None) -> Splits:
+def CharCorpus(
+    block_size: int = 64,
+    max_chars: int = 400_000,
+    val_fraction: float = 0.1,
+    files: Optional[Sequence[str]] = None,
+    train_stride: Optional[int] = None,
+) -> Splits:
     """Train/val splits of the corpus (the last `val_fraction` of the text is val). Each sample is
     a (block_size + 1,) int64 tensor; train windows overlap by half (`train_stride`, default
     block_size // 2), val windows do not."""
@@ -122,12 +143,15 @@ def CharCorpus(block_size: int = 64, max_chars: int = 400_000, val_fraction: flo
     stride = int(train_stride) if train_stride else max(1, block_size // 2)
     train, val = CharWindows(ids[:cut], block_size, stride), CharWindows(ids[cut:], block_size, block_size)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"{len(ids)} characters leave no window of {block_size + 1} in the "
-                         f"{'train' if len(train) == 0 else 'val'} split: raise max_chars or lower block_size")
+        raise ValueError(
+            f"{len(ids)} characters leave no window of {block_size + 1} in the "
+            f"{'train' if len(train) == 0 else 'val'} split: raise max_chars or lower block_size"
+        )
     return Splits(train, val)
 
 
 # ---- the model -------------------------------------------------------------------------------
+
 
 class CausalSelfAttention(torch.nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
@@ -154,8 +178,12 @@ class Block(torch.nn.Module):
         super().__init__()
         self.ln1, self.ln2 = torch.nn.LayerNorm(n_embd), torch.nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(n_embd, 4 * n_embd), torch.nn.GELU(),
-                                       torch.nn.Linear(4 * n_embd, n_embd), torch.nn.Dropout(dropout))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(n_embd, 4 * n_embd),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * n_embd, n_embd),
+            torch.nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -167,8 +195,15 @@ class TinyGPT(torch.nn.Module):
     Token and position embeddings, `n_layer` pre-LN blocks, a final LayerNorm and a linear head
     sharing the token embedding's weight."""
 
-    def __init__(self, vocab_size: int = VOCAB_SIZE, block_size: int = 64, n_layer: int = 2, n_head: int = 4,
-                 n_embd: int = 128, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int = VOCAB_SIZE,
+        block_size: int = 64,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.vocab_size, self.block_size = int(vocab_size), int(block_size)
         self.tok_emb = torch.nn.Embedding(vocab_size, n_embd)
@@ -203,13 +238,19 @@ class TinyGPT(torch.nn.Module):
         return self.head(self.ln_f(x))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `idx` (B, T) and return it (B, T + max_new_tokens).
         Each step sees the last `block_size` tokens; temperature <= 0 picks the most likely token;
         `top_k` keeps only the k most likely. Call it in eval mode (no dropout)."""
         for _ in range(int(max_new_tokens)):
-            logits = self(idx[:, -self.block_size:])[:, -1, :].float()
+            logits = self(idx[:, -self.block_size :])[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -61,7 +61,7 @@ class ShiftedDigits(Dataset):
             return self.images[index], self.labels[index]
         dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
         h, w = self.images.shape[-2:]
-        return self.padded[index, :, dy:dy + h, dx:dx + w].clone(), self.labels[index]
+        return self.padded[index, :, dy : dy + h, dx : dx + w].clone(), self.labels[index]
 
 
 def DigitsData(val_fraction: float = 0.15, test_fraction: float = 0.15, shift: int = 1, seed: int = 0) -> Splits:
@@ -70,16 +70,18 @@ def DigitsData(val_fraction: float = 0.15, test_fraction: float = 0.15, shift: i
     The training split is augmented with random shifts of up to `shift` pixels (0 = none, and then
     it is a plain TensorDataset: the runner's fast path); val and test are TensorDatasets."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
-                         "and leave samples for training")
+        raise ValueError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
+            "and leave samples for training"
+        )
     if shift < 0:
         raise ValueError(f"shift must be >= 0 pixels, got {shift}")
     images, labels = load_digits_tensors()
     n = len(labels)
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    val_idx, test_idx = order[:n_val].sort().values, order[n_val:n_val + n_test].sort().values
-    train_idx = order[n_val + n_test:].sort().values
+    val_idx, test_idx = order[:n_val].sort().values, order[n_val : n_val + n_test].sort().values
+    train_idx = order[n_val + n_test :].sort().values
     train_x, train_y = images[train_idx].contiguous(), labels[train_idx]
     train = ShiftedDigits(train_x, train_y, shift) if shift > 0 else TensorDataset(train_x, train_y)
     val = TensorDataset(images[val_idx], labels[val_idx]) if n_val else None
@@ -94,13 +96,18 @@ class DigitsCNN(torch.nn.Module):
     def __init__(self, channels: int = 32, hidden: int = 64, num_classes: int = 10, dropout: float = 0.1) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(1, channels, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.ReLU(),
             torch.nn.MaxPool2d(2),
         )
         self.head = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(channels * 4 * 4, hidden), torch.nn.ReLU(),
-            torch.nn.Dropout(dropout), torch.nn.Linear(hidden, num_classes),
+            torch.nn.Flatten(),
+            torch.nn.Linear(channels * 4 * 4, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

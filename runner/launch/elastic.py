@@ -55,8 +55,14 @@ def _free_port() -> int:
 
 def _launch_in_process(run_dir: Path) -> dict[str, Any]:
     """launch=local: this very process is rank 0 of 1, so breakpoints and debuggers just work."""
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
     from runner.train import worker
 
     with environment(env):
@@ -98,9 +104,16 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
         run_id = str(uuid.uuid4())
         rdzv_configs = {"timeout": launch.rdzv_timeout}
     return LaunchConfig(
-        min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc, run_id=run_id,
-        rdzv_backend=launch.rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-        max_restarts=launch.max_restarts, monitor_interval=launch.monitor_interval, start_method=start_method,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        rdzv_backend=launch.rdzv_backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs=rdzv_configs,
+        max_restarts=launch.max_restarts,
+        monitor_interval=launch.monitor_interval,
+        start_method=start_method,
         shutdown_timeout=launch.stop_timeout,
         signals_to_handle=",".join(s.name for s in FORWARDED_SIGNALS),  # forwarded to the workers
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
@@ -172,8 +185,12 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), str(error_reports), runtime.start_method)
     if cfg.launch.mode == LaunchMode.multinode:  # the rendezvous may wait long for the other nodes: say for what
         lo, hi = config.min_nodes, config.max_nodes
-        log.info("waiting for %s nodes at %s (launch.rdzv_timeout=%s s)", lo if lo == hi else f"{lo} to {hi}",
-                 config.rdzv_endpoint, cfg.launch.rdzv_timeout)
+        log.info(
+            "waiting for %s nodes at %s (launch.rdzv_timeout=%s s)",
+            lo if lo == hi else f"{lo} to {hi}",
+            config.rdzv_endpoint,
+            cfg.launch.rdzv_timeout,
+        )
     entrypoint = rpc_worker if cfg.launch.mode == LaunchMode.rpc else ddp_worker
     if runtime.start_method == "forkserver":
         ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
@@ -181,8 +198,9 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
     records.mkdir()
     with restart_policy(records) as agents:
         try:
-            return elastic_launch(config, entrypoint)(str(run_dir), {**driver_environment(),
-                                                                     faults.FAILURE_RECORDS: str(records)})
+            return elastic_launch(config, entrypoint)(
+                str(run_dir), {**driver_environment(), faults.FAILURE_RECORDS: str(records)}
+            )
         except Exception as err:  # what the driver's report says about restarts
             if agents:
                 err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
@@ -220,8 +238,9 @@ def _agent_class():
                 killed = any(failure.exitcode < 0 for failure in result.failures.values())
                 self.stopped = faults.stop_request(self.failure_records, self.restarts_done)
                 if self.stopped is not None:  # a stop asked for (here, or on another node): end as on a signal
-                    raise SignalException("the workers stopped on request",
-                                          signal.Signals(self.stopped.get("signal") or signal.SIGTERM))
+                    raise SignalException(
+                        "the workers stopped on request", signal.Signals(self.stopped.get("signal") or signal.SIGTERM)
+                    )
                 if self._remaining_restarts > 0 and not killed:
                     self.repeated = faults.repeated_failure(self.failure_records, self.restarts_done)
                     if self.repeated is not None:

@@ -17,8 +17,13 @@ from runner.config import Backend, CpuAllreduce, LaunchMode, NprocWord, Runtime,
 from runner.system import usable_cores
 
 
-def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0,
-                    cuda_devices: Optional[list[str]] = None, cores: Optional[int] = None) -> Runtime:
+def resolve_runtime(
+    launch: DictConfig,
+    parallel_jobs: int = 1,
+    slot: int = 0,
+    cuda_devices: Optional[list[str]] = None,
+    cores: Optional[int] = None,
+) -> Runtime:
     """What this machine runs for launch.* (torchrun's meaning of nproc_per_node). Pure: reads the
     machine, changes nothing. `parallel_jobs` > 1 (a joblib sweep): this job gets GPU slice `slot`
     and its share of the CPU cores. `cuda_devices`/`cores` default to what this process sees."""
@@ -29,13 +34,23 @@ def resolve_runtime(launch: DictConfig, parallel_jobs: int = 1, slot: int = 0,
     gpus = cuda_devices
     if cuda_devices and parallel_jobs > 1:
         per_job = max(1, len(cuda_devices) // parallel_jobs)
-        gpus = cuda_devices[(slot * per_job) % len(cuda_devices):][:per_job]
+        gpus = cuda_devices[(slot * per_job) % len(cuda_devices) :][:per_job]
         visible_env = ",".join(gpus)
     nproc = parse_nproc(launch.nproc_per_node)
     if launch.mode == LaunchMode.rpc:
-        count = nproc if isinstance(nproc, int) else (launch.num_stages + 1 if launch.topology == Topology.pipeline else 3)
-        return Runtime("gloo", "cpu", count, launch.omp_num_threads or max(1, cores // count), "rpc",
-                       "launch=rpc: gradients travel through distributed autograd", visible_env, start_method(launch))
+        count = (
+            nproc if isinstance(nproc, int) else (launch.num_stages + 1 if launch.topology == Topology.pipeline else 3)
+        )
+        return Runtime(
+            "gloo",
+            "cpu",
+            count,
+            launch.omp_num_threads or max(1, cores // count),
+            "rpc",
+            "launch=rpc: gradients travel through distributed autograd",
+            visible_env,
+            start_method(launch),
+        )
     cuda = bool(cuda_devices)
     if launch.mode == LaunchMode.local:
         count = 1

@@ -46,8 +46,10 @@ IMPORT_TIME = ("TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_")
 SET_AT_LAUNCH = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS")
 _server_env: Optional[dict[str, str]] = None  # the environment the server this driver started began with
 # Command lines whose driver starts no workers of its own, or not by forkserver.
-NO_WARM_UP = re.compile(r"^(launch=local|launch\.mode=local|launch\.start_method=(spawn|fork)|hydra/launcher=.*"
-                        r"|-h|--help|--hydra-help|-c|--cfg|--info|--shell-completion|-sc)$")
+NO_WARM_UP = re.compile(
+    r"^(launch=local|launch\.mode=local|launch\.start_method=(spawn|fork)|hydra/launcher=.*"
+    r"|-h|--help|--hydra-help|-c|--cfg|--info|--shell-completion|-sc)$"
+)
 
 
 def forkserver_by_default() -> bool:

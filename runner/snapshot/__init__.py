@@ -5,5 +5,17 @@ from runner.snapshot.format import FORMAT_KEY, FORMAT_VERSION, SHARDED_KEY, Snap
 from runner.snapshot.manager import MANIFEST, SnapshotManager, load_path, snapshot_name
 from runner.snapshot.writer import NullWriter, SnapshotWriter
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "MANIFEST", "NullWriter", "SHARDED_KEY", "SnapshotError", "SnapshotManager", "SnapshotWriter",
-           "load_bytes", "load_path", "make_state", "snapshot_name"]
+__all__ = [
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "NullWriter",
+    "SHARDED_KEY",
+    "SnapshotError",
+    "SnapshotManager",
+    "SnapshotWriter",
+    "load_bytes",
+    "load_path",
+    "make_state",
+    "snapshot_name",
+]

@@ -38,12 +38,26 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from runner.snapshot.format import ShardedVersion, SnapshotError
 
-_DATACLASSES = {getattr(dcp_metadata, name) for name in
-                ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                 "BytesStorageMetadata", "ChunkStorageMetadata")} | {dcp_filesystem._StorageInfo}
-_LAYOUTS = {str(layout): layout for layout in (getattr(torch, n, None) for n in
-            ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"))
-            if isinstance(layout, torch.layout)}
+_DATACLASSES = {
+    getattr(dcp_metadata, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+    )
+} | {dcp_filesystem._StorageInfo}
+_LAYOUTS = {
+    str(layout): layout
+    for layout in (
+        getattr(torch, n, None)
+        for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged")
+    )
+    if isinstance(layout, torch.layout)
+}
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
@@ -91,9 +105,13 @@ class _MetadataUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD 
         fields = {f.name for f in dataclasses.fields(inst)}
         parts = state if isinstance(state, tuple) else (state,)
         for part in parts:
-            if part is not None and not (isinstance(part, dict) and all(isinstance(k, str) and k in fields for k in part)):
-                raise pickle.UnpicklingError(f"refusing state {sorted(part) if isinstance(part, dict) else type(part).__name__} "
-                                             f"for {type(inst).__name__}")
+            if part is not None and not (
+                isinstance(part, dict) and all(isinstance(k, str) and k in fields for k in part)
+            ):
+                raise pickle.UnpicklingError(
+                    f"refusing state {sorted(part) if isinstance(part, dict) else type(part).__name__} "
+                    f"for {type(inst).__name__}"
+                )
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -106,7 +124,9 @@ class _ConfinedFileSystem(dcp_filesystem.FileSystem):
         super().__init__()
         self.version = version
         try:
-            self.folder_fd = os.open(version.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+            self.folder_fd = os.open(
+                version.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            )
         except OSError as err:
             raise SnapshotError(f"{version.folder} cannot be opened as a folder ({err.strerror or err})") from None
 

@@ -46,8 +46,19 @@ class SnapshotError(Exception):
     """A snapshot (or every snapshot) cannot be trusted or loaded."""
 
 
-def make_state(*, model: dict, optimizer: Any, scheduler: Any, train_state: dict, rng: list, config: dict,
-               world_size: int, allreduce: str, metrics: list, scaler: Any = None) -> dict[str, Any]:
+def make_state(
+    *,
+    model: dict,
+    optimizer: Any,
+    scheduler: Any,
+    train_state: dict,
+    rng: list,
+    config: dict,
+    world_size: int,
+    allreduce: str,
+    metrics: list,
+    scaler: Any = None,
+) -> dict[str, Any]:
     """A snapshot in the one format every launch mode writes."""
     return {
         SCALER_KEY: scaler,
@@ -70,7 +81,9 @@ def load_bytes(data: bytes, origin: Union[Path, str]) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for forbidden globals, RuntimeError for bad zips
-        raise SnapshotError(f"{origin} cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise SnapshotError(
+            f"{origin} cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
     if not isinstance(state, dict) or state.get(FORMAT_KEY) != FORMAT_VERSION:
         raise SnapshotError(f"{origin} is not a runner snapshot of format {FORMAT_VERSION}")
     missing = [k for k in (MODEL_KEY, OPTIMIZER_KEY, TRAIN_STATE_KEY, RNG_KEY, METRICS_KEY) if k not in state]

@@ -111,8 +111,9 @@ class SnapshotManager:
     Only one process (rank 0) writes; any process may read.
     """
 
-    def __init__(self, directory: Path | str, keep_last: int = 3, milestone_every: int = 0, keep_best: int = 0,
-                 mode: str = "min") -> None:
+    def __init__(
+        self, directory: Path | str, keep_last: int = 3, milestone_every: int = 0, keep_best: int = 0, mode: str = "min"
+    ) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.milestone_every = milestone_every
@@ -154,8 +155,15 @@ class SnapshotManager:
         return config
 
     # ---- writing --------------------------------------------------------------------------
-    def save(self, state: dict[str, Any], step: int, epoch: int, config: Optional[dict] = None,
-             end_of_epoch: bool = False, **marks: Any) -> dict[str, Any]:
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        epoch: int,
+        config: Optional[dict] = None,
+        end_of_epoch: bool = False,
+        **marks: Any,
+    ) -> dict[str, Any]:
         """Write one version atomically, record it in the manifest, then apply retention."""
         return self.commit(self.write(state, step), step, epoch, config, end_of_epoch, **marks)
 
@@ -176,8 +184,16 @@ class SnapshotManager:
             raise
         return tmp
 
-    def commit(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None,
-               end_of_epoch: bool = False, monitor: Optional[dict] = None, ended: Optional[str] = None) -> dict[str, Any]:
+    def commit(
+        self,
+        tmp: Path,
+        step: int,
+        epoch: int,
+        config: Optional[dict] = None,
+        end_of_epoch: bool = False,
+        monitor: Optional[dict] = None,
+        ended: Optional[str] = None,
+    ) -> dict[str, Any]:
         """Hash and fsync the temporary file, rename it into place, then list it in the manifest.
 
         Only the manifest entry makes the version count, so a crash anywhere in here leaves the
@@ -200,8 +216,16 @@ class SnapshotManager:
         }
         return self._record(entry, started, config, end_of_epoch, monitor, ended)
 
-    def commit_folder(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None, end_of_epoch: bool = False,
-                      monitor: Optional[dict] = None, ended: Optional[str] = None) -> dict[str, Any]:
+    def commit_folder(
+        self,
+        tmp: Path,
+        step: int,
+        epoch: int,
+        config: Optional[dict] = None,
+        end_of_epoch: bool = False,
+        monitor: Optional[dict] = None,
+        ended: Optional[str] = None,
+    ) -> dict[str, Any]:
         """A sharded version: every rank's files and DCP's .metadata are complete in the temporary
         folder `tmp` (DCP writes .metadata last, once every rank has written) and the lead has
         added loop.pt. Hash and fsync each file, rename the folder into place, then list it, each
@@ -231,21 +255,37 @@ class SnapshotManager:
         for item in files:
             _remember_hash(final / item["name"], item["sha256"])
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        entry = {"file": name, "kind": "dcp", "step": int(step), "epoch": int(epoch),
-                 "size": sum(f["size"] for f in files), "sha256": digest, "files": files}
+        entry = {
+            "file": name,
+            "kind": "dcp",
+            "step": int(step),
+            "epoch": int(epoch),
+            "size": sum(f["size"] for f in files),
+            "sha256": digest,
+            "files": files,
+        }
         try:
             return self._record(entry, started, config, end_of_epoch, monitor, ended)
         finally:
             if aside is not None:
                 self._remove_folder(aside)
 
-    def _record(self, entry: dict[str, Any], started: float, config: Optional[dict], end_of_epoch: bool,
-                monitor: Optional[dict], ended: Optional[str]) -> dict[str, Any]:
+    def _record(
+        self,
+        entry: dict[str, Any],
+        started: float,
+        config: Optional[dict],
+        end_of_epoch: bool,
+        monitor: Optional[dict],
+        ended: Optional[str],
+    ) -> dict[str, Any]:
         """List a complete version in the manifest (atomically), then apply retention."""
         epoch, name = entry["epoch"], entry["file"]
-        entry.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     milestone=bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
-                     commit_seconds=round(time.perf_counter() - started, 4))
+        entry.update(
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            milestone=bool(end_of_epoch and self.milestone_every and epoch % self.milestone_every == 0),
+            commit_seconds=round(time.perf_counter() - started, 4),
+        )
         if monitor is not None:  # {"name": "val/accuracy", "value": 0.97}: what retention keeps the best by
             entry["monitor"] = {"name": str(monitor["name"]), "value": float(monitor["value"])}
         if ended is not None:  # training ended here for good (early stop): re-invoking does not train on
@@ -253,7 +293,9 @@ class SnapshotManager:
         manifest = self.read_manifest()
         trusted = self._trusted_entries(manifest)
         kept = [e for e in trusted if e["step"] != entry["step"] and e["file"] != name]
-        replaced = [e for e in trusted if e["step"] == entry["step"] and e["file"] != name]  # the same step in the other format
+        replaced = [
+            e for e in trusted if e["step"] == entry["step"] and e["file"] != name
+        ]  # the same step in the other format
         kept = sorted(kept + [entry], key=lambda e: e["step"])
         kept, dropped = self._retain(kept)
         dropped += replaced
@@ -277,7 +319,12 @@ class SnapshotManager:
         for entry in self._checked_entries(manifest)[0]:
             problem = self._entry_type_problem(entry)
             if problem is not None:
-                log.warning("%s: dropping entry (%s) without touching its file: %s", self.manifest_path, describe(entry), problem)
+                log.warning(
+                    "%s: dropping entry (%s) without touching its file: %s",
+                    self.manifest_path,
+                    describe(entry),
+                    problem,
+                )
                 continue
             trusted.append(entry)
         return trusted
@@ -338,13 +385,20 @@ class SnapshotManager:
         older = entries[: max(len(entries) - self.keep_last, 0)]
         best = {e["file"] for e in self._best(entries)[: self.keep_best]}
         drop = {e["file"] for e in older if not e.get("milestone") and e["file"] not in best}
-        kept = [dict(e, best=True) if e["file"] in best else {k: v for k, v in e.items() if k != "best"}
-                for e in entries if e["file"] not in drop]
+        kept = [
+            dict(e, best=True) if e["file"] in best else {k: v for k, v in e.items() if k != "best"}
+            for e in entries
+            if e["file"] not in drop
+        ]
         return kept, [e for e in entries if e["file"] in drop]
 
     def _best(self, entries: list[dict]) -> list[dict]:
         """Entries with a monitored value, best first (ties: the earlier step)."""
-        scored = [e for e in entries if isinstance(e.get("monitor"), dict) and math.isfinite(e["monitor"].get("value", math.nan))]
+        scored = [
+            e
+            for e in entries
+            if isinstance(e.get("monitor"), dict) and math.isfinite(e["monitor"].get("value", math.nan))
+        ]
         sign = -1 if self.mode == "max" else 1
         return sorted(scored, key=lambda e: (sign * e["monitor"]["value"], e["step"]))
 
@@ -527,7 +581,9 @@ def load_path(path: Path | str) -> dict[str, Any]:
         if entry["file"] == path.name:
             return manager.load_entry(entry)
     if path.is_dir():  # a sharded version: its files can only be trusted through their manifest entry
-        raise SnapshotError(f"{path} is a folder not (validly) listed in {manager.manifest_path}: a sharded snapshot "
-                            "is loaded only through its manifest entry")
+        raise SnapshotError(
+            f"{path} is a folder not (validly) listed in {manager.manifest_path}: a sharded snapshot "
+            "is loaded only through its manifest entry"
+        )
     log.warning("%s is not (validly) listed in a manifest; loading it without a checksum", path)
     return load_bytes(path.read_bytes(), path)

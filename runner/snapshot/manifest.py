@@ -42,7 +42,9 @@ def check_top_level(manifest: Any, origin: Union[Path, str]) -> None:
     if "snapshots" not in manifest:
         raise SnapshotError(f"{origin} is not a valid manifest (no 'snapshots' list)")
     if not isinstance(manifest["snapshots"], list):
-        raise SnapshotError(f"{origin} is not a valid manifest ('snapshots' is {_kind(manifest['snapshots'])}, not a list)")
+        raise SnapshotError(
+            f"{origin} is not a valid manifest ('snapshots' is {_kind(manifest['snapshots'])}, not a list)"
+        )
 
 
 def validate_manifest(manifest: Any, origin: Union[Path, str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -142,9 +144,13 @@ def _optional_problem(entry: dict[str, Any]) -> Optional[str]:
         if flag in entry and not isinstance(entry[flag], bool):
             return f"{flag!r} must be true or false, not {_shown(entry[flag])}"
     monitor = entry.get("monitor")
-    if monitor is not None and not (isinstance(monitor, dict) and isinstance(monitor.get("name"), str)
-                                    and isinstance(monitor.get("value"), (int, float)) and not isinstance(monitor.get("value"), bool)):
-        return f"'monitor' must be {{\"name\": <metric>, \"value\": <number>}}, not {_shown(monitor)}"
+    if monitor is not None and not (
+        isinstance(monitor, dict)
+        and isinstance(monitor.get("name"), str)
+        and isinstance(monitor.get("value"), (int, float))
+        and not isinstance(monitor.get("value"), bool)
+    ):
+        return f'\'monitor\' must be {{"name": <metric>, "value": <number>}}, not {_shown(monitor)}'
     if "ended" in entry and not isinstance(entry["ended"], str):
         return f"'ended' must be a string, not {_shown(entry['ended'])}"
     if "created" in entry and not isinstance(entry["created"], str):

@@ -162,20 +162,37 @@ class ShardedSnapshotWriter(BackgroundWrites):
 
     sharded = True
 
-    def __init__(self, manager: SnapshotManager, lead: bool, config: Optional[dict] = None,
-                 asynchronous: bool = False, device: Optional[torch.device] = None, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        manager: SnapshotManager,
+        lead: bool,
+        config: Optional[dict] = None,
+        asynchronous: bool = False,
+        device: Optional[torch.device] = None,
+        timeout_s: float = 600.0,
+    ) -> None:
         super().__init__(manager, config, asynchronous)
         self.lead = lead
         # DCP's own collectives (plans, metadata) on a group of their own: an asynchronous save runs
         # them on a background thread while the training step runs its own on the default group.
-        self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-                       if dist.is_initialized() else None)
+        self._group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if dist.is_initialized() else None
+        )
         self._cuda = device is not None and device.type == "cuda"
         self._stager = None
         self._staged: Optional[Future] = None
 
-    def save(self, state: Optional[dict[str, Any]], step: int, epoch: int, end_of_epoch: bool = False, *,
-             shards: dict[str, Any], tag: str, **marks: Any) -> None:
+    def save(
+        self,
+        state: Optional[dict[str, Any]],
+        step: int,
+        epoch: int,
+        end_of_epoch: bool = False,
+        *,
+        shards: dict[str, Any],
+        tag: str,
+        **marks: Any,
+    ) -> None:
         """`shards`: this rank's {"model", "optimizer"} (DCP state dicts); `state`: the lead's loop
         state (None on the other ranks); `tag`: the lead's name for this write, the same on every
         rank (it names the temporary folder)."""
@@ -194,7 +211,9 @@ class ShardedSnapshotWriter(BackgroundWrites):
         # while training goes on, so a synchronous snapshot waits only for the write.
         writer = dcp.FileSystemWriter(str(tmp), sync_files=False)
         if self.asynchronous:
-            response = dcp.async_save(shards, storage_writer=writer, process_group=self._group, async_stager=self._stager_for())
+            response = dcp.async_save(
+                shards, storage_writer=writer, process_group=self._group, async_stager=self._stager_for()
+            )
             self._staged = response.staging_completion
             upload = response.upload_completion
             self._inflight = self._pool.submit(self._finish, upload, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
@@ -209,12 +228,26 @@ class ShardedSnapshotWriter(BackgroundWrites):
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=self._cuda, use_shared_memory=False,
-                                                        use_async_staging=True, use_non_blocking_copy=self._cuda))
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=self._cuda,
+                    use_shared_memory=False,
+                    use_async_staging=True,
+                    use_non_blocking_copy=self._cuda,
+                )
+            )
         return self._stager
 
-    def _finish(self, upload: Optional[Future], tmp: Path, loop_bytes: Optional[bytes], step: int, epoch: int,
-                end_of_epoch: bool, marks: dict[str, Any]) -> None:
+    def _finish(
+        self,
+        upload: Optional[Future],
+        tmp: Path,
+        loop_bytes: Optional[bytes],
+        step: int,
+        epoch: int,
+        end_of_epoch: bool,
+        marks: dict[str, Any],
+    ) -> None:
         if upload is not None:
             with unwrapped_failures():
                 upload.result()  # this rank's shards are written; on the lead, every rank's and .metadata too
@@ -222,9 +255,17 @@ class ShardedSnapshotWriter(BackgroundWrites):
             return
         with open(tmp / LOOP_FILE, "wb") as f:
             f.write(loop_bytes)
-        self.last_entry = self.manager.commit_folder(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks)
-        log.info("snapshot %s written (epoch %d, step %d, %d files, %.1f MB)", self.last_entry["file"], epoch, step,
-                 len(self.last_entry["files"]), self.last_entry["size"] / 1e6)
+        self.last_entry = self.manager.commit_folder(
+            tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks
+        )
+        log.info(
+            "snapshot %s written (epoch %d, step %d, %d files, %.1f MB)",
+            self.last_entry["file"],
+            epoch,
+            step,
+            len(self.last_entry["files"]),
+            self.last_entry["size"] / 1e6,
+        )
 
     def wait_staged(self) -> None:
         """Block until DCP holds its own copy of this rank's shards; then the live tensors may change."""
@@ -240,4 +281,3 @@ class ShardedSnapshotWriter(BackgroundWrites):
             self._stager.close()
             self._stager = None
         self._pool.shutdown(wait=True)
-

@@ -76,7 +76,9 @@ class SnapshotWriter(BackgroundWrites):
         if self.asynchronous:
             staged, copies = self._lay_out(state, ())
             done = self._staged = threading.Event()
-            job: Callable[[], Any] = lambda: self._copy_and_write(copies, done, staged, step, epoch, end_of_epoch, marks)
+            job: Callable[[], Any] = lambda: self._copy_and_write(
+                copies, done, staged, step, epoch, end_of_epoch, marks
+            )
         else:
             tmp = self.manager.write(state, step)
             job = lambda: self._commit(tmp, step, epoch, end_of_epoch, marks)
@@ -93,8 +95,16 @@ class SnapshotWriter(BackgroundWrites):
         staged.wait()
         self.stall_seconds[-1] += time.perf_counter() - started
 
-    def _copy_and_write(self, copies: list, staged: threading.Event, state: dict[str, Any], step: int, epoch: int,
-                        end_of_epoch: bool, marks: dict[str, Any]) -> None:
+    def _copy_and_write(
+        self,
+        copies: list,
+        staged: threading.Event,
+        state: dict[str, Any],
+        step: int,
+        epoch: int,
+        end_of_epoch: bool,
+        marks: dict[str, Any],
+    ) -> None:
         try:
             for buffer, tensor in copies:
                 buffer.copy_(tensor)
@@ -104,8 +114,13 @@ class SnapshotWriter(BackgroundWrites):
 
     def _commit(self, tmp, step: int, epoch: int, end_of_epoch: bool, marks: dict[str, Any]) -> None:
         self.last_entry = self.manager.commit(tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks)
-        log.info("snapshot %s written (epoch %d, step %d, %.1f MB)", self.last_entry["file"], epoch, step,
-                 self.last_entry["size"] / 1e6)
+        log.info(
+            "snapshot %s written (epoch %d, step %d, %.1f MB)",
+            self.last_entry["file"],
+            epoch,
+            step,
+            self.last_entry["size"] / 1e6,
+        )
 
     def _lay_out(self, obj: Any, path: tuple, copies: Optional[list] = None) -> tuple[Any, list]:
         """The state's structure with every tensor replaced by its reused CPU buffer, and the
@@ -124,6 +139,7 @@ class SnapshotWriter(BackgroundWrites):
         if isinstance(obj, (list, tuple)):
             return type(obj)(self._lay_out(v, path + (i,), copies)[0] for i, v in enumerate(obj)), copies
         return obj, copies
+
 
 class NullWriter:
     """Ranks other than 0 write nothing."""

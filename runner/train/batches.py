@@ -118,8 +118,11 @@ def use_tensor_path(dataset: Any, data_cfg, evaluation: bool = False) -> bool:
         return True
     if kind == LoaderKind.dataloader:
         return False
-    return (getattr(dataset, "tensors", None) is not None and (evaluation or not data_cfg.num_workers)
-            and data_cfg.collate_fn is None)
+    return (
+        getattr(dataset, "tensors", None) is not None
+        and (evaluation or not data_cfg.num_workers)
+        and data_cfg.collate_fn is None
+    )
 
 
 def collate_function(data_cfg):
@@ -129,8 +132,12 @@ def collate_function(data_cfg):
 def loader_options(data_cfg, device: torch.device, seed: int) -> dict[str, Any]:
     workers = int(data_cfg.num_workers)
     pin = data_cfg.pin_memory if data_cfg.pin_memory is not None else device.type == "cuda"
-    options: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin), "collate_fn": collate_function(data_cfg),
-                               "generator": torch.Generator().manual_seed(seed)}
+    options: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": bool(pin),
+        "collate_fn": collate_function(data_cfg),
+        "generator": torch.Generator().manual_seed(seed),
+    }
     if workers:
         options["persistent_workers"] = bool(data_cfg.persistent_workers)
         if "fork" in mp.get_all_start_methods() and sys.platform == "linux":
@@ -146,8 +153,17 @@ def loader_options(data_cfg, device: torch.device, seed: int) -> dict[str, Any]:
 class TrainBatches:
     """This rank's batches of the training split, epoch by epoch, from any position."""
 
-    def __init__(self, dataset: Dataset, data_cfg, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        data_cfg,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        device: torch.device,
+    ) -> None:
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         self.drop_last = bool(data_cfg.drop_last)
         self.sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)
@@ -158,8 +174,13 @@ class TrainBatches:
             self.tensors = tuple(t.to(device) for t in dataset.tensors)
         else:
             self.non_blocking = device.type == "cuda"
-            self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=EpochSampler(self.sampler),
-                                     drop_last=self.drop_last, **loader_options(data_cfg, device, seed))
+            self.loader = DataLoader(
+                SeededSamples(dataset, seed),
+                batch_size=batch_size,
+                sampler=EpochSampler(self.sampler),
+                drop_last=self.drop_last,
+                **loader_options(data_cfg, device, seed),
+            )
 
     @property
     def kind(self) -> str:
@@ -181,7 +202,7 @@ class TrainBatches:
     def _tensor_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         indices = self.sampler.local_indices().to(self.device)
         for i in range(self.batches_per_epoch(self.sampler.start)):
-            idx = indices[i * self.batch_size: (i + 1) * self.batch_size]
+            idx = indices[i * self.batch_size : (i + 1) * self.batch_size]
             yield tuple(t.index_select(0, idx) for t in self.tensors)
 
 
@@ -189,8 +210,9 @@ class EvalBatches:
     """One split for validation or test: rank r evaluates samples r, r+W, ... (no padding, so
     every sample counts exactly once once the ranks' sums are added up)."""
 
-    def __init__(self, dataset: Dataset, data_cfg, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, dataset: Dataset, data_cfg, batch_size: int, rank: int, world_size: int, seed: int, device: torch.device
+    ) -> None:
         self.device, self.batch_size = device, batch_size
         self.indices = torch.arange(rank, len(dataset), world_size)
         self.tensors: Optional[tuple[torch.Tensor, ...]] = None
@@ -201,8 +223,12 @@ class EvalBatches:
         else:
             pairs = [(0, int(i)) for i in self.indices]  # a fixed "epoch": evaluation draws the same numbers every time
             self.non_blocking = device.type == "cuda"
-            self.loader = DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=pairs,
-                                     **loader_options(data_cfg, device, seed))
+            self.loader = DataLoader(
+                SeededSamples(dataset, seed),
+                batch_size=batch_size,
+                sampler=pairs,
+                **loader_options(data_cfg, device, seed),
+            )
 
     def __len__(self) -> int:
         """Samples this rank evaluates."""
@@ -214,7 +240,7 @@ class EvalBatches:
     def __iter__(self) -> Iterator[Any]:
         if self.tensors is not None:
             for begin in range(0, len(self.indices), self.batch_size):
-                idx = self.indices[begin: begin + self.batch_size]
+                idx = self.indices[begin : begin + self.batch_size]
                 yield tuple(t.index_select(0, idx) for t in self.tensors)
         else:
             for batch in self.loader:
@@ -229,9 +255,12 @@ class DataSource:
         seed = int(trainer.seed)
         splits = make_splits(instantiate(cfg.dataset) if dataset is None else dataset, float(data.val_fraction), seed)
         eval_batch = int(data.eval_batch_size or trainer.batch_size)
-        self.train = TrainBatches(splits.train, data, int(trainer.batch_size), rank, world_size, seed,
-                                  bool(trainer.shuffle), device)
-        self.val = None if splits.val is None else EvalBatches(splits.val, data, eval_batch, rank, world_size, seed,
-                                                               device)
-        self.test = None if splits.test is None else EvalBatches(splits.test, data, eval_batch, rank, world_size, seed,
-                                                                 device)
+        self.train = TrainBatches(
+            splits.train, data, int(trainer.batch_size), rank, world_size, seed, bool(trainer.shuffle), device
+        )
+        self.val = (
+            None if splits.val is None else EvalBatches(splits.val, data, eval_batch, rank, world_size, seed, device)
+        )
+        self.test = (
+            None if splits.test is None else EvalBatches(splits.test, data, eval_batch, rank, world_size, seed, device)
+        )

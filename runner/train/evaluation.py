@@ -53,8 +53,10 @@ def _batches_behind(engine, batches) -> int:
     mine = batches.num_batches() if hasattr(batches, "num_batches") else len(batches)
     most = int(engine.collectives.max_(torch.tensor([float(mine)], dtype=torch.float64)).item())
     if mine == 0 and most > 0:
-        raise RuntimeError(f"rank {engine.collectives.rank} has no evaluation batch while others do: with "
-                           "trainer.strategy=fsdp every rank needs at least one sample of the split")
+        raise RuntimeError(
+            f"rank {engine.collectives.rank} has no evaluation batch while others do: with "
+            "trainer.strategy=fsdp every rank needs at least one sample of the split"
+        )
     return most - mine
 
 
@@ -81,12 +83,19 @@ class Monitor:
             self.best, self.best_step = value, step
         self.bad_validations = 0 if significant else self.bad_validations + 1
         if self.patience and self.bad_validations >= self.patience:
-            self.ended = (f"early stop: {self.name} has not improved by more than {self.min_delta:g} in "
-                          f"{self.bad_validations} validations (best {self.best:.6g} at step {self.best_step})")
+            self.ended = (
+                f"early stop: {self.name} has not improved by more than {self.min_delta:g} in "
+                f"{self.bad_validations} validations (best {self.best:.6g} at step {self.best_step})"
+            )
         return improved
 
     def state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_validations": self.bad_validations, "ended": self.ended}
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_validations": self.bad_validations,
+            "ended": self.ended,
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         self.best, self.best_step = state.get("best"), state.get("best_step")

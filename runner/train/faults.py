@@ -35,8 +35,11 @@ def note_step(step: int) -> None:
 
 def crash_step(trainer_cfg) -> Optional[int]:
     """The step at which this process must die, or None. `crash_rank` is the process's RANK."""
-    if (trainer_cfg.crash_at_step and int(os.environ.get("RANK", "0")) == trainer_cfg.crash_rank
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+    if (
+        trainer_cfg.crash_at_step
+        and int(os.environ.get("RANK", "0")) == trainer_cfg.crash_rank
+        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    ):
         return int(trainer_cfg.crash_at_step)
     return None
 
@@ -62,8 +65,11 @@ def record_failure(err: BaseException, rank: int) -> None:
     if not folder or restart_may_fix(err):
         return
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    signature = {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)[:4000],
-                 "step": current_step}
+    signature = {
+        "type": f"{type(err).__module__}.{type(err).__qualname__}",
+        "message": str(err)[:4000],
+        "step": current_step,
+    }
     path = Path(folder) / f"attempt-{attempt}-rank-{rank}.json"
     try:
         path.with_suffix(".tmp").write_text(json.dumps(signature))

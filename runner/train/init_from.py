@@ -35,8 +35,10 @@ from runner.snapshot.manager import MANIFEST
 log = logging.getLogger(__name__)
 
 KEY = "trainer.init_from"
-ALLOWED = ("a run directory (its best snapshot, else its newest), a snapshots folder, a snapshot-*.pt file or step-* "
-           "folder, or exported weights (model.safetensors, model.pt from python -m runner.export)")
+ALLOWED = (
+    "a run directory (its best snapshot, else its newest), a snapshots folder, a snapshot-*.pt file or step-* "
+    "folder, or exported weights (model.safetensors, model.pt from python -m runner.export)"
+)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SHOWN_KEYS = 6  # keys named per kind of mismatch; the rest are counted
 
@@ -58,15 +60,25 @@ def read_source(path: Any) -> InitSource:
     """The model weights `path` names (see the module docstring); UserError when there are none."""
     path = Path(os.path.abspath(str(path)))
     if not path.exists():
-        raise UserError(KEY, path, "no such file or directory", ALLOWED,
-                        "check the path (relative paths start from the directory the command runs in)")
+        raise UserError(
+            KEY,
+            path,
+            "no such file or directory",
+            ALLOWED,
+            "check the path (relative paths start from the directory the command runs in)",
+        )
     try:
         if path.is_dir():
             return _read_folder(path)
         return _read_file(path)
     except SnapshotError as err:
-        raise UserError(KEY, path, f"cannot be used: {err}", ALLOWED,
-                        "pass a run directory or snapshot whose files match their manifest") from None
+        raise UserError(
+            KEY,
+            path,
+            f"cannot be used: {err}",
+            ALLOWED,
+            "pass a run directory or snapshot whose files match their manifest",
+        ) from None
 
 
 def _read_folder(path: Path) -> InitSource:
@@ -78,9 +90,14 @@ def _read_folder(path: Path) -> InitSource:
         return _read_manager(path, SnapshotManager(path))
     if (path.parent / MANIFEST).is_file():  # a sharded version, step-*/: loaded through its manifest entry
         return _from_state(path, load_path(path), f"sharded snapshot {path.name}")
-    raise UserError(KEY, path, f"is a folder with no {CONFIG_FILE}, no {MANIFEST} and no manifest beside it, so it "
-                    "holds no run and no snapshot", ALLOWED,
-                    "pass the run directory a training run wrote, e.g. outputs/<name>")
+    raise UserError(
+        KEY,
+        path,
+        f"is a folder with no {CONFIG_FILE}, no {MANIFEST} and no manifest beside it, so it "
+        "holds no run and no snapshot",
+        ALLOWED,
+        "pass the run directory a training run wrote, e.g. outputs/<name>",
+    )
 
 
 def _read_manager(path: Path, manager: SnapshotManager) -> InitSource:
@@ -91,8 +108,13 @@ def _read_manager(path: Path, manager: SnapshotManager) -> InitSource:
     else:
         latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
         if latest is None:
-            raise UserError(KEY, path, f"has no snapshot yet ({manager.manifest_path} lists none)",
-                            "a run directory whose training wrote at least one snapshot", "train that run first")
+            raise UserError(
+                KEY,
+                path,
+                f"has no snapshot yet ({manager.manifest_path} lists none)",
+                "a run directory whose training wrote at least one snapshot",
+                "train that run first",
+            )
         entry, state = latest
         which = "newest"
     monitor = entry.get("monitor")
@@ -120,16 +142,26 @@ def _read_file(path: Path) -> InitSource:
                 weights = {name: f.get_tensor(name) for name in f.keys()}
                 step = (f.metadata() or {}).get("step")
         except Exception as err:
-            raise UserError(KEY, path, f"cannot be read as safetensors: {_one_line(err)}", ALLOWED,
-                            "pass the model.safetensors that python -m runner.export wrote") from None
+            raise UserError(
+                KEY,
+                path,
+                f"cannot be read as safetensors: {_one_line(err)}",
+                ALLOWED,
+                "pass the model.safetensors that python -m runner.export wrote",
+            ) from None
         return InitSource(path, _tensors(path, weights), "exported weights", int(step) if str(step).isdigit() else None)
     if (path.parent / MANIFEST).is_file() or path.name.startswith("snapshot-"):
         return _from_state(path, load_path(path), f"snapshot {path.name}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(KEY, path, f"cannot be loaded as weights ({type(err).__name__}: {_one_line(err)})", ALLOWED,
-                        "pass a state dict saved with torch.save (python -m runner.export --format pt)") from None
+        raise UserError(
+            KEY,
+            path,
+            f"cannot be loaded as weights ({type(err).__name__}: {_one_line(err)})",
+            ALLOWED,
+            "pass a state dict saved with torch.save (python -m runner.export --format pt)",
+        ) from None
     if isinstance(loaded, dict) and snap.FORMAT_KEY in loaded:  # a runner snapshot under another name
         return _from_state(path, snap.load_bytes(path.read_bytes(), path), f"snapshot {path.name}")
     return InitSource(path, _tensors(path, loaded), "exported weights", _exported_step(path))
@@ -147,8 +179,13 @@ def _exported_step(path: Path) -> Optional[int]:
 def _tensors(path: Path, weights: Any) -> dict[str, torch.Tensor]:
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         what = type(weights).__name__ + (" (empty)" if isinstance(weights, dict) and not weights else "")
-        raise UserError(KEY, path, f"holds no model weights (a state dict of tensors); it holds a {what}", ALLOWED,
-                        "pass a run directory, a snapshot, or the weights python -m runner.export wrote")
+        raise UserError(
+            KEY,
+            path,
+            f"holds no model weights (a state dict of tensors); it holds a {what}",
+            ALLOWED,
+            "pass a run directory, a snapshot, or the weights python -m runner.export wrote",
+        )
     return dict(weights)
 
 
@@ -159,7 +196,7 @@ def fitted(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str
     own = model.state_dict().keys()
     for prefix in ("module.", "_orig_mod."):
         if weights and all(k.startswith(prefix) for k in weights) and not any(k.startswith(prefix) for k in own):
-            weights = {k[len(prefix):]: v for k, v in weights.items()}
+            weights = {k[len(prefix) :]: v for k, v in weights.items()}
     return weights
 
 
@@ -188,11 +225,13 @@ def check_source(cfg: DictConfig) -> InitSource:
         model = instantiate(cfg.model)
     problem = mismatch(model, fitted(model, source.weights))
     if problem:
-        raise UserError(KEY, source.path, f"its weights ({source.describe()}) do not fit the model "
-                        f"{cfg.model._target_} builds: {problem}",
-                        "weights of the same model class with the same arguments",
-                        "pass the model=... and model.* the source run trained (see its config.yaml), "
-                        "or another source")
+        raise UserError(
+            KEY,
+            source.path,
+            f"its weights ({source.describe()}) do not fit the model {cfg.model._target_} builds: {problem}",
+            "weights of the same model class with the same arguments",
+            "pass the model=... and model.* the source run trained (see its config.yaml), or another source",
+        )
     return source
 
 
@@ -212,16 +251,24 @@ def check_resume_target(cfg: DictConfig, path: Optional[Path]) -> None:
     except SnapshotError:
         return  # the worker reports the unusable snapshot, as before
     by_steps = int(cfg.trainer.max_steps) > 0
-    key, limit = ("trainer.max_steps", int(cfg.trainer.max_steps)) if by_steps else \
-        ("trainer.total_epochs", int(cfg.trainer.total_epochs))
+    key, limit = (
+        ("trainer.max_steps", int(cfg.trainer.max_steps))
+        if by_steps
+        else ("trainer.total_epochs", int(cfg.trainer.total_epochs))
+    )
     at = int(entry["step"] if by_steps else entry["epoch"])
     if at < limit:
         return
     where = f"step {entry['step']}" if by_steps else f"epoch {entry['epoch']} (step {entry['step']})"
-    raise UserError("snapshot.resume", path, f"restores that run's whole training state (step, optimizer, schedule), "
-                    f"which is at {where}, already at or past this run's end ({key}={limit}): nothing would be trained",
-                    "a snapshot before the run's end", f"to fine-tune from its weights (fresh optimizer, schedule and "
-                    f"step 0) pass trainer.init_from={path} instead; to train that run on, raise {key} above {at}")
+    raise UserError(
+        "snapshot.resume",
+        path,
+        f"restores that run's whole training state (step, optimizer, schedule), "
+        f"which is at {where}, already at or past this run's end ({key}={limit}): nothing would be trained",
+        "a snapshot before the run's end",
+        f"to fine-tune from its weights (fresh optimizer, schedule and "
+        f"step 0) pass trainer.init_from={path} instead; to train that run on, raise {key} above {at}",
+    )
 
 
 # ---- the worker's hook -----------------------------------------------------------------------
@@ -237,8 +284,10 @@ def init_weights_from(model: torch.nn.Module, cfg: DictConfig, run_dir: Path) ->
             log.info("%s=%s not applied: the run resumes from its own snapshots", KEY, path)
         return
     if any(t.is_meta for t in model.state_dict().values()):
-        raise RuntimeError(f"{KEY}: the model was built on the meta device (trainer.fsdp.meta_init), which holds no "
-                           "memory to load weights into")
+        raise RuntimeError(
+            f"{KEY}: the model was built on the meta device (trainer.fsdp.meta_init), which holds no "
+            "memory to load weights into"
+        )
     source = read_source(path)
     weights = fitted(model, source.weights)
     problem = mismatch(model, weights)

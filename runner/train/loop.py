@@ -44,8 +44,18 @@ def planned_steps(trainer_cfg, batches_per_epoch: int) -> int:
 class TrainLoop:
     """`lead` (data-parallel rank 0) writes snapshots, metrics.jsonl and the extra logger."""
 
-    def __init__(self, cfg, config: dict, engine: Engine, data: DataSource, task, writer, stop: StopRequest,
-                 metrics: Optional[MetricsWriter] = None, logger=None) -> None:
+    def __init__(
+        self,
+        cfg,
+        config: dict,
+        engine: Engine,
+        data: DataSource,
+        task,
+        writer,
+        stop: StopRequest,
+        metrics: Optional[MetricsWriter] = None,
+        logger=None,
+    ) -> None:
         self.t, self.config, self.engine, self.data, self.task = cfg.trainer, config, engine, data, task
         self.writer, self.stop, self.metrics_file, self.logger = writer, stop, metrics, logger
         engine.before_update = writer.wait_staged  # an asynchronous snapshot is copied while the next step runs
@@ -54,7 +64,9 @@ class TrainLoop:
         self.on_nonfinite = OnNonFinite(str(self.t.on_nonfinite))
         self.accumulate = int(self.t.accumulate)
         self.max_steps = int(self.t.max_steps)
-        self.watch = Monitor(cfg.snapshot.monitor, cfg.snapshot.mode, self.t.early_stop.patience, self.t.early_stop.min_delta)
+        self.watch = Monitor(
+            cfg.snapshot.monitor, cfg.snapshot.mode, self.t.early_stop.patience, self.t.early_stop.min_delta
+        )
         # Training position: epochs completed, optimizer steps done, samples of the current epoch consumed.
         self.epoch = self.global_step = self.samples_in_epoch = 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # this epoch, this rank
@@ -95,8 +107,11 @@ class TrainLoop:
             self.log_sums[name] = torch.tensor(float(value), dtype=torch.float64, device=self.engine.device)
         window = ts.get("row_sums_per_rank")  # snapshots of older versions: the row starts afresh
         if window:
-            mine = window[self.rank] if len(window) == self.world_size else (
-                [sum(col) for col in zip(*window)] if self.rank == 0 else [0.0, 0] + [0.0] * len(names))
+            mine = (
+                window[self.rank]
+                if len(window) == self.world_size
+                else ([sum(col) for col in zip(*window)] if self.rank == 0 else [0.0, 0] + [0.0] * len(names))
+            )
             self.row_sums["loss"].fill_(mine[0])
             self.row_count = int(mine[1])
             for name, value in zip(names, mine[2:]):
@@ -108,17 +123,28 @@ class TrainLoop:
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
         self._note_global_batch(int(state[snap.WORLD_SIZE_KEY]))
-        self.resumed_from = {"file": entry.get("file"), "epoch": self.epoch, "step": self.global_step,
-                             "samples_in_epoch": self.samples_in_epoch}
+        self.resumed_from = {
+            "file": entry.get("file"),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "samples_in_epoch": self.samples_in_epoch,
+        }
 
     def _note_global_batch(self, saved_processes: int) -> None:
         """Another number of workers changes the samples per optimizer step: say so, with both numbers."""
         if not self.lead or saved_processes == self.engine.processes or self.engine.processes != self.world_size:
             return
         per_step = int(self.t.batch_size) * self.accumulate
-        log.warning("the global batch changes from %d to %d samples per optimizer step (trainer.batch_size %d x "
-                    "accumulate %d x %d workers, the snapshot's run had %d workers)", per_step * saved_processes,
-                    per_step * self.world_size, int(self.t.batch_size), self.accumulate, self.world_size, saved_processes)
+        log.warning(
+            "the global batch changes from %d to %d samples per optimizer step (trainer.batch_size %d x "
+            "accumulate %d x %d workers, the snapshot's run had %d workers)",
+            per_step * saved_processes,
+            per_step * self.world_size,
+            int(self.t.batch_size),
+            self.accumulate,
+            self.world_size,
+            saved_processes,
+        )
 
     def _own_rng_states(self, state: dict[str, Any]) -> Optional[list[dict]]:
         """This rank's slice of the saved RNG states, or None (reseeded, with a warning) when the
@@ -126,16 +152,21 @@ class TrainLoop:
         states, saved = state[snap.RNG_KEY], state[snap.WORLD_SIZE_KEY]
         per_rank = len(self.engine.capture_rng())
         if saved == self.engine.processes and len(states) == per_rank * self.world_size:
-            return states[self.rank * per_rank: (self.rank + 1) * per_rank]
-        if saved == self.engine.processes and len(states) == per_rank:  # only the lead's were gathered (parameter server)
+            return states[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if (
+            saved == self.engine.processes and len(states) == per_rank
+        ):  # only the lead's were gathered (parameter server)
             if self.lead:
                 return states
             rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
             return None
         if self.lead:
-            log.warning("snapshot was written by %d processes, this run has %d: the data order continues exactly, "
-                        "random streams are reseeded (results will not be bitwise equal to an uninterrupted run)",
-                        saved, self.engine.processes)
+            log.warning(
+                "snapshot was written by %d processes, this run has %d: the data order continues exactly, "
+                "random streams are reseeded (results will not be bitwise equal to an uninterrupted run)",
+                saved,
+                self.engine.processes,
+            )
         rng.seed_everything(self.t.seed + 1000 * self.global_step + self.rank)
         return None
 
@@ -146,13 +177,23 @@ class TrainLoop:
             return
         world = self.world_size
         if world & (world - 1):
-            log.warning("the snapshot's gradients were averaged by %s, this run uses %s: with %d workers the two round "
-                        "differently, so results will not be bitwise equal to an uninterrupted run (pass "
-                        "launch.cpu_allreduce=%s to keep it)", saved, self.engine.allreduce, world,
-                        saved if saved in ("shm", "gloo") else "auto")
+            log.warning(
+                "the snapshot's gradients were averaged by %s, this run uses %s: with %d workers the two round "
+                "differently, so results will not be bitwise equal to an uninterrupted run (pass "
+                "launch.cpu_allreduce=%s to keep it)",
+                saved,
+                self.engine.allreduce,
+                world,
+                saved if saved in ("shm", "gloo") else "auto",
+            )
         else:
-            log.info("gradients averaged by %s (the snapshot's run used %s; with %d workers both give the same bits)",
-                     self.engine.allreduce, saved, world, extra={"console": False})
+            log.info(
+                "gradients averaged by %s (the snapshot's run used %s; with %d workers both give the same bits)",
+                self.engine.allreduce,
+                saved,
+                world,
+                extra={"console": False},
+            )
 
     # ---- loop ---------------------------------------------------------------------------------
     def shows_bar(self) -> bool:
@@ -173,8 +214,15 @@ class TrainLoop:
         if self.lead and self.metrics_file is not None:
             self.metrics_file.rewrite(self.history)  # records after the snapshot will be redone
         total_steps = self.total_steps()
-        bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), disable=not self.shows_bar(),
-                   unit="step", dynamic_ncols=True, mininterval=0.5, desc="resumed" if self.resumed_from else "training")
+        bar = tqdm(
+            total=total_steps,
+            initial=min(self.global_step, total_steps),
+            disable=not self.shows_bar(),
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            desc="resumed" if self.resumed_from else "training",
+        )
         self.bar = bar
         started = time.perf_counter()
         self.row_clock = (started, self.val_seconds, 0, 0)
@@ -195,15 +243,28 @@ class TrainLoop:
         peaks = self.engine.collectives.gather(peak_rss_mb())  # each rank's peak (collective: every rank)
         train_wall = wall - self.val_seconds
         final = next((r for r in reversed(self.history) if train_loss(r) is not None and r.get("scope") != "step"), {})
-        summary = {"status": "finished", "epochs": self.epoch, "steps": self.global_step, "final_loss": train_loss(final),
-                   "samples_per_s": samples_trained / train_wall if train_wall > 0 else None, "train_seconds": wall,
-                   "val_seconds": self.val_seconds, "resumed_from": self.resumed_from, "world_size": self.engine.processes,
-                   "allreduce": self.engine.allreduce, "skipped_steps": self.skipped_steps,
-                   "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
-                   "snapshot_stall_seconds": self.writer.stall_seconds, "peak_rss_mb": peaks[0],
-                   "peak_rss_mb_per_rank": peaks,
-                   "val": self.validated[1], "ended": self.watch.ended, "monitor": self.watch.name, "best": self.watch.best,
-                   "best_step": self.watch.best_step}
+        summary = {
+            "status": "finished",
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "final_loss": train_loss(final),
+            "samples_per_s": samples_trained / train_wall if train_wall > 0 else None,
+            "train_seconds": wall,
+            "val_seconds": self.val_seconds,
+            "resumed_from": self.resumed_from,
+            "world_size": self.engine.processes,
+            "allreduce": self.engine.allreduce,
+            "skipped_steps": self.skipped_steps,
+            "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
+            "snapshot_stall_seconds": self.writer.stall_seconds,
+            "peak_rss_mb": peaks[0],
+            "peak_rss_mb_per_rank": peaks,
+            "val": self.validated[1],
+            "ended": self.watch.ended,
+            "monitor": self.watch.name,
+            "best": self.watch.best,
+            "best_step": self.watch.best_step,
+        }
         if self.task.unit and train_wall > 0:
             summary[f"{self.task.unit}_per_s"] = units_trained / train_wall
         return summary
@@ -250,7 +311,11 @@ class TrainLoop:
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
             row_units = sum(self.task.units(b) for b in window_done) * self.world_size if self.task.unit else 0
-            self.row_clock = (*self.row_clock[:2], self.row_clock[2] + n * self.world_size, self.row_clock[3] + row_units)
+            self.row_clock = (
+                *self.row_clock[:2],
+                self.row_clock[2] + n * self.world_size,
+                self.row_clock[3] + row_units,
+            )
             bar.update()
             if self.global_step == crash_here:
                 faults.crash_now(self.global_step)
@@ -263,10 +328,14 @@ class TrainLoop:
             self._after_step(mid_epoch=mid_epoch and not reached)
             if reached or self.watch.ended is not None:
                 if mid_epoch:
-                    self._record_partial_epoch(epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before))
+                    self._record_partial_epoch(
+                        epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before)
+                    )
                     return epoch_samples, epoch_units
                 break
-        self._end_epoch(epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before))
+        self._end_epoch(
+            epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before)
+        )
         return epoch_samples, epoch_units
 
     def _seconds_since(self, started: float) -> float:
@@ -305,8 +374,12 @@ class TrainLoop:
         values = total.tolist()
         started, val_then, samples, units = self.row_clock
         seconds = time.perf_counter() - started - (self.val_seconds - val_then)
-        record: dict[str, Any] = {"scope": "step", "epoch": self.epoch, "step": self.global_step,
-                                  "train/loss": values[0] / values[1] if values[1] else math.nan}
+        record: dict[str, Any] = {
+            "scope": "step",
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "train/loss": values[0] / values[1] if values[1] else math.nan,
+        }
         record.update({f"train/{k}": v / values[1] if values[1] else math.nan for k, v in zip(names, values[2:])})
         record["lr"] = self.engine.learning_rate()
         record["samples_per_s"] = samples / seconds if seconds > 0 else None
@@ -355,9 +428,14 @@ class TrainLoop:
 
     def _train_record(self, samples: int, units: int, seconds: float) -> dict[str, Any]:
         means = self._epoch_means()
-        record = {"epoch": self.epoch, "step": self.global_step,
-                  **{f"train/{k}": v for k, v in means.items()}, "lr": self.engine.learning_rate(),
-                  "samples_per_s": samples / seconds if seconds > 0 else None, "epoch_seconds": seconds}
+        record = {
+            "epoch": self.epoch,
+            "step": self.global_step,
+            **{f"train/{k}": v for k, v in means.items()},
+            "lr": self.engine.learning_rate(),
+            "samples_per_s": samples / seconds if seconds > 0 else None,
+            "epoch_seconds": seconds,
+        }
         if self.task.unit:
             record[f"{self.task.unit}_per_s"] = units / seconds if seconds > 0 else None
         return record
@@ -417,10 +495,27 @@ class TrainLoop:
             return
         shown = " ".join(f"{k} {v:.6g}" for k, v in record.items() if "/" in k and isinstance(v, float))
         lr = f" lr {record['lr']:.4g}" if "lr" in record else ""
-        rate = next((f" {record[k]:,.0f} {k[:-6]}/s" for k in reversed(record) if k.endswith("_per_s")
-                     and isinstance(record[k], float)), "") if record.get("scope") == "step" else ""
-        log.info("epoch %d step %d %s%s%s", record["epoch"], record["step"], shown, lr, rate,
-                 extra={"console": self.bar.disable})
+        rate = (
+            next(
+                (
+                    f" {record[k]:,.0f} {k[:-6]}/s"
+                    for k in reversed(record)
+                    if k.endswith("_per_s") and isinstance(record[k], float)
+                ),
+                "",
+            )
+            if record.get("scope") == "step"
+            else ""
+        )
+        log.info(
+            "epoch %d step %d %s%s%s",
+            record["epoch"],
+            record["step"],
+            shown,
+            lr,
+            rate,
+            extra={"console": self.bar.disable},
+        )
         self._show_postfix()
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -453,8 +548,13 @@ class TrainLoop:
             self.writer.wait()  # the last (finite) snapshot is committed before the run ends
             raise Diverged(self.global_step, what, self.writer.last_entry)
         if self.lead:
-            log.warning("%s is not finite (%s) at step %d; trainer.on_nonfinite=%s: going on", what, value,
-                        self.global_step, self.on_nonfinite)
+            log.warning(
+                "%s is not finite (%s) at step %d; trainer.on_nonfinite=%s: going on",
+                what,
+                value,
+                self.global_step,
+                self.on_nonfinite,
+            )
         return False
 
     # ---- snapshots ----------------------------------------------------------------------------
@@ -465,11 +565,15 @@ class TrainLoop:
             return True
         self.last_saved_step = self.global_step
         # Decided on reduced values, so every rank decides the same (gather may only hold this rank's).
-        health = torch.tensor([0.0 if self.engine.parameters_finite() else 1.0, self.loss_sum.item()], dtype=torch.float64)
+        health = torch.tensor(
+            [0.0 if self.engine.parameters_finite() else 1.0, self.loss_sum.item()], dtype=torch.float64
+        )
         self.engine.collectives.sum_(health)
         finite = health[0].item() == 0
-        if not self._check_finite(health[1].item() if finite else math.nan,
-                                  "the loss so far in this epoch" if finite else "a weight of the model"):
+        if not self._check_finite(
+            health[1].item() if finite else math.nan,
+            "the loss so far in this epoch" if finite else "a weight of the model",
+        ):
             log.warning("snapshot of step %d not written: it would hold non-finite values", self.global_step)
             return False
         names = sorted(self.log_sums)
@@ -482,21 +586,35 @@ class TrainLoop:
             self.written_step = self.global_step
             return True
         copy = self.writer.asynchronous
-        parts = self.engine.sharded_state(copy_unstepped=copy) if sharded else self.engine.state_dict(copy_unstepped=copy)
+        parts = (
+            self.engine.sharded_state(copy_unstepped=copy) if sharded else self.engine.state_dict(copy_unstepped=copy)
+        )
         shards = {"model": parts.pop("model"), "optimizer": parts.pop("optimizer")} if sharded else None
         state = None
         if self.lead:
             state = snap.make_state(
                 **(dict(parts, model=None, optimizer=None) if sharded else parts),
-                train_state={"epoch": self.epoch, "global_step": self.global_step, "samples_in_epoch": self.samples_in_epoch,
-                             "epoch_loss_per_rank": [r[1] for r in per_rank], "log_names": names,
-                             "row_sums_per_rank": [r[3] for r in per_rank],
-                             "skipped_steps": self.skipped_steps, **self.watch.state()},
-                rng=[s for r in per_rank for s in r[0]], config=self.config, world_size=self.engine.processes,
-                allreduce=self.engine.allreduce, metrics=self.history)
+                train_state={
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "samples_in_epoch": self.samples_in_epoch,
+                    "epoch_loss_per_rank": [r[1] for r in per_rank],
+                    "log_names": names,
+                    "row_sums_per_rank": [r[3] for r in per_rank],
+                    "skipped_steps": self.skipped_steps,
+                    **self.watch.state(),
+                },
+                rng=[s for r in per_rank for s in r[0]],
+                config=self.config,
+                world_size=self.engine.processes,
+                allreduce=self.engine.allreduce,
+                metrics=self.history,
+            )
         step, metrics = self.validated
         monitored = metrics.get(self.watch.name) if self.watch.name and step == self.global_step else None
-        marks = dict(monitor=None if monitored is None else {"name": self.watch.name, "value": monitored}, ended=self.watch.ended)
+        marks = dict(
+            monitor=None if monitored is None else {"name": self.watch.name, "value": monitored}, ended=self.watch.ended
+        )
         if sharded:
             marks.update(shards=shards, tag=per_rank[0][2])
         self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch, **marks)

@@ -49,8 +49,11 @@ def log_notes(notes: list[str]) -> None:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key old -> new` for every setting both configs have and that differs, in key order."""
     before, after = _flat(old), _flat(new)
-    return [f"{k} {_show(before[k])} -> {_show(after[k])}" for k in sorted(before.keys() & after.keys())
-            if before[k] != after[k] and k.split(".", 1)[0] not in NOISE]
+    return [
+        f"{k} {_show(before[k])} -> {_show(after[k])}"
+        for k in sorted(before.keys() & after.keys())
+        if before[k] != after[k] and k.split(".", 1)[0] not in NOISE
+    ]
 
 
 def schedule_lengths(scheduler: Any) -> dict[str, int]:
@@ -60,8 +63,9 @@ def schedule_lengths(scheduler: Any) -> dict[str, int]:
     return {k: int(state[k]) for k in LENGTH_KEYS if isinstance(state.get(k), (int, float))}
 
 
-def schedule_note(planned: dict[str, int], restored: dict[str, int], scheduler: Any,
-                  config: dict[str, Any]) -> Optional[str]:
+def schedule_note(
+    planned: dict[str, int], restored: dict[str, int], scheduler: Any, config: dict[str, Any]
+) -> Optional[str]:
     """A warning naming the scheduler's restored length, the run's, and what to do about it."""
     key = next((k for k in LENGTH_KEYS if k in planned and k in restored and planned[k] != restored[k]), None)
     if key is None:
@@ -70,13 +74,19 @@ def schedule_note(planned: dict[str, int], restored: dict[str, int], scheduler: 
     unit = "epochs" if node.get("interval", Interval.epoch) == Interval.epoch else "steps"
     then, now = restored[key], planned[key]
     name = type(scheduler).__name__
-    after = (f"the rate stays at its floor after {unit[:-1]} {then}" if name == "WarmupCosine" and then < now
-             else f"from {unit[:-1]} {then} on it runs past its planned end" if then < now
-             else f"it ends at {unit[:-1]} {then}, before the run does")
-    return (f"scheduler: {name} was planned for {then} {unit} ({key}) when the run began, and the run now has {now}: "
-            f"{after}. A resume keeps the snapshot's schedule; for one planned for {now} {unit} pass "
-            f"snapshot.resume=never (start over), or start a new run from this one's weights with "
-            f"trainer.init_from=<this run directory> (fresh optimizer and schedule)")
+    after = (
+        f"the rate stays at its floor after {unit[:-1]} {then}"
+        if name == "WarmupCosine" and then < now
+        else f"from {unit[:-1]} {then} on it runs past its planned end"
+        if then < now
+        else f"it ends at {unit[:-1]} {then}, before the run does"
+    )
+    return (
+        f"scheduler: {name} was planned for {then} {unit} ({key}) when the run began, and the run now has {now}: "
+        f"{after}. A resume keeps the snapshot's schedule; for one planned for {now} {unit} pass "
+        f"snapshot.resume=never (start over), or start a new run from this one's weights with "
+        f"trainer.init_from=<this run directory> (fresh optimizer and schedule)"
+    )
 
 
 def _flat(node: Any, prefix: str = "", out: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -25,11 +25,21 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` x the base
     rate at `total_steps` (held there after)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: Optional[int] = None,
-                 min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 0,
+        total_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         if total_steps is None:
             raise ValueError("WarmupCosine needs total_steps (the runner fills it in when it is null)")
-        self.warmup_steps, self.total_steps, self.min_lr_ratio = int(warmup_steps), int(total_steps), float(min_lr_ratio)
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = (
+            int(warmup_steps),
+            int(total_steps),
+            float(min_lr_ratio),
+        )
         super().__init__(optimizer, self.factor, last_epoch=last_epoch)
 
     def factor(self, step: int) -> float:

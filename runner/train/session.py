@@ -36,16 +36,23 @@ from runner.train.resume_notes import log_notes, resume_noting_changes
 from runner.train.stop import Diverged, Stopped, StopRequest, first_of_node
 
 log = logging.getLogger(__name__)
-OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied", errno.EROFS: "the filesystem is read-only",
-             errno.EDQUOT: "the disk quota is exceeded"}
-
-
+OS_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
 
 
 def snapshot_manager(cfg: DictConfig, run_dir: Path) -> SnapshotManager:
     snapshot = cfg.snapshot
-    return SnapshotManager(run_dir / snapshot.dir, snapshot.keep_last, snapshot.milestone_every,
-                           keep_best=snapshot.keep_best if snapshot.monitor else 0, mode=str(snapshot.mode))
+    return SnapshotManager(
+        run_dir / snapshot.dir,
+        snapshot.keep_last,
+        snapshot.milestone_every,
+        keep_best=snapshot.keep_best if snapshot.monitor else 0,
+        mode=str(snapshot.mode),
+    )
 
 
 def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task) -> dict[str, Any]:
@@ -58,8 +65,14 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     if lead:
         manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
     if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
-        writer = ShardedSnapshotWriter(manager, lead, config if lead else None, asynchronous, engine.device,
-                                       timeout_s=float(cfg.launch.collective_timeout))
+        writer = ShardedSnapshotWriter(
+            manager,
+            lead,
+            config if lead else None,
+            asynchronous,
+            engine.device,
+            timeout_s=float(cfg.launch.collective_timeout),
+        )
     else:
         writer = SnapshotWriter(manager, config, asynchronous) if lead else NullWriter()
     metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
@@ -67,16 +80,29 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     stop = StopRequest(engine.collectives)
     loop = TrainLoop(cfg, config, engine, data, task, writer, stop, metrics, logger)
     try:
-        loaded = find_resume_state(cfg, manager, engine.collectives if isinstance(writer, ShardedSnapshotWriter) else None)
+        loaded = find_resume_state(
+            cfg, manager, engine.collectives if isinstance(writer, ShardedSnapshotWriter) else None
+        )
         if loaded is not None:
             entry, state = loaded
             notes = resume_noting_changes(loop, state, entry, config)  # loop.resume, and what changed since
-            log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch%s", entry.get("file"), loop.epoch,
-                     loop.global_step, loop.samples_in_epoch, restart_note())
+            log.info(
+                "resumed from %s: epoch %d, step %d, %d samples into the epoch%s",
+                entry.get("file"),
+                loop.epoch,
+                loop.global_step,
+                loop.samples_in_epoch,
+                restart_note(),
+            )
             log_notes(notes)
         elif lead:
-            log.info("starting from scratch: %d processes, %s, run directory %s%s", engine.processes, engine.device,
-                     run_dir, restart_note())
+            log.info(
+                "starting from scratch: %d processes, %s, run directory %s%s",
+                engine.processes,
+                engine.device,
+                run_dir,
+                restart_note(),
+            )
         summary = loop.fit()
         if cfg.trainer.test and data.test is not None:
             summary["test"] = run_test(loop, manager, run_dir)
@@ -101,6 +127,7 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
     loaded: dict[str, Any] = {}
     if isinstance(loop.writer, ShardedSnapshotWriter) and collectives.world_size > 1:
+
         def best_verified() -> Optional[dict[str, Any]]:
             entry = manager.best_entry()
             if entry is not None:
@@ -117,15 +144,25 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     state = None
     if best is not None:
         sharded = loaded["state"].get(snap.SHARDED_KEY)
-        state = sharded if sharded is not None else loaded["state"][snap.MODEL_KEY]  # sharded: every rank reads its part
+        state = (
+            sharded if sharded is not None else loaded["state"][snap.MODEL_KEY]
+        )  # sharded: every rank reads its part
     metrics = loop.test(state)
     chosen = best or loop.writer.last_entry or {}
-    results = {**metrics, "snapshot": chosen.get("file"), "step": best["step"] if best else loop.global_step,
-               "chosen_by": f"best {loop.watch.name}" if best else "final model"}
+    results = {
+        **metrics,
+        "snapshot": chosen.get("file"),
+        "step": best["step"] if best else loop.global_step,
+        "chosen_by": f"best {loop.watch.name}" if best else "final model",
+    }
     if loop.lead:
         atomic_write(run_dir / RESULTS_FILE, json.dumps(results, indent=1), durable=False)
-        log.info("test: %s (%s, %s)", " ".join(f"{k} {v:.6g}" for k, v in metrics.items()), results["snapshot"],
-                 results["chosen_by"])
+        log.info(
+            "test: %s (%s, %s)",
+            " ".join(f"{k} {v:.6g}" for k, v in metrics.items()),
+            results["snapshot"],
+            results["chosen_by"],
+        )
     return results
 
 
@@ -189,24 +226,40 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
         written = stopped.snapshot
         faults.record_stop(stopped.signum, stopped.step, rank)  # a stop, not a failure: the agent must not restart it
         if stopped.lead:  # the rank that writes snapshots knows whether this one was written
-            stop_marker(run_dir).write_text(json.dumps({"file": written["file"] if written else None,
-                                                        "step": stopped.step, "signal": stopped.signum}))
+            stop_marker(run_dir).write_text(
+                json.dumps(
+                    {"file": written["file"] if written else None, "step": stopped.step, "signal": stopped.signum}
+                )
+            )
         if not stopped.lead:
             log.warning("%s at step %d", stopped, stopped.step, extra={"console": first_of_node()})
         elif written:
             log.warning("%s at step %d; its snapshot is on disk", stopped, stopped.step)
         else:
-            log.warning("%s at step %d; no snapshot of it was written (its weights are not finite)", stopped, stopped.step)
+            log.warning(
+                "%s at step %d; no snapshot of it was written (its weights are not finite)", stopped, stopped.step
+            )
         raise
     except Diverged as diverged:
         log.error("stopping: %s (trainer.on_nonfinite=stop)", diverged)
         last = diverged.last_snapshot
-        return {"status": "diverged", "step": diverged.step, "what": diverged.what,
-                "last_snapshot": last["file"] if last else None}
+        return {
+            "status": "diverged",
+            "step": diverged.step,
+            "what": diverged.what,
+            "last_snapshot": last["file"] if last else None,
+        }
     except OSError as err:
         if err.errno in OS_ERRORS:
-            log.error("training failed on rank %d: %s (%s) writing %s", rank, os.strerror(err.errno), OS_ERRORS[err.errno],
-                      err.filename or "a file", exc_info=True, extra={"console": False})
+            log.error(
+                "training failed on rank %d: %s (%s) writing %s",
+                rank,
+                os.strerror(err.errno),
+                OS_ERRORS[err.errno],
+                err.filename or "a file",
+                exc_info=True,
+                extra={"console": False},
+            )
         _log_failure(err, run_dir, rank)
         raise
     except Exception as err:
@@ -217,6 +270,11 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
 def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
     faults.record_failure(err, rank)  # first: the agent reads it as soon as this process has exited
     log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
-    log.warning("failed: %s: %s (traceback in %s)", type(err).__name__, str(err).splitlines()[0] if str(err) else "",
-                rank_log_path(run_dir, rank), extra={"file": False})
+    log.warning(
+        "failed: %s: %s (traceback in %s)",
+        type(err).__name__,
+        str(err).splitlines()[0] if str(err) else "",
+        rank_log_path(run_dir, rank),
+        extra={"file": False},
+    )
     traceback.clear_frames(err.__traceback__)  # free what the frames hold (the DDP model) before exit

@@ -81,7 +81,9 @@ class SharedMemoryAllreduce:
 
     Build it with `create()` (collective), which returns None when /dev/shm has too little room."""
 
-    def __init__(self, memory: torch.Tensor, slot_bytes: int, timeout: float, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(
+        self, memory: torch.Tensor, slot_bytes: int, timeout: float, group: Optional[dist.ProcessGroup]
+    ) -> None:
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes = slot_bytes
         self.timeout, self.group = timeout, group
@@ -90,7 +92,7 @@ class SharedMemoryAllreduce:
         # A memoryview reads or writes one int64 in about half the time numpy's indexing takes
         # (each is one aligned 8-byte load or store); the flags are on the hot path.
         self._flags = memoryview(words[: FLAG_STRIDE * self.world_size].numpy()).cast("B").cast("q")
-        self._pids = words[FLAG_STRIDE * self.world_size:].numpy()
+        self._pids = words[FLAG_STRIDE * self.world_size :].numpy()
         self._data = memory[header:]
         # (dtype, numel, parity) -> (the ranks' slot views, the chunk's description word without the op)
         self._views: dict[tuple, tuple[list[torch.Tensor], int]] = {}
@@ -103,8 +105,9 @@ class SharedMemoryAllreduce:
         self._peer_pids = {p: int(self._pids[p * FLAG_STRIDE]) for p in self._peers}
 
     @classmethod
-    def create(cls, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 600.0,
-               group: Optional[dist.ProcessGroup] = None) -> Optional["SharedMemoryAllreduce"]:
+    def create(
+        cls, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 600.0, group: Optional[dist.ProcessGroup] = None
+    ) -> Optional["SharedMemoryAllreduce"]:
         """Rank 0 sizes and creates a file in /dev/shm, every rank maps it, rank 0 unlinks it at
         once: nothing is left behind even if a worker is killed later. Collective."""
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -133,8 +136,10 @@ class SharedMemoryAllreduce:
         if entry is None:
             nbytes = buffer.numel() * buffer.element_size()
             start = parity * self.world_size * self.slot_bytes
-            views = [self._data[start + r * self.slot_bytes: start + r * self.slot_bytes + nbytes].view(buffer.dtype)
-                     for r in range(self.world_size)]
+            views = [
+                self._data[start + r * self.slot_bytes : start + r * self.slot_bytes + nbytes].view(buffer.dtype)
+                for r in range(self.world_size)
+            ]
             entry = self._views[key] = (views, buffer.numel() << 16 | (_DTYPES.index(buffer.dtype) + 1) << 8)
         return entry
 
@@ -157,7 +162,7 @@ class SharedMemoryAllreduce:
         per_chunk = max(1, self.slot_bytes // flat.element_size())
         # An empty tensor still makes one (empty) call, so that it is matched against the peers' calls.
         for start in range(0, max(total, 1), per_chunk):
-            self._reduce_chunk(flat[start: start + per_chunk], total, op_code, combine)
+            self._reduce_chunk(flat[start : start + per_chunk], total, op_code, combine)
         return tensor
 
     def _reduce_chunk(self, flat: torch.Tensor, total: int, op_code: int, combine) -> None:
@@ -190,8 +195,10 @@ class SharedMemoryAllreduce:
     def _mismatch(self, peer: int, peer_total: int, peer_word: int, total: int, word: int) -> None:
         calls = {self.rank: _describe(total, word), peer: _describe(peer_total, peer_word)}
         named = ", ".join(f"rank {r} reduces {calls[r]}" for r in sorted(calls))
-        raise RuntimeError(f"shared-memory all-reduce mismatch at call {self.seq}: {named}; "
-                           "every rank must make the same collective calls in the same order")
+        raise RuntimeError(
+            f"shared-memory all-reduce mismatch at call {self.seq}: {named}; "
+            "every rank must make the same collective calls in the same order"
+        )
 
     def allreduce_mean_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Average `buffer` over all ranks, in place; every rank gets the same bits."""
@@ -214,9 +221,13 @@ class SharedMemoryAllreduce:
             if now > next_check:
                 next_check = now + LIVENESS_EVERY
                 if not _alive(self._peer_pids[peer]):
-                    raise RuntimeError(f"rank {peer} (pid {self._peer_pids[peer]}) exited while this rank waited for it in a shared-memory all-reduce")
+                    raise RuntimeError(
+                        f"rank {peer} (pid {self._peer_pids[peer]}) exited while this rank waited for it in a shared-memory all-reduce"
+                    )
                 if now - started > self.timeout:
-                    raise TimeoutError(f"rank {peer} did not reach a shared-memory all-reduce within {self.timeout:.0f} s")
+                    raise TimeoutError(
+                        f"rank {peer} did not reach a shared-memory all-reduce within {self.timeout:.0f} s"
+                    )
 
 
 def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -234,7 +245,11 @@ def shm_allreduce_hook(state: SharedMemoryAllreduce, bucket: dist.GradBucket) ->
 def _describe(total: int, word: int) -> str:
     """A call as published in a flag line, in words: "1024 float32 elements (sum)"."""
     chunk, dtype_code, op_code = word >> 16, word >> 8 & 0xFF, word & 0xFF
-    dtype = str(_DTYPES[dtype_code - 1]).removeprefix("torch.") if 0 < dtype_code <= len(_DTYPES) else f"dtype #{dtype_code}"
+    dtype = (
+        str(_DTYPES[dtype_code - 1]).removeprefix("torch.")
+        if 0 < dtype_code <= len(_DTYPES)
+        else f"dtype #{dtype_code}"
+    )
     op = _OPS[op_code] if op_code < len(_OPS) else f"op #{op_code}"
     text = f"{total} {dtype} elements ({op})"
     return text if chunk == total else f"{text}, a chunk of {chunk} of them"

@@ -55,8 +55,11 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt  # a second request: the user means it
         self.signal, self._signal_time = signum, now
-        log.warning("received %s: finishing the current step, then writing a snapshot", signal.Signals(signum).name,
-                    extra={"console": first_of_node()})
+        log.warning(
+            "received %s: finishing the current step, then writing a snapshot",
+            signal.Signals(signum).name,
+            extra={"console": first_of_node()},
+        )
 
     def should_stop(self, step: int) -> bool:
         """Collective at agreed steps: True when any rank has been asked to stop."""
@@ -95,7 +98,9 @@ class Stopped(Exception):
     """Training stopped at a step boundary on request; `snapshot` is the manifest entry written for
     it (None when none could be: non-finite weights)."""
 
-    def __init__(self, signum: Optional[int], snapshot: Optional[dict] = None, step: int = 0, lead: bool = True) -> None:
+    def __init__(
+        self, signum: Optional[int], snapshot: Optional[dict] = None, step: int = 0, lead: bool = True
+    ) -> None:
         self.signum, self.snapshot, self.step, self.lead = signum, snapshot, step, lead
         name = signal.Signals(signum).name if signum else "a stop request"
         super().__init__(f"stopped by {name}")

@@ -48,13 +48,22 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
     log_handlers = setup_worker_logging(run_path, rank, in_driver=in_driver)
     try:
         device = _init_distributed(runtime, local_rank, float(cfg.launch.collective_timeout))
-        log.info("rank %d of %d up: %s, pid %d, host %s", rank, world_size, device, os.getpid(), socket.gethostname(),
-                 extra={"console": False})
+        log.info(
+            "rank %d of %d up: %s, pid %d, host %s",
+            rank,
+            world_size,
+            device,
+            os.getpid(),
+            socket.gethostname(),
+            extra={"console": False},
+        )
         if os.environ.get("RUNNER_PROFILE"):  # cProfile of each rank, written next to its log
             import cProfile
 
             profiler = cProfile.Profile()
-            summary = run_reported(lambda: profiler.runcall(_train, cfg, runtime, run_path, rank, device), run_path, rank)
+            summary = run_reported(
+                lambda: profiler.runcall(_train, cfg, runtime, run_path, rank, device), run_path, rank
+            )
             profiler.dump_stats(run_path / "logs" / f"profile-rank-{rank}.out")
         else:
             summary = run_reported(lambda: _train(cfg, runtime, run_path, rank, device), run_path, rank)
@@ -76,8 +85,11 @@ def _init_distributed(runtime: Runtime, local_rank: int, timeout_s: float) -> to
         device = torch.device("cpu")
     if runtime.omp_num_threads:
         torch.set_num_threads(int(runtime.omp_num_threads))
-    dist.init_process_group(backend=runtime.backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=runtime.backend,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
     return device
 
 
@@ -91,10 +103,15 @@ def _collectives(runtime: Runtime, timeout_s: float):
 
         shared_memory = SharedMemoryAllreduce.create(timeout=timeout_s)
         if shared_memory is None:  # the driver checked the room; another job took it since
-            raise RuntimeError("shared-memory all-reduce: /dev/shm has no room left for its buffers; "
-                               "pass launch.cpu_allreduce=gloo, or free /dev/shm")
-        log.info("gradients averaged through shared memory (in chunks of up to %d KiB)", shared_memory.slot_bytes >> 10,
-                 extra={"console": False})
+            raise RuntimeError(
+                "shared-memory all-reduce: /dev/shm has no room left for its buffers; "
+                "pass launch.cpu_allreduce=gloo, or free /dev/shm"
+            )
+        log.info(
+            "gradients averaged through shared memory (in chunks of up to %d KiB)",
+            shared_memory.slot_bytes >> 10,
+            extra={"console": False},
+        )
     return ProcessGroupCollectives(group, shared_memory), shared_memory
 
 
@@ -120,10 +137,17 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
         blocks = shard_model(model, device, t.fsdp)
         if meta:
             initialise_shards(model, device, t.fsdp, seed=int(t.seed), rank=rank)
-            log.info("model built on the meta device and initialised shard by shard (trainer.fsdp.meta_init)",
-                     extra={"console": False})
-        log.info("model sharded over %d workers (FSDP2): %d blocks%s", dist.get_world_size(), len(blocks),
-                 f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if blocks else "", extra={"console": False})
+            log.info(
+                "model built on the meta device and initialised shard by shard (trainer.fsdp.meta_init)",
+                extra={"console": False},
+            )
+        log.info(
+            "model sharded over %d workers (FSDP2): %d blocks%s",
+            dist.get_world_size(),
+            len(blocks),
+            f" ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})" if blocks else "",
+            extra={"console": False},
+        )
     else:
         model = model.to(device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
@@ -131,11 +155,26 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
     rng.seed_everything(t.seed + rank)  # per-rank streams (dropout)
 
     collectives, shared_memory = _collectives(runtime, float(cfg.launch.collective_timeout))
-    options = dict(skip_nonfinite=t.on_nonfinite == OnNonFinite.skip, precision=str(t.precision),
-                   clip_grad_norm=t.clip_grad_norm, compile=bool(t.compile), scheduler_interval=scheduler_interval(cfg.get("scheduler")))
+    options = dict(
+        skip_nonfinite=t.on_nonfinite == OnNonFinite.skip,
+        precision=str(t.precision),
+        clip_grad_norm=t.clip_grad_norm,
+        compile=bool(t.compile),
+        scheduler_interval=scheduler_interval(cfg.get("scheduler")),
+    )
     if fsdp:  # the shared memory still carries the loop's small collectives; FSDP's own go through the group
         engine = FSDPEngine(model, optimizer, scheduler, task, device, collectives, backend=runtime.backend, **options)
     else:
-        engine = DDPEngine(model, optimizer, scheduler, task, device, collectives, runtime.allreduce, shared_memory,
-                           ddp_options=OmegaConf.to_container(t.ddp), **options)
+        engine = DDPEngine(
+            model,
+            optimizer,
+            scheduler,
+            task,
+            device,
+            collectives,
+            runtime.allreduce,
+            shared_memory,
+            ddp_options=OmegaConf.to_container(t.ddp),
+            **options,
+        )
     return train(cfg, run_dir, engine, data, task)

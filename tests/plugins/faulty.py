@@ -17,16 +17,19 @@ class FaultyLinear(torch.nn.Linear):
     restarted process resumes from a snapshot and counts again. With `kill_rank`, that rank is
     killed with SIGKILL at that step instead, in every attempt (like a recurring OOM kill)."""
 
-    def __init__(self, in_features: int, out_features: int, fail_after_step: int = -1, fail_at_call: int = 0,
-                 kill_rank: int = -1) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, fail_after_step: int = -1, fail_at_call: int = 0, kill_rank: int = -1
+    ) -> None:
         super().__init__(in_features, out_features)
         self.fail_after_step, self.fail_at_call, self.kill_rank = fail_after_step, fail_at_call, kill_rank
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.training and ((faults.current_step or 0) == self.fail_after_step
-                              or (self.fail_at_call and self.calls >= self.fail_at_call)):
+        if self.training and (
+            (faults.current_step or 0) == self.fail_after_step
+            or (self.fail_at_call and self.calls >= self.fail_at_call)
+        ):
             if self.kill_rank < 0:
                 raise KeyError("label")
             if int(os.environ.get("RANK", "0")) == self.kill_rank:

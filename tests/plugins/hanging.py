@@ -19,5 +19,7 @@ class HangingLinear(torch.nn.Linear):
         if self.hang_at and self.calls >= self.hang_at:
             if self.hang_note:  # `<hang_note>.<rank>`: a test waits for it instead of guessing how long steps take
                 Path(f"{self.hang_note}.{os.environ.get('RANK', '0')}").touch()
-            time.sleep(3600)  # a signal handler runs, then the sleep goes on: a worker that never reaches a step boundary
+            time.sleep(
+                3600
+            )  # a signal handler runs, then the sleep goes on: a worker that never reaches a step boundary
         return super().forward(x)

@@ -105,21 +105,34 @@ def digit_images(size: int = 24, train: int = 512, val: int = 256) -> Splits:
     images, labels = load_digits_tensors()
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     images = images.contiguous()
-    held_out = TensorDataset(images[train:train + val], labels[train:train + val]) if val > 0 else None
+    held_out = TensorDataset(images[train : train + val], labels[train : train + val]) if val > 0 else None
     return Splits(train=AugmentedImages(images[:train], labels[:train]), val=held_out)
 
 
 # ---- transformers ------------------------------------------------------------------------------
 
-def tiny_bert(vocab_size: int = 100, hidden_size: int = 32, layers: int = 2, heads: int = 2,
-              num_labels: int = 2, max_length: int = 64) -> nn.Module:
+
+def tiny_bert(
+    vocab_size: int = 100,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    num_labels: int = 2,
+    max_length: int = 64,
+) -> nn.Module:
     """A BertForSequenceClassification from a tiny config: built locally, nothing downloaded."""
     _torchvision()  # transformers imports torchvision when it is installed
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=2 * hidden_size,
-                        max_position_embeddings=max_length, num_labels=num_labels)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_length,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -142,8 +155,10 @@ class TokenSequences(Dataset):
 
 
 def token_splits(size: int = 512, val_size: int = 128, vocab_size: int = 100, max_length: int = 16) -> Splits:
-    return Splits(train=TokenSequences(size, vocab_size, max_length, seed=0),
-                  val=TokenSequences(val_size, vocab_size, max_length, seed=1))
+    return Splits(
+        train=TokenSequences(size, vocab_size, max_length, seed=0),
+        val=TokenSequences(val_size, vocab_size, max_length, seed=1),
+    )
 
 
 def pad_collate():
@@ -177,6 +192,7 @@ class SequenceClassification(Task):
 
 # ---- PyTorch's word-level Transformer example --------------------------------------------------
 
+
 class PositionalEncoding(nn.Module):
     """As in PyTorch's examples/word_language_model and the classic transformer tutorial: `pe` is a
     buffer that is a transposed view, (max_len, 1, d_model) with the strides of (1, max_len, d_model)."""
@@ -201,8 +217,9 @@ class TransformerModel(nn.Module):
     """The example's TransformerModel (sequence-first inside, a causal mask), taking the runner's
     (batch, length) token batches and returning (batch, length, vocab) logits."""
 
-    def __init__(self, ntoken: int = 128, ninp: int = 32, nhead: int = 2, nhid: int = 64, nlayers: int = 2,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, ntoken: int = 128, ninp: int = 32, nhead: int = 2, nhid: int = 64, nlayers: int = 2, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.pos_encoder = PositionalEncoding(ninp, dropout)
         layer = nn.TransformerEncoderLayer(ninp, nhead, nhid, dropout)

@@ -39,8 +39,15 @@ from runner.driver.rundir import check_name
 __all__ = ["check", "check_gpu_count", "check_meta_init", "check_start_method", "warn_gpu_options_on_cpu"]
 
 
-def check(cfg: DictConfig, run_dir: Path, choices: Optional[dict[str, str]] = None, overrides: tuple = (),
-          lock: Optional[Callable[[], object]] = None, parallel_jobs: int = 1, slot: int = 0) -> Runtime:
+def check(
+    cfg: DictConfig,
+    run_dir: Path,
+    choices: Optional[dict[str, str]] = None,
+    overrides: tuple = (),
+    lock: Optional[Callable[[], object]] = None,
+    parallel_jobs: int = 1,
+    slot: int = 0,
+) -> Runtime:
     """Validate one job; return the runtime resolved for it.
 
     `choices`: the config file picked per group (Hydra's runtime.choices), `overrides`: the command

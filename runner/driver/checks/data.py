@@ -30,8 +30,13 @@ def check_data(cfg: DictConfig, runtime: Runtime, choice: Optional[str] = None) 
     check_val_split(cfg.data, splits, workers)
     check_monitor(cfg.snapshot.monitor, splits)
     if cfg.trainer.test and splits.test is None:
-        raise UserError("trainer.test", True, "the dataset has no test split",
-                        "a dataset returning runner.data.Splits(train, val, test)", "drop trainer.test=true")
+        raise UserError(
+            "trainer.test",
+            True,
+            "the dataset has no test split",
+            "a dataset returning runner.data.Splits(train, val, test)",
+            "drop trainer.test=true",
+        )
     check_first_batch(cfg, splits)
 
 
@@ -43,15 +48,24 @@ def build_dataset(node: DictConfig, where: str) -> Any:
     except Exception as err:
         cause = err.__cause__ or err
         if isinstance(cause, ImportError):
-            raise UserError("dataset._target_", node._target_, f"needs a package that is not installed: {cause}",
-                            "a dataset whose packages are installed", str(cause).split(": ", 1)[-1]) from None
+            raise UserError(
+                "dataset._target_",
+                node._target_,
+                f"needs a package that is not installed: {cause}",
+                "a dataset whose packages are installed",
+                str(cause).split(": ", 1)[-1],
+            ) from None
         raise build_error("dataset", node, err, where) from None
     if isinstance(built, DataLoader):
-        raise UserError("dataset._target_", node._target_, "builds a DataLoader; the dataset group names the samples "
-                        "and the runner makes the loader (resumable order, one shard per worker)",
-                        "a map-style torch.utils.data.Dataset (__getitem__ and __len__), or runner.data.Splits(train, "
-                        "val, test)", "point dataset._target_ at the dataset and move loader options to data.* "
-                        "(num_workers, collate_fn, pin_memory...)")
+        raise UserError(
+            "dataset._target_",
+            node._target_,
+            "builds a DataLoader; the dataset group names the samples "
+            "and the runner makes the loader (resumable order, one shard per worker)",
+            "a map-style torch.utils.data.Dataset (__getitem__ and __len__), or runner.data.Splits(train, val, test)",
+            "point dataset._target_ at the dataset and move loader options to data.* "
+            "(num_workers, collate_fn, pin_memory...)",
+        )
     return built
 
 
@@ -64,19 +78,29 @@ def check_splits(node: DictConfig, splits: Any) -> None:
         if split is None:
             continue
         if isinstance(split, IterableDataset) or not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
-            raise UserError("dataset._target_", node._target_, f"its {name} split is a {type(split).__name__}, not a "
-                            "map-style dataset: resuming mid-epoch needs samples by index",
-                            "a dataset with __getitem__ and __len__", "wrap the data in a map-style Dataset")
+            raise UserError(
+                "dataset._target_",
+                node._target_,
+                f"its {name} split is a {type(split).__name__}, not a "
+                "map-style dataset: resuming mid-epoch needs samples by index",
+                "a dataset with __getitem__ and __len__",
+                "wrap the data in a map-style Dataset",
+            )
         if len(split) == 0:
-            raise UserError("dataset", node._target_, f"its {name} split has no samples",
-                            "at least one sample per split")
+            raise UserError(
+                "dataset", node._target_, f"its {name} split has no samples", "at least one sample per split"
+            )
 
 
 def check_val_split(data: DictConfig, splits: Any, workers: int) -> None:
     if splits.val is not None and len(splits.val) < workers:
-        raise UserError("data.val_fraction", data.val_fraction, f"leaves {len(splits.val)} validation samples for "
-                        f"{workers} workers", "a validation split with at least one sample per worker",
-                        "raise data.val_fraction or use fewer workers")
+        raise UserError(
+            "data.val_fraction",
+            data.val_fraction,
+            f"leaves {len(splits.val)} validation samples for {workers} workers",
+            "a validation split with at least one sample per worker",
+            "raise data.val_fraction or use fewer workers",
+        )
 
 
 def check_monitor(monitor: Optional[str], splits: Any) -> None:
@@ -84,11 +108,21 @@ def check_monitor(monitor: Optional[str], splits: Any) -> None:
     if not monitor:
         return
     if str(monitor).startswith("val/") and splits.val is None:
-        raise UserError("snapshot.monitor", monitor, "there is no validation split to measure it on",
-                        "a dataset with a val split, or data.val_fraction > 0", "add data.val_fraction=0.1")
+        raise UserError(
+            "snapshot.monitor",
+            monitor,
+            "there is no validation split to measure it on",
+            "a dataset with a val split, or data.val_fraction > 0",
+            "add data.val_fraction=0.1",
+        )
     if not str(monitor).startswith(("val/", "train/")):
-        raise UserError("snapshot.monitor", monitor, "names no metric the runner records",
-                        "val/<name> or train/<name>, e.g. val/loss", "e.g. snapshot.monitor=val/loss")
+        raise UserError(
+            "snapshot.monitor",
+            monitor,
+            "names no metric the runner records",
+            "val/<name> or train/<name>, e.g. val/loss",
+            "e.g. snapshot.monitor=val/loss",
+        )
 
 
 def check_first_batch(cfg: DictConfig, splits: Any) -> None:
@@ -100,17 +134,23 @@ def check_first_batch(cfg: DictConfig, splits: Any) -> None:
     except Exception as err:
         raise build_error("data.collate_fn", cfg.data.collate_fn, err, "the command line") from None
     if collate is not None and not callable(collate):
-        raise UserError("data.collate_fn", cfg.data.collate_fn._target_, f"builds a {type(collate).__name__}, which "
-                        "cannot be called", "a _target_ that builds a function taking a list of samples",
-                        "e.g. a class whose instances are callable")
+        raise UserError(
+            "data.collate_fn",
+            cfg.data.collate_fn._target_,
+            f"builds a {type(collate).__name__}, which cannot be called",
+            "a _target_ that builds a function taking a list of samples",
+            "e.g. a class whose instances are callable",
+        )
     try:
         samples = [splits.train[i] for i in range(min(2, len(splits.train)))]
         (collate or torch.utils.data.default_collate)(samples)
     except Exception as err:
         text = str(err).splitlines()[0] if str(err) else ""
         key = "data.collate_fn" if collate is not None else "dataset"
-        raise UserError(key, cfg.data.collate_fn._target_ if collate is not None else cfg.dataset._target_,
-                        f"making the first batch failed: {type(err).__name__}: {text}",
-                        "samples that the collate function turns into a batch",
-                        "fix the dataset's __getitem__ or pass data.collate_fn=<a function that batches these "
-                        "samples>") from None
+        raise UserError(
+            key,
+            cfg.data.collate_fn._target_ if collate is not None else cfg.dataset._target_,
+            f"making the first batch failed: {type(err).__name__}: {text}",
+            "samples that the collate function turns into a batch",
+            "fix the dataset's __getitem__ or pass data.collate_fn=<a function that batches these samples>",
+        ) from None

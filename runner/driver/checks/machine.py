@@ -43,29 +43,45 @@ def check_cuda_asked(launch: DictConfig) -> None:
     if torch.cuda.is_available():
         return
     if parse_nproc(launch.nproc_per_node) == NprocWord.gpu:
-        raise UserError("launch.nproc_per_node", "gpu", "no CUDA device is visible on this machine",
-                        "auto | cpu | a positive integer",
-                        "use launch.nproc_per_node=auto (or check CUDA_VISIBLE_DEVICES)")
+        raise UserError(
+            "launch.nproc_per_node",
+            "gpu",
+            "no CUDA device is visible on this machine",
+            "auto | cpu | a positive integer",
+            "use launch.nproc_per_node=auto (or check CUDA_VISIBLE_DEVICES)",
+        )
     if launch.backend == Backend.nccl:
-        raise UserError("launch.backend", "nccl", "NCCL needs CUDA devices and none is visible",
-                        "auto | gloo", "use launch.backend=auto (gloo on CPU)")
+        raise UserError(
+            "launch.backend",
+            "nccl",
+            "NCCL needs CUDA devices and none is visible",
+            "auto | gloo",
+            "use launch.backend=auto (gloo on CPU)",
+        )
 
 
 def check_cpu_offload(trainer: DictConfig, runtime: Runtime) -> None:
     if trainer.strategy == Strategy.fsdp and trainer.fsdp.cpu_offload and runtime.device != "cuda":
-        raise UserError("trainer.fsdp.cpu_offload", True, "moves a GPU worker's sharded state into CPU memory, and "
-                        "these workers train on the CPU already", "false on CPU workers",
-                        "drop trainer.fsdp.cpu_offload=true")
+        raise UserError(
+            "trainer.fsdp.cpu_offload",
+            True,
+            "moves a GPU worker's sharded state into CPU memory, and these workers train on the CPU already",
+            "false on CPU workers",
+            "drop trainer.fsdp.cpu_offload=true",
+        )
 
 
 def check_gpu_count(runtime: Runtime, visible: int, asked: object) -> None:
     """NCCL workers need a GPU each (several workers cannot share one GPU with NCCL)."""
     if runtime.device == "cuda" and runtime.nproc_per_node > visible:
-        raise UserError("launch.nproc_per_node", asked, f"{runtime.nproc_per_node} GPU workers need a GPU each, and "
-                        f"{visible} {'is' if visible == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES)",
-                        f"gpu | auto | an integer from 1 to {visible}",
-                        "use launch.nproc_per_node=gpu (one worker per visible GPU), or launch.backend=gloo for CPU "
-                        "workers")
+        raise UserError(
+            "launch.nproc_per_node",
+            asked,
+            f"{runtime.nproc_per_node} GPU workers need a GPU each, and "
+            f"{visible} {'is' if visible == 1 else 'are'} visible (CUDA_VISIBLE_DEVICES)",
+            f"gpu | auto | an integer from 1 to {visible}",
+            "use launch.nproc_per_node=gpu (one worker per visible GPU), or launch.backend=gloo for CPU workers",
+        )
 
 
 def check_start_method(launch: DictConfig, runtime: Runtime) -> None:
@@ -73,13 +89,21 @@ def check_start_method(launch: DictConfig, runtime: Runtime) -> None:
     if launch.mode == LaunchMode.local:
         return
     if method not in multiprocessing.get_all_start_methods():
-        raise UserError("launch.start_method", method,
-                        f"this platform ({sys.platform}) cannot start processes that way",
-                        " | ".join(["auto", *multiprocessing.get_all_start_methods()]), "use launch.start_method=auto")
+        raise UserError(
+            "launch.start_method",
+            method,
+            f"this platform ({sys.platform}) cannot start processes that way",
+            " | ".join(["auto", *multiprocessing.get_all_start_methods()]),
+            "use launch.start_method=auto",
+        )
     if method == "fork" and runtime.device == "cuda":
-        raise UserError("launch.start_method", method, "the workers use CUDA, and a process forked from the driver "
-                        "cannot (CUDA does not survive fork)", "auto | forkserver | spawn",
-                        "use launch.start_method=auto (a fork server that never touches CUDA)")
+        raise UserError(
+            "launch.start_method",
+            method,
+            "the workers use CUDA, and a process forked from the driver cannot (CUDA does not survive fork)",
+            "auto | forkserver | spawn",
+            "use launch.start_method=auto (a fork server that never touches CUDA)",
+        )
 
 
 def check_shm_allreduce(launch: DictConfig, runtime: Runtime) -> None:
@@ -87,9 +111,13 @@ def check_shm_allreduce(launch: DictConfig, runtime: Runtime) -> None:
     machine: nothing to average)."""
     moot = launch.mode != LaunchMode.multinode and runtime.nproc_per_node < 2
     if launch.cpu_allreduce == CpuAllreduce.shm and runtime.allreduce != "shm" and not moot:
-        raise UserError("launch.cpu_allreduce", "shm", f"shared-memory gradients cannot be used here: "
-                        f"{runtime.allreduce_reason}", "auto | gloo",
-                        "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)")
+        raise UserError(
+            "launch.cpu_allreduce",
+            "shm",
+            f"shared-memory gradients cannot be used here: {runtime.allreduce_reason}",
+            "auto | gloo",
+            "use launch.cpu_allreduce=auto (it falls back to gloo where shm cannot work)",
+        )
 
 
 def warn_gpu_options_on_cpu(cfg: DictConfig, device: str) -> None:
@@ -97,11 +125,15 @@ def warn_gpu_options_on_cpu(cfg: DictConfig, device: str) -> None:
     if device != "cpu":
         return
     if cfg.data.get("pin_memory"):
-        log.warning("data.pin_memory=true: the workers train on the CPU, where pinned (page-locked) batches only cost "
-                    "memory; drop it (the default pins on CUDA only)")
+        log.warning(
+            "data.pin_memory=true: the workers train on the CPU, where pinned (page-locked) batches only cost "
+            "memory; drop it (the default pins on CUDA only)"
+        )
     if str(cfg.trainer.precision) == Precision.fp16:
-        log.warning("trainer.precision=fp16: the workers train on the CPU, where float16 autocast is usually slower "
-                    "than float32 and its gradient scaler guards nothing; use 32, or bf16 on a CPU with bfloat16 units")
+        log.warning(
+            "trainer.precision=fp16: the workers train on the CPU, where float16 autocast is usually slower "
+            "than float32 and its gradient scaler guards nothing; use 32, or bf16 on a CPU with bfloat16 units"
+        )
 
 
 def check_run_dir(run_dir: Path, param_bytes: int) -> None:
@@ -109,17 +141,31 @@ def check_run_dir(run_dir: Path, param_bytes: int) -> None:
     before the model is built, when only the lock file is to be written)."""
     base = existing_ancestor(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError("hydra.run.dir", run_dir, "exists and is not a directory", "a directory path",
-                        "pass another hydra.run.dir=... or name=...")
+        raise UserError(
+            "hydra.run.dir",
+            run_dir,
+            "exists and is not a directory",
+            "a directory path",
+            "pass another hydra.run.dir=... or name=...",
+        )
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise UserError("hydra.run.dir", run_dir, f"cannot be written ({base} is not a writable directory)",
-                        "a path under a directory you can write",
-                        "pass hydra.run.dir=<writable path> or run from another folder")
+        raise UserError(
+            "hydra.run.dir",
+            run_dir,
+            f"cannot be written ({base} is not a writable directory)",
+            "a path under a directory you can write",
+            "pass hydra.run.dir=<writable path> or run from another folder",
+        )
     # One snapshot holds weights + optimizer state (up to ~2x weights); the atomic write needs a
     # second copy while it replaces the old one.
     needed = 2 * 3 * param_bytes + 16 * 2**20
     free = shutil.disk_usage(base).free
     if free < needed:
-        raise UserError("hydra.run.dir", run_dir, f"cannot hold snapshots: {free / 2**20:.0f} MiB free on its "
-                        f"filesystem, about {needed / 2**20:.0f} MiB needed", "a disk with room for two snapshots",
-                        "free some space or pass hydra.run.dir=<path on a larger disk>")
+        raise UserError(
+            "hydra.run.dir",
+            run_dir,
+            f"cannot hold snapshots: {free / 2**20:.0f} MiB free on its "
+            f"filesystem, about {needed / 2**20:.0f} MiB needed",
+            "a disk with room for two snapshots",
+            "free some space or pass hydra.run.dir=<path on a larger disk>",
+        )

@@ -25,8 +25,15 @@ log = logging.getLogger("runner.driver.checks")
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 BUILT_GROUPS = ("dataset", "task", "model", "optimizer", "scheduler")
 # torch optimizers say "Invalid learning rate: -1"; map the phrase to the config key.
-TORCH_PHRASES = {"learning rate": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-                 "beta": "betas", "epsilon": "eps", "dampening": "dampening", "step_size": "step_size"}
+TORCH_PHRASES = {
+    "learning rate": "lr",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "beta": "betas",
+    "epsilon": "eps",
+    "dampening": "dampening",
+    "step_size": "step_size",
+}
 NON_NEGATIVE_OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "eps", "dampening", "alpha")
 
 
@@ -43,8 +50,9 @@ def check_objects(cfg: DictConfig, choices: dict[str, str], overrides: tuple = (
     check_fsdp_model(cfg, model)
     params = list(model.parameters())
     if not params:
-        raise UserError("model._target_", cfg.model._target_, "the model has no trainable parameters",
-                        "a model with parameters")
+        raise UserError(
+            "model._target_", cfg.model._target_, "the model has no trainable parameters", "a model with parameters"
+        )
     check_optimizer(cfg.optimizer, params, where["optimizer"])
     if cfg.get("scheduler"):
         check_scheduler(cfg.scheduler, where["scheduler"])
@@ -72,9 +80,13 @@ def locate_target(key: str, node: DictConfig, where: str) -> Any:
         return get_object(str(target))
     except Exception as err:  # ImportError, AttributeError, ValueError from get_object
         reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
-        raise UserError(f"{key}._target_", target, f"cannot be imported (set in {where}): {reason}",
-                        "a dotted path to an importable class or function, e.g. torch.nn.Linear",
-                        "fix the spelling, or install the package that provides it") from None
+        raise UserError(
+            f"{key}._target_",
+            target,
+            f"cannot be imported (set in {where}): {reason}",
+            "a dotted path to an importable class or function, e.g. torch.nn.Linear",
+            "fix the spelling, or install the package that provides it",
+        ) from None
 
 
 def build_error(key: str, node: DictConfig, err: Exception, where: str) -> UserError:
@@ -91,9 +103,13 @@ def build_error(key: str, node: DictConfig, err: Exception, where: str) -> UserE
                 bad_key = f"{key}.{name}"
                 break
     value = node.get(bad_key.rsplit(".", 1)[-1]) if bad_key != key else node.get("_target_")
-    return UserError(bad_key, value,
-                     f"{node.get('_target_')} rejects it (from {where}): {type(cause).__name__}: {text}",
-                     "the arguments its constructor accepts", f"change or remove {bad_key}")
+    return UserError(
+        bad_key,
+        value,
+        f"{node.get('_target_')} rejects it (from {where}): {type(cause).__name__}: {text}",
+        "the arguments its constructor accepts",
+        f"change or remove {bad_key}",
+    )
 
 
 def arguments(node: DictConfig) -> dict[str, Any]:
@@ -126,8 +142,12 @@ def build_model_on_meta(node: DictConfig, where: str) -> torch.nn.Module:
     except Exception as err:
         raise build_error("model", node, err, where) from None
     if not isinstance(model, torch.nn.Module):
-        raise UserError("model._target_", node._target_, f"builds a {type(model).__name__}, not a torch.nn.Module",
-                        "a class or function returning torch.nn.Module")
+        raise UserError(
+            "model._target_",
+            node._target_,
+            f"builds a {type(model).__name__}, not a torch.nn.Module",
+            "a class or function returning torch.nn.Module",
+        )
     return model
 
 
@@ -139,10 +159,13 @@ def check_pipeline_model(cfg: DictConfig, model: torch.nn.Module) -> None:
     if isinstance(model, torch.nn.Sequential) and len(model) >= stages:
         return
     layers = f" with {len(model)} layers" if isinstance(model, torch.nn.Sequential) else ""
-    raise UserError("launch.num_stages", stages, f"a pipeline cuts an nn.Sequential into stages; {cfg.model._target_} "
-                    f"builds {type(model).__name__}{layers}",
-                    "a model that is an nn.Sequential with at least num_stages layers (e.g. model=mlp)",
-                    "use model=mlp, or fewer stages")
+    raise UserError(
+        "launch.num_stages",
+        stages,
+        f"a pipeline cuts an nn.Sequential into stages; {cfg.model._target_} builds {type(model).__name__}{layers}",
+        "a model that is an nn.Sequential with at least num_stages layers (e.g. model=mlp)",
+        "use model=mlp, or fewer stages",
+    )
 
 
 def check_fsdp_model(cfg: DictConfig, model: torch.nn.Module) -> None:
@@ -156,11 +179,16 @@ def check_fsdp_model(cfg: DictConfig, model: torch.nn.Module) -> None:
         from runner.train.engines.fsdp import shard_blocks
 
         if not shard_blocks(model, str(fsdp.shard)):
-            kinds = sorted({type(m).__name__ for m in model.modules()
-                            if m is not model and any(True for _ in m.parameters())})
-            raise UserError("trainer.fsdp.shard", fsdp.shard, f"names no module of {cfg.model._target_}",
-                            f"a class of its modules: {', '.join(kinds[:8])}",
-                            "e.g. trainer.fsdp.shard=null (each top-level child)")
+            kinds = sorted(
+                {type(m).__name__ for m in model.modules() if m is not model and any(True for _ in m.parameters())}
+            )
+            raise UserError(
+                "trainer.fsdp.shard",
+                fsdp.shard,
+                f"names no module of {cfg.model._target_}",
+                f"a class of its modules: {', '.join(kinds[:8])}",
+                "e.g. trainer.fsdp.shard=null (each top-level child)",
+            )
 
 
 def check_meta_init(model: torch.nn.Module, target: str) -> None:
@@ -168,19 +196,29 @@ def check_meta_init(model: torch.nn.Module, target: str) -> None:
     `reset_parameters()`: anything neither reaches would train from whatever the memory held."""
     if callable(getattr(model, "init_weights", None)):
         return
-    uncovered = [f"{prefix + '.' if prefix else ''}{name}" for prefix, module in model.named_modules()
-                 if not callable(getattr(module, "reset_parameters", None))
-                 for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+    uncovered = [
+        f"{prefix + '.' if prefix else ''}{name}"
+        for prefix, module in model.named_modules()
+        if not callable(getattr(module, "reset_parameters", None))
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    ]
     if uncovered:
         shown = ", ".join(uncovered[:4]) + (f" and {len(uncovered) - 4} more" if len(uncovered) > 4 else "")
-        raise UserError("trainer.fsdp.meta_init", True,
-                        f"{target} has no init_weights(), and {shown} belong to modules "
-                        "without reset_parameters(): after a build on the meta device nothing would initialise them",
-                        "a model with init_weights() (called after sharding), or whose every parameter and buffer is "
-                        "in a module with reset_parameters()", "add an init_weights() method to the model, or drop "
-                        "trainer.fsdp.meta_init (the model is then built whole and sharded)")
-    log.warning("trainer.fsdp.meta_init: %s has no init_weights(), so each module's reset_parameters() initialises it; "
-                "an initialisation its constructor applies (a custom std, tied weights) is not replayed", target)
+        raise UserError(
+            "trainer.fsdp.meta_init",
+            True,
+            f"{target} has no init_weights(), and {shown} belong to modules "
+            "without reset_parameters(): after a build on the meta device nothing would initialise them",
+            "a model with init_weights() (called after sharding), or whose every parameter and buffer is "
+            "in a module with reset_parameters()",
+            "add an init_weights() method to the model, or drop "
+            "trainer.fsdp.meta_init (the model is then built whole and sharded)",
+        )
+    log.warning(
+        "trainer.fsdp.meta_init: %s has no init_weights(), so each module's reset_parameters() initialises it; "
+        "an initialisation its constructor applies (a custom std, tied weights) is not replayed",
+        target,
+    )
 
 
 def check_optimizer(node: DictConfig, params: list, where: str) -> None:
@@ -191,15 +229,22 @@ def check_optimizer(node: DictConfig, params: list, where: str) -> None:
     for name in NON_NEGATIVE_OPTIMIZER_KEYS:
         value = kwargs.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise UserError(f"optimizer.{name}", value,
-                            f"{optimizer_cls.__name__} rejects a negative {name} (from {where})",
-                            "a value >= 0",
-                            f"e.g. optimizer.{name}=0.01" if name == "lr" else f"e.g. optimizer.{name}=0")
+            raise UserError(
+                f"optimizer.{name}",
+                value,
+                f"{optimizer_cls.__name__} rejects a negative {name} (from {where})",
+                "a value >= 0",
+                f"e.g. optimizer.{name}=0.01" if name == "lr" else f"e.g. optimizer.{name}=0",
+            )
     betas = kwargs.get("betas")
     pair = isinstance(betas, (list, tuple)) and len(betas) == 2
     if betas is not None and not (pair and all(0 <= b < 1 for b in betas)):
-        raise UserError("optimizer.betas", betas, f"must be two numbers in [0, 1) (from {where})",
-                        "[beta1, beta2], e.g. [0.9, 0.999]")
+        raise UserError(
+            "optimizer.betas",
+            betas,
+            f"must be two numbers in [0, 1) (from {where})",
+            "[beta1, beta2], e.g. [0.9, 0.999]",
+        )
 
 
 def check_scheduler(node: DictConfig, where: str) -> None:
@@ -208,8 +253,13 @@ def check_scheduler(node: DictConfig, where: str) -> None:
 
     interval = str(node.get("interval", Interval.epoch))
     if interval not in Interval._value2member_map_:
-        raise UserError("scheduler.interval", interval, "is not a scheduler interval", Interval.words(),
-                        "e.g. scheduler.interval=step")
+        raise UserError(
+            "scheduler.interval",
+            interval,
+            "is not a scheduler interval",
+            Interval.words(),
+            "e.g. scheduler.interval=step",
+        )
     kwargs = {k: v for k, v in arguments(node).items() if k not in RUNNER_KEYS}
     bind("scheduler", node, where, get_object(str(node._target_)), [object()], kwargs)
 
@@ -234,7 +284,10 @@ def check_loggers(node: DictConfig, where: str) -> None:
         module, extra = REQUIREMENTS.get(str(item.get("_target_")), (None, None))
         if module is not None and importlib.util.find_spec(module) is None:
             name = str(item._target_).rsplit(".", 1)[-1]
-            raise UserError(f"{key}._target_", item._target_,
-                            f"{name} needs the {module} package, which is not installed",
-                            f"logger=none, or {module} installed",
-                            f'pip install "hydra-torch-runner[{extra}]", or drop the logger')
+            raise UserError(
+                f"{key}._target_",
+                item._target_,
+                f"{name} needs the {module} package, which is not installed",
+                f"logger=none, or {module} installed",
+                f'pip install "hydra-torch-runner[{extra}]", or drop the logger',
+            )

@@ -43,10 +43,22 @@ class DataParallelEngine(abc.ABC):
     shared_state = False  # every rank holds (and loads) its own replica or shards
     lockstep_evaluation = False  # a forward is local to the rank unless an engine says otherwise
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
-                 device: torch.device, collectives: Collectives, allreduce: str, *,
-                 skip_nonfinite: bool = False, precision: str = "32", clip_grad_norm: Optional[float] = None,
-                 compile: bool = False, scheduler_interval: str = "epoch") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        task: Any,
+        device: torch.device,
+        collectives: Collectives,
+        allreduce: str,
+        *,
+        skip_nonfinite: bool = False,
+        precision: str = "32",
+        clip_grad_norm: Optional[float] = None,
+        compile: bool = False,
+        scheduler_interval: str = "epoch",
+    ) -> None:
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
         self.device, self.collectives, self.allreduce = device, collectives, allreduce
         self.processes = collectives.world_size
@@ -153,14 +165,17 @@ class DataParallelEngine(abc.ABC):
         pass  # nothing outlives the engine here; DDP drops its comm hook
 
     def _schedule_state(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
 
     def _copy_unstepped(self, model: dict[str, Any]) -> dict[str, Any]:
         """Whatever the optimizer does not step may change in forward (BatchNorm statistics): copies of those."""
         stepped = {local(p).data_ptr() for group in self.optimizer.param_groups for p in group["params"]}
-        return {name: tensor if local(tensor).data_ptr() in stepped else tensor.clone()
-                for name, tensor in model.items()}
+        return {
+            name: tensor if local(tensor).data_ptr() in stepped else tensor.clone() for name, tensor in model.items()
+        }
 
     def sharded_state(self, copy_unstepped: bool = False) -> dict[str, Any]:
         """{"model", "optimizer"} keyed by parameter names, as torch.distributed.checkpoint saves and

@@ -41,8 +41,9 @@ def restride_buffers(model: torch.nn.Module) -> list[str]:
             module._buffers[attr] = copies[id(buffer)]
             changed.append(f"{module_name}.{attr}" if module_name else attr)
     if changed:
-        log.info("buffers given row-major strides for DDP's broadcast: %s", ", ".join(changed),
-                 extra={"console": False})
+        log.info(
+            "buffers given row-major strides for DDP's broadcast: %s", ", ".join(changed), extra={"console": False}
+        )
     return changed
 
 
@@ -61,9 +62,20 @@ class DDPEngine(DataParallelEngine):
 
     lockstep_evaluation = False  # evaluation calls the plain module: no collective in a forward
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
-                 device: torch.device, collectives: Collectives, allreduce: str, shared_memory=None, *,
-                 ddp_options: Optional[dict] = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        task: Any,
+        device: torch.device,
+        collectives: Collectives,
+        allreduce: str,
+        shared_memory=None,
+        *,
+        ddp_options: Optional[dict] = None,
+        **options: Any,
+    ) -> None:
         """`options`: the shared base's (skip_nonfinite, precision, clip_grad_norm, compile, scheduler_interval)."""
         super().__init__(model, optimizer, scheduler, task, device, collectives, allreduce, **options)
         self.ddp_options = {k: v for k, v in (ddp_options or {}).items() if v is not None}  # None: DDP's default
@@ -77,10 +89,16 @@ class DDPEngine(DataParallelEngine):
             restride_buffers(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DDP(model, device_ids=device_ids, **ddp_arguments(self.ddp_options))
-        log.info("DistributedDataParallel: broadcast_buffers=%s, find_unused_parameters=%s, static_graph=%s, "
-                 "bucket_cap_mb=%g, gradient_as_bucket_view=%s", ddp.broadcast_buffers, ddp.find_unused_parameters,
-                 ddp.static_graph, ddp.bucket_bytes_cap / 2**20, ddp.gradient_as_bucket_view,
-                 extra={"console": False})
+        log.info(
+            "DistributedDataParallel: broadcast_buffers=%s, find_unused_parameters=%s, static_graph=%s, "
+            "bucket_cap_mb=%g, gradient_as_bucket_view=%s",
+            ddp.broadcast_buffers,
+            ddp.find_unused_parameters,
+            ddp.static_graph,
+            ddp.bucket_bytes_cap / 2**20,
+            ddp.gradient_as_bucket_view,
+            extra={"console": False},
+        )
         if shared_memory is not None:
             from runner.train.shm_allreduce import shm_allreduce_hook
 

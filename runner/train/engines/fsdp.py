@@ -34,16 +34,22 @@ def shard_blocks(model: torch.nn.Module, shard: Optional[str]) -> list[torch.nn.
     containers that have no forward of their own (ModuleList, ModuleDict). A unit that shares a
     parameter with another (tied embedding and head) is left to the root, which holds it once."""
     if shard:
-        candidates = [m for m in model.modules() if m is not model and _has_forward(m)
-                      and shard in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")]
+        candidates = [
+            m
+            for m in model.modules()
+            if m is not model
+            and _has_forward(m)
+            and shard in (type(m).__name__, f"{type(m).__module__}.{type(m).__qualname__}")
+        ]
     else:
         candidates = list(_top_level_units(model))
     owners: dict[int, int] = {}
     for unit in candidates:
         for p in unit.parameters():
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [u for u in candidates
-            if any(True for _ in u.parameters()) and all(owners[id(p)] == 1 for p in u.parameters())]
+    return [
+        u for u in candidates if any(True for _ in u.parameters()) and all(owners[id(p)] == 1 for p in u.parameters())
+    ]
 
 
 def _has_forward(module: torch.nn.Module) -> bool:
@@ -109,8 +115,18 @@ class FSDPEngine(DataParallelEngine):
 
     lockstep_evaluation = True  # every forward gathers parameters from every rank: all ranks run the same number
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, task: Any,
-                 device: torch.device, collectives: Collectives, *, backend: str = "gloo", **options: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        task: Any,
+        device: torch.device,
+        collectives: Collectives,
+        *,
+        backend: str = "gloo",
+        **options: Any,
+    ) -> None:
         """`options`: the shared base's (skip_nonfinite, precision, clip_grad_norm, compile, scheduler_interval).
         Gradients are reduce-scattered over the process group of `backend` (recorded in snapshots)."""
         super().__init__(model, optimizer, scheduler, task, device, collectives, f"fsdp-{backend}", **options)
@@ -141,9 +157,14 @@ class FSDPEngine(DataParallelEngine):
 
         names = [name for name, _ in self.model.named_parameters()]
         saved = state["optimizer"]
-        optimizer = {"state": {names[i]: v for i, v in saved["state"].items()},
-                     "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]]}
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optimizer,
-                       options=StateDictOptions(full_state_dict=True))
-
-
+        optimizer = {
+            "state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in saved["param_groups"]],
+        }
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=optimizer,
+            options=StateDictOptions(full_state_dict=True),
+        )

@@ -79,11 +79,17 @@ class ParameterServerEngine(RpcEngine):
     shared_state = True  # the one model on the server: the lead loads it on resume
 
     def __init__(self, cfg: DictConfig, task: Any, trainer: int, trainers: int, processes: int) -> None:
-        self.collectives = CallbackCollectives(trainer, trainers, lambda v, op: rpc.rpc_sync(SERVER, reduce_over_trainers, args=(v, op)))
+        self.collectives = CallbackCollectives(
+            trainer, trainers, lambda v, op: rpc.rpc_sync(SERVER, reduce_over_trainers, args=(v, op))
+        )
         self.processes, self.task = processes, task
-        model = rpc.rpc_sync(SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers))
+        model = rpc.rpc_sync(
+            SERVER, get_model, args=(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.trainer.seed), trainers)
+        )
         self.shards = [model]
-        self.optimizer = RemoteOptimizer(model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True))
+        self.optimizer = RemoteOptimizer(
+            model.rpc_sync().parameter_rrefs(), OmegaConf.to_container(cfg.optimizer, resolve=True)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shards[0].rpc_sync().forward(rpc.RRef(x))

@@ -37,11 +37,18 @@ class PipelineEngine(RpcEngine):
         self.collectives, self.processes, self.task = Collectives(), self.num_stages + 1, task
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         seed = int(cfg.trainer.seed)
-        self.shards = [rpc.remote(stage_name(i), ModuleShard, args=(model_cfg, seed, i, self.num_stages)) for i in range(self.num_stages)]
+        self.shards = [
+            rpc.remote(stage_name(i), ModuleShard, args=(model_cfg, seed, i, self.num_stages))
+            for i in range(self.num_stages)
+        ]
         param_rrefs = [p for shard in self.shards for p in shard.rpc_sync().parameter_rrefs()]
         self.optimizer = RemoteOptimizer(param_rrefs, OmegaConf.to_container(cfg.optimizer, resolve=True))
-        log.info("pipeline: %d stages on %s, %d parameter tensors", self.num_stages,
-                 ", ".join(stage_name(i) for i in range(self.num_stages)), len(param_rrefs))
+        log.info(
+            "pipeline: %d stages on %s, %d parameter tensors",
+            self.num_stages,
+            ", ".join(stage_name(i) for i in range(self.num_stages)),
+            len(param_rrefs),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activation = rpc.RRef(x)

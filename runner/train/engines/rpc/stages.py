@@ -82,7 +82,7 @@ class ModuleShard(torch.nn.Module):
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for prefix, part in zip(self.prefixes, self.parts):
             head = f"{prefix}." if prefix else ""
-            part.load_state_dict({k[len(head):]: v for k, v in state.items() if k.startswith(head)})
+            part.load_state_dict({k[len(head) :]: v for k, v in state.items() if k.startswith(head)})
 
 
 class LocalOptimizer:
@@ -121,7 +121,11 @@ class RemoteOptimizer:
         self.optimizer.step(context_id)
 
     def state_dict(self) -> dict:
-        return {"per_owner": [rpc.rpc_sync(o.owner(), _optimizer_state, args=(o,)) for o in self.optimizer.remote_optimizers]}
+        return {
+            "per_owner": [
+                rpc.rpc_sync(o.owner(), _optimizer_state, args=(o,)) for o in self.optimizer.remote_optimizers
+            ]
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for o, s in zip(self.optimizer.remote_optimizers, state["per_owner"]):

@@ -50,7 +50,9 @@ def main(run_dir: str) -> Optional[dict[str, Any]]:
     name = role(topology, rank)
     options = rpc.TensorPipeRpcBackendOptions(
         init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-        rpc_timeout=float(cfg.launch.rpc_timeout), num_worker_threads=max(16, 4 * world_size))
+        rpc_timeout=float(cfg.launch.rpc_timeout),
+        num_worker_threads=max(16, 4 * world_size),
+    )
     rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
     log.info("rpc worker %s (rank %d of %d) up, pid %d", name, rank, world_size, os.getpid(), extra={"console": False})
     trains = (topology == Topology.pipeline and rank == 0) or (topology == Topology.parameter_server and rank > 0)
@@ -79,4 +81,10 @@ def _train(cfg: DictConfig, run_dir: Path, topology: str, rank: int, world_size:
 
         rng.seed_everything(t.seed + rank)
         engine = ParameterServerEngine(cfg, task, trainer=rank - 1, trainers=world_size - 1, processes=world_size)
-    return train(cfg, run_dir, engine, DataSource(cfg, engine.collectives.rank, engine.collectives.world_size, engine.device), task)
+    return train(
+        cfg,
+        run_dir,
+        engine,
+        DataSource(cfg, engine.collectives.rank, engine.collectives.world_size, engine.device),
+        task,
+    )
