@@ -52,7 +52,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 180, env: dict | None =
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+def start_cli(args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """The command started, output piped; `new_session`: in a process group of its own, as a shell
+    starts it, so that the test can signal the whole group (os.killpg) as a terminal's Ctrl-C does."""
     return subprocess.Popen(
         [sys.executable, "-m", "runner", *args],
         cwd=cwd,
@@ -60,6 +62,7 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 

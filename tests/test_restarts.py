@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_env, run_cli
+from conftest import FAST, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 PLUGINS = {"PYTHONPATH": str(Path(__file__).parent / "plugins")}
@@ -64,15 +62,7 @@ def test_ctrl_c_of_the_process_group_is_said_once_and_each_version_once(workdir)
         *FAST,
     ]
     run_dir = workdir / "outputs" / "ctrl-c"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", *args],
-        cwd=workdir,
-        env=cli_env(),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_cli(args, workdir, new_session=True)
     deadline = time.time() + 120
     log = run_dir / "train.log"
     while (

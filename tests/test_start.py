@@ -126,21 +126,12 @@ def test_sigterm_to_the_whole_process_group_still_gets_the_stop_snapshot(workdir
     """`timeout`, SLURM's preemption notice and a terminal hang-up signal the whole group: the fork
     server is in it and must not die, or the workers' stop snapshot would be lost."""
     import signal
-    import subprocess
 
-    from conftest import cli_env, manifest, metrics
+    from conftest import manifest, metrics, start_cli
 
     args = ["model=mlp", "dataset.size=4096", "trainer.total_epochs=400", "name=group", *FAST]
     run_dir = workdir / "outputs" / "group"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", *args],
-        cwd=workdir,
-        env=cli_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(args, workdir, new_session=True)
     try:
         deadline = time.time() + 60
         while not metrics(run_dir) and time.time() < deadline and proc.poll() is None:

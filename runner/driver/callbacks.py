@@ -24,29 +24,20 @@ from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, rep
 
 class PreflightCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from runner.driver.checks import check
+        from runner.driver.checks import check_holding
         from runner.driver.lock import RunDirLock
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         lock = RunDirLock(run_dir, shared=task_cfg.launch.mode == LaunchMode.multinode)
+        choices, overrides = dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task)
         try:
-            runtime = check(
-                task_cfg,
-                run_dir,
-                dict(config.hydra.runtime.choices),
-                tuple(config.hydra.overrides.task),
-                lock=lock.acquire,
-            )
+            runtime = check_holding(task_cfg, run_dir, choices, overrides, lock)
         except UserError as err:
-            lock.abandon()
             if full_errors_requested():
                 raise
             report_user_error(err)
             raise SystemExit(EXIT_USER_ERROR) from None
-        except BaseException:
-            lock.abandon()
-            raise
         with open_dict(config):
             config.runtime = runtime.as_dict()

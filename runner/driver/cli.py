@@ -129,16 +129,9 @@ def run(cfg: DictConfig) -> int:
         if lock.holding and cfg.get("runtime"):  # a single run: the preflight callback checked, locked and resolved
             runtime = Runtime.from_config(cfg.runtime)
         else:
-            runtime = checks.check(
-                cfg,
-                run_dir,
-                dict(hydra_cfg.runtime.choices),
-                tuple(overrides),
-                lock=lock.acquire,
-                **_parallel_share(hydra_cfg),
-            )
+            choices = dict(hydra_cfg.runtime.choices)
+            runtime = checks.check_holding(cfg, run_dir, choices, tuple(overrides), lock, **_parallel_share(hydra_cfg))
     except UserError as err:
-        lock.abandon()
         if full_errors_requested():
             raise
         report_user_error(err)
@@ -151,9 +144,6 @@ def run(cfg: DictConfig) -> int:
             )
         _remove_if_empty(run_dir)
         return EXIT_USER_ERROR
-    except BaseException:
-        lock.abandon()
-        raise
     try:
         lock.accepted()
         return _run_locked(cfg, run_dir, hydra_cfg, job, runtime)

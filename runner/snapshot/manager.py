@@ -165,7 +165,7 @@ class SnapshotManager:
         **marks: Any,
     ) -> dict[str, Any]:
         """Write one version atomically, record it in the manifest, then apply retention."""
-        return self.commit(self.write(state, step), step, epoch, config, end_of_epoch, **marks)
+        return self.commit(self.write(state, step), step, epoch, config, end_of_epoch=end_of_epoch, **marks)
 
     def write(self, state: dict[str, Any], step: int) -> Path:
         """Serialise `state` to a temporary file; it is not a version until `commit`.
@@ -184,17 +184,9 @@ class SnapshotManager:
             raise
         return tmp
 
-    def commit(
-        self,
-        tmp: Path,
-        step: int,
-        epoch: int,
-        config: Optional[dict] = None,
-        end_of_epoch: bool = False,
-        monitor: Optional[dict] = None,
-        ended: Optional[str] = None,
-    ) -> dict[str, Any]:
-        """Hash and fsync the temporary file, rename it into place, then list it in the manifest.
+    def commit(self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None, **marks: Any) -> dict[str, Any]:
+        """Hash and fsync the temporary file, rename it into place, then list it in the manifest
+        (`marks`: end_of_epoch, monitor, ended, as `_record` takes them).
 
         Only the manifest entry makes the version count, so a crash anywhere in here leaves the
         previous versions as they were."""
@@ -214,17 +206,10 @@ class SnapshotManager:
             "size": size,
             "sha256": sha256,
         }
-        return self._record(entry, started, config, end_of_epoch, monitor, ended)
+        return self._record(entry, started, config, **marks)
 
     def commit_folder(
-        self,
-        tmp: Path,
-        step: int,
-        epoch: int,
-        config: Optional[dict] = None,
-        end_of_epoch: bool = False,
-        monitor: Optional[dict] = None,
-        ended: Optional[str] = None,
+        self, tmp: Path, step: int, epoch: int, config: Optional[dict] = None, **marks: Any
     ) -> dict[str, Any]:
         """A sharded version: every rank's files and DCP's .metadata are complete in the temporary
         folder `tmp` (DCP writes .metadata last, once every rank has written) and the lead has
@@ -265,7 +250,7 @@ class SnapshotManager:
             "files": files,
         }
         try:
-            return self._record(entry, started, config, end_of_epoch, monitor, ended)
+            return self._record(entry, started, config, **marks)
         finally:
             if aside is not None:
                 self._remove_folder(aside)
@@ -275,9 +260,9 @@ class SnapshotManager:
         entry: dict[str, Any],
         started: float,
         config: Optional[dict],
-        end_of_epoch: bool,
-        monitor: Optional[dict],
-        ended: Optional[str],
+        end_of_epoch: bool = False,
+        monitor: Optional[dict] = None,
+        ended: Optional[str] = None,
     ) -> dict[str, Any]:
         """List a complete version in the manifest (atomically), then apply retention."""
         epoch, name = entry["epoch"], entry["file"]

@@ -173,7 +173,7 @@ def _train(cfg: DictConfig, runtime: Runtime, run_dir: Path, rank: int, device: 
             device,
             collectives,
             runtime.allreduce,
-            shared_memory,
+            shared_memory=shared_memory,
             ddp_options=OmegaConf.to_container(t.ddp),
             **options,
         )

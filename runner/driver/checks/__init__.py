@@ -67,6 +67,18 @@ def check(
     return runtime
 
 
+def check_holding(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: tuple, lock, **share: int
+) -> Runtime:
+    """`check` with the run directory's lock (runner.driver.lock.RunDirLock) taken at its place in
+    the order; when a check fails, the lock is given up (`abandon`: no trace) before the error is raised."""
+    try:
+        return check(cfg, run_dir, choices, overrides, lock=lock.acquire, **share)
+    except BaseException:
+        lock.abandon()
+        raise
+
+
 def check_config(cfg: DictConfig, run_dir: Path) -> None:
     """The checks of the config alone (no machine, no file read): unknown keys, ranges, the run's name."""
     check_unknown_keys(cfg)

@@ -19,7 +19,6 @@ from typing import Any, ContextManager, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from runner.train.collectives import Collectives
 from runner.train.engines.base import DataParallelEngine
 
 log = logging.getLogger(__name__)
@@ -62,24 +61,13 @@ class DDPEngine(DataParallelEngine):
 
     lockstep_evaluation = False  # evaluation calls the plain module: no collective in a forward
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        task: Any,
-        device: torch.device,
-        collectives: Collectives,
-        allreduce: str,
-        shared_memory=None,
-        *,
-        ddp_options: Optional[dict] = None,
-        **options: Any,
-    ) -> None:
-        """`options`: the shared base's (skip_nonfinite, precision, clip_grad_norm, compile, scheduler_interval)."""
-        super().__init__(model, optimizer, scheduler, task, device, collectives, allreduce, **options)
+    def __init__(self, *parts: Any, shared_memory=None, ddp_options: Optional[dict] = None, **options: Any) -> None:
+        """`parts` and `options`: the shared base's (model, optimizer, scheduler, task, device, collectives,
+        allreduce; skip_nonfinite, precision, ...). `shared_memory`: the CPU all-reduce's segment (its comm
+        hook goes on DDP); `ddp_options`: trainer.ddp."""
+        super().__init__(*parts, **options)
         self.ddp_options = {k: v for k, v in (ddp_options or {}).items() if v is not None}  # None: DDP's default
-        self.wrapped = self._wrap(model, shared_memory)
+        self.wrapped = self._wrap(self.model, shared_memory)
 
     def _wrap(self, model: torch.nn.Module, shared_memory) -> torch.nn.Module:
         """DDP around the model, or the model itself when this job is one process."""

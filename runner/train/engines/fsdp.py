@@ -22,7 +22,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from runner.train.collectives import Collectives
 from runner.train.engines.base import DataParallelEngine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "32": torch.float32}
@@ -115,21 +114,11 @@ class FSDPEngine(DataParallelEngine):
 
     lockstep_evaluation = True  # every forward gathers parameters from every rank: all ranks run the same number
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        task: Any,
-        device: torch.device,
-        collectives: Collectives,
-        *,
-        backend: str = "gloo",
-        **options: Any,
-    ) -> None:
-        """`options`: the shared base's (skip_nonfinite, precision, clip_grad_norm, compile, scheduler_interval).
-        Gradients are reduce-scattered over the process group of `backend` (recorded in snapshots)."""
-        super().__init__(model, optimizer, scheduler, task, device, collectives, f"fsdp-{backend}", **options)
+    def __init__(self, *parts: Any, backend: str = "gloo", **options: Any) -> None:
+        """`parts` and `options`: the shared base's (model, optimizer, scheduler, task, device, collectives;
+        skip_nonfinite, precision, ...). Gradients are reduce-scattered over the process group of `backend`
+        (recorded in snapshots as the all-reduce)."""
+        super().__init__(*parts, f"fsdp-{backend}", **options)
 
     @contextlib.contextmanager
     def _no_sync(self) -> Iterator[None]:
