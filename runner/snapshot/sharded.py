@@ -12,7 +12,7 @@ One version is a folder, `step-<N>/`, written as a hidden temporary folder first
 
 Only when all of them are on disk does rank 0 hash and fsync each file, rename the folder into
 place and list it in the manifest, each file with its own size and sha256
-(`SnapshotManager.commit_folder`); until then the version does not exist. A load verifies every
+(`SnapshotManager.commit_folder`, through the store); until then the version does not exist. A load verifies every
 file first, so one torn shard of any rank makes the whole version invalid and the previous one is
 used.
 
@@ -200,7 +200,7 @@ class ShardedSnapshotWriter(BackgroundWrites):
 
         started = time.perf_counter()
         self.wait()
-        tmp = self.manager.dir / f".{folder_name(step)}.tmp-{tag}"
+        tmp = self.manager.store.staging_folder(folder_name(step), tag)
         loop_bytes = None
         if self.lead:
             self.manager.dir.mkdir(parents=True, exist_ok=True)
