@@ -100,8 +100,8 @@ class StepSpy:
         self.losses: list[Optional[float]] = []
         step = engine.train_step
 
-        def spied(batches: list):
-            out = step(batches)
+        def spied(batches: list, *wait):
+            out = step(batches, *wait)
             self.windows.append(len(batches))
             self.samples.append(sum(len(b[0]) for b in batches))
             self.losses.append(None if out is None else float(out[0]))

@@ -19,7 +19,7 @@ used.
 Asynchronous (`snapshot.async=true`): DCP's `async_save` stages the tensors into CPU buffers
 that are allocated once and reused (pinned on CUDA), on a staging thread, while the loop runs the
 next step's forward and backward; the loop waits for the staging only before the optimizer next
-changes the parameters (`wait_staged`). The writes, the collectives DCP needs (on a process group
+changes the parameters (`wait_staged`, through the checkpointer's `wait_for_staging`). The writes, the collectives DCP needs (on a process group
 of its own, so they never interleave with training's) and the commit follow in the background.
 """
 

@@ -9,14 +9,15 @@ A snapshot has a part that must read the live training state and a part that nee
   (CPU buffers allocated once and reused: a `copy_` into warm memory is ~20x cheaper than a
   `clone()` into fresh pages); the tensors are copied on the writer's thread while the loop runs
   the next step's forward and backward (a copy releases the GIL), and the loop waits for that copy
-  only before the optimizer next changes the parameters (`wait_staged`). Tensors that change in
+  only before the optimizer next changes the parameters (`wait_staged`, which the checkpointer's
+  `wait_for_staging` calls from the training step). Tensors that change in
   the forward pass (BatchNorm statistics) must be handed over as copies already (the engine does).
   Serialisation, hashing, fsync and the manifest follow on the same thread.
 
 At most one snapshot is in flight: the next save waits for the previous one. A failed write is
 raised at the next save, at the next step (`check()`) or at the end (`wait()`), never swallowed.
-The guarantees are those of `SnapshotManager.commit`: a version counts only once its manifest
-entry is written, after the file is complete, hashed and fsync'ed.
+The guarantees are those of `SnapshotManager.commit` and its store: a version counts only once
+the manifest that lists it is published, after the file is complete, hashed and durable.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ import torch
 from runner.train.collectives import Collectives
 
 
+def no_snapshot_in_flight() -> None:
+    """What `train_step` waits for when no checkpointer is given: nothing."""
+
+
 class Engine(Protocol):
     collectives: Collectives  # connects the data-parallel ranks that run this loop
     device: torch.device  # where batches go
@@ -25,15 +29,17 @@ class Engine(Protocol):
     # must run as many evaluation batches as the rank with the most (runner.train.evaluation).
     lockstep_evaluation: bool
     scheduler: Any  # the learning-rate scheduler or None: a resume compares its planned length (resume_notes)
-    # Called right before the optimizer changes the parameters; the loop sets it to the snapshot
-    # writer's wait_staged, so an asynchronous snapshot copies the state while forward and
-    # backward run and waits only here.
-    before_update: Callable[[], None]
 
-    def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    def train_step(
+        self, batches: list, wait_for_staging: Callable[[], None] = ...
+    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """One optimizer step over a window of micro-batches (trainer.accumulate): the mean loss and
         the task's mean logs (detached, not synced to the host), or None when the step was skipped
-        because its gradients were not finite (trainer.on_nonfinite=skip)."""
+        because its gradients were not finite (trainer.on_nonfinite=skip).
+
+        `wait_for_staging` (the checkpointer's) is called right before the optimizer changes the
+        parameters, explicitly: an asynchronous snapshot copies the state while forward and
+        backward run, and the step waits for that copy there and only there."""
 
     def evaluation(self) -> ContextManager[Any]:
         """A context giving the model to call in `validation_step`: eval mode, no gradients."""

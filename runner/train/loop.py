@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from runner.config import OnNonFinite
 from runner.snapshot import format as snap
+from runner.snapshot.checkpointer import Checkpointer
 from runner.system import peak_rss_mb
 from runner.train import faults, rng
 from runner.train.batches import DataSource
@@ -51,14 +52,13 @@ class TrainLoop:
         engine: Engine,
         data: DataSource,
         task,
-        writer,
+        checkpointer: Checkpointer,
         stop: StopRequest,
         metrics: Optional[MetricsWriter] = None,
         logger=None,
     ) -> None:
         self.t, self.config, self.engine, self.data, self.task = cfg.trainer, config, engine, data, task
-        self.writer, self.stop, self.metrics_file, self.logger = writer, stop, metrics, logger
-        engine.before_update = writer.wait_staged  # an asynchronous snapshot is copied while the next step runs
+        self.checkpointer, self.stop, self.metrics_file, self.logger = checkpointer, stop, metrics, logger
         c = engine.collectives
         self.rank, self.world_size, self.lead = c.rank, c.world_size, c.rank == 0
         self.on_nonfinite = OnNonFinite(str(self.t.on_nonfinite))
@@ -80,7 +80,7 @@ class TrainLoop:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
         self.last_saved_step = -1
-        self.written_step = -1  # the step whose version this process has written (or handed to the writer)
+        self.written_step = -1  # the step whose version this process has written (or handed to the checkpointer)
         self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
         self.bar = tqdm(disable=True)
         self.val_seconds = 0.0
@@ -238,7 +238,7 @@ class TrainLoop:
             self._validate_and_record(final=True)  # the finished model is always validated
         if self.last_saved_step != self.global_step:  # the same decision on every rank
             self.save_snapshot(end_of_epoch=self.samples_in_epoch == 0)
-        self.writer.wait()
+        self.checkpointer.wait()
         wall = time.perf_counter() - started
         peaks = self.engine.collectives.gather(peak_rss_mb())  # each rank's peak (collective: every rank)
         train_wall = wall - self.val_seconds
@@ -255,8 +255,8 @@ class TrainLoop:
             "world_size": self.engine.processes,
             "allreduce": self.engine.allreduce,
             "skipped_steps": self.skipped_steps,
-            "snapshot": self.writer.last_entry["file"] if self.writer.last_entry else None,
-            "snapshot_stall_seconds": self.writer.stall_seconds,
+            "snapshot": self.checkpointer.last_entry["file"] if self.checkpointer.last_entry else None,
+            "snapshot_stall_seconds": self.checkpointer.stall_seconds,
             "peak_rss_mb": peaks[0],
             "peak_rss_mb_per_rank": peaks,
             "val": self.validated[1],
@@ -289,7 +289,7 @@ class TrainLoop:
             n = sum(self.task.batch_size(b) for b in window)
             if self.task.unit:
                 epoch_units += sum(self.task.units(b) for b in window) * self.world_size
-            out = self.engine.train_step(window)
+            out = self.engine.train_step(window, self.checkpointer.wait_for_staging)
             window_done, window = window, []
             if out is None:
                 self.skipped_steps += 1
@@ -398,11 +398,13 @@ class TrainLoop:
         """The snapshot points after every step: surface a failed background write, stop (snapshot,
         wait, raise) when asked, and snapshot every `save_every_steps` inside an epoch (the end of an
         epoch has its own rule)."""
-        self.writer.check()
+        self.checkpointer.check()
         if self.stop.should_stop(self.global_step):
             written = self.save_snapshot()
-            self.writer.wait()
-            raise Stopped(self.stop.signal, self.writer.last_entry if written else None, self.global_step, self.lead)
+            self.checkpointer.wait()
+            raise Stopped(
+                self.stop.signal, self.checkpointer.last_entry if written else None, self.global_step, self.lead
+            )
         every = self.t.save_every_steps
         if every and self.global_step % every == 0 and mid_epoch:
             self.save_snapshot()
@@ -446,7 +448,7 @@ class TrainLoop:
         self.epoch += 1
         record["epoch"] = self.epoch
         self._reset_epoch_sums()
-        self.writer.wait_staged()  # a per-epoch scheduler may change tensors of the snapshot in flight
+        self.checkpointer.wait_for_staging()  # a per-epoch scheduler may change tensors of the snapshot in flight
         self.engine.end_epoch()
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
@@ -545,8 +547,8 @@ class TrainLoop:
         if math.isfinite(value):
             return True
         if self.on_nonfinite == OnNonFinite.stop:
-            self.writer.wait()  # the last (finite) snapshot is committed before the run ends
-            raise Diverged(self.global_step, what, self.writer.last_entry)
+            self.checkpointer.wait()  # the last (finite) snapshot is committed before the run ends
+            raise Diverged(self.global_step, what, self.checkpointer.last_entry)
         if self.lead:
             log.warning(
                 "%s is not finite (%s) at step %d; trainer.on_nonfinite=%s: going on",
@@ -579,21 +581,11 @@ class TrainLoop:
         names = sorted(self.log_sums)
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
         row = [self.row_sums["loss"].item(), self.row_count, *(self.row_sums[k].item() for k in names)]
-        tag = uuid.uuid4().hex[:12] if self.lead else None  # names a sharded version's temporary folder on every rank
+        tag = uuid.uuid4().hex[:12] if self.lead else None  # the lead's name for this write, on every rank
         per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag, row))
-        sharded = getattr(self.writer, "sharded", False)  # every rank writes its own part
-        if not (self.lead or sharded):
-            self.written_step = self.global_step
-            return True
-        copy = self.writer.asynchronous
-        parts = (
-            self.engine.sharded_state(copy_unstepped=copy) if sharded else self.engine.state_dict(copy_unstepped=copy)
-        )
-        shards = {"model": parts.pop("model"), "optimizer": parts.pop("optimizer")} if sharded else None
-        state = None
+        loop_parts = None
         if self.lead:
-            state = snap.make_state(
-                **(dict(parts, model=None, optimizer=None) if sharded else parts),
+            loop_parts = dict(
                 train_state={
                     "epoch": self.epoch,
                     "global_step": self.global_step,
@@ -615,8 +607,8 @@ class TrainLoop:
         marks = dict(
             monitor=None if monitored is None else {"name": self.watch.name, "value": monitored}, ended=self.watch.ended
         )
-        if sharded:
-            marks.update(shards=shards, tag=per_rank[0][2])
-        self.writer.save(state, step=self.global_step, epoch=self.epoch, end_of_epoch=end_of_epoch, **marks)
+        self.checkpointer.save(
+            self.engine, loop_parts, self.global_step, self.epoch, end_of_epoch, tag=per_rank[0][2], **marks
+        )
         self.written_step = self.global_step
         return True

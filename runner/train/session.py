@@ -20,13 +20,13 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import SnapshotFormat, resume_path, snapshot_format
+from runner.config import resume_path
 from runner.fileio import atomic_write
 from runner.layout import METRICS_FILE, RESULTS_FILE, rank_log_path, stop_marker
 from runner.loggers import build_logger
-from runner.snapshot import NullWriter, SnapshotError, SnapshotManager, SnapshotWriter, load_path
+from runner.snapshot import SnapshotManager, load_path
 from runner.snapshot import format as snap
-from runner.snapshot.sharded import ShardedSnapshotWriter
+from runner.snapshot.checkpointer import Checkpointer, build_checkpointer
 from runner.train import faults
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
@@ -61,28 +61,15 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     lead = engine.collectives.rank == 0
     manager = snapshot_manager(cfg, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain data: snapshots load weights_only
-    asynchronous = bool(cfg.snapshot["async"])
     if lead:
         manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
-    if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
-        writer = ShardedSnapshotWriter(
-            manager,
-            lead,
-            config if lead else None,
-            asynchronous,
-            engine.device,
-            timeout_s=float(cfg.launch.collective_timeout),
-        )
-    else:
-        writer = SnapshotWriter(manager, config, asynchronous) if lead else NullWriter()
+    checkpointer = build_checkpointer(cfg, manager, lead, config, engine.device)
     metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
     logger = build_logger(cfg, run_dir) if lead else None
     stop = StopRequest(engine.collectives)
-    loop = TrainLoop(cfg, config, engine, data, task, writer, stop, metrics, logger)
+    loop = TrainLoop(cfg, config, engine, data, task, checkpointer, stop, metrics, logger)
     try:
-        loaded = find_resume_state(
-            cfg, manager, engine.collectives if isinstance(writer, ShardedSnapshotWriter) else None
-        )
+        loaded = find_resume_state(cfg, checkpointer, engine.collectives)
         if loaded is not None:
             entry, state = loaded
             notes = resume_noting_changes(loop, state, entry, config)  # loop.resume, and what changed since
@@ -105,50 +92,33 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
             )
         summary = loop.fit()
         if cfg.trainer.test and data.test is not None:
-            summary["test"] = run_test(loop, manager, run_dir)
+            summary["test"] = run_test(loop, run_dir)
         if logger is not None:
             snapshot = summary.get("snapshot")
             logger.finish({**summary, "snapshot_path": str(manager.dir / snapshot) if snapshot else None})
         return summary
     finally:
         stop.restore()
-        if isinstance(writer, ShardedSnapshotWriter):
-            writer.close()
+        checkpointer.close()
         if logger is not None:
             logger.close()
         engine.close()
 
 
-def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[str, Any]:
+def run_test(loop: TrainLoop, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best snapshot (else the model as training left it, which the final snapshot
-    holds) on the test split; the lead writes results.json. With sharded snapshots the lead picks
-    and verifies the best version and every rank takes its choice (one read of a large version)."""
+    holds) on the test split; the lead writes results.json. The checkpointer decides who verifies
+    the best version (with sharded snapshots the lead, once, and every rank takes its choice)."""
     collectives = loop.engine.collectives
     collectives.sum_(torch.zeros(1, dtype=torch.float64))  # the lead's manifest is complete
-    loaded: dict[str, Any] = {}
-    if isinstance(loop.writer, ShardedSnapshotWriter) and collectives.world_size > 1:
-
-        def best_verified() -> Optional[dict[str, Any]]:
-            entry = manager.best_entry()
-            if entry is not None:
-                loaded["state"] = manager.load_entry(entry)
-            return entry
-
-        best = lead_decides(collectives, best_verified)
-        if best is not None and "state" not in loaded:
-            loaded["state"] = manager.load_entry(best, verified=best.get("kind") == "dcp")
-    else:
-        best = manager.best_entry()
-        if best is not None:
-            loaded["state"] = manager.load_entry(best)
+    loaded = loop.checkpointer.load_best(collectives)
+    best = loaded[0] if loaded is not None else None
     state = None
     if best is not None:
-        sharded = loaded["state"].get(snap.SHARDED_KEY)
-        state = (
-            sharded if sharded is not None else loaded["state"][snap.MODEL_KEY]
-        )  # sharded: every rank reads its part
+        sharded = loaded[1].get(snap.SHARDED_KEY)
+        state = sharded if sharded is not None else loaded[1][snap.MODEL_KEY]  # sharded: every rank reads its part
     metrics = loop.test(state)
-    chosen = best or loop.writer.last_entry or {}
+    chosen = best or loop.checkpointer.last_entry or {}
     results = {
         **metrics,
         "snapshot": chosen.get("file"),
@@ -166,45 +136,10 @@ def run_test(loop: TrainLoop, manager: SnapshotManager, run_dir: Path) -> dict[s
     return results
 
 
-def lead_decides(collectives, decide: Callable[[], Any]) -> Any:
-    """`decide()` on the lead alone; its (small, picklable) result on every rank. Its failure is
-    every rank's too, so no rank is left waiting in a collective the others never reach."""
-    result, failure = None, None
-    if collectives.rank == 0:
-        try:
-            result = decide()
-        except Exception as err:
-            failure = err
-    shared = collectives.gather((result, None if failure is None else f"{type(failure).__name__}: {failure}"))[0]
-    if failure is not None:
-        raise failure
-    if shared[1] is not None:
-        raise SnapshotError(f"rank 0 could not choose a snapshot: {shared[1]}")
-    return shared[0]
-
-
-def find_resume_state(cfg: DictConfig, manager: SnapshotManager, collectives=None):
+def find_resume_state(cfg: DictConfig, checkpointer: Checkpointer, collectives):
     """(entry, state) to resume from: the run directory's newest valid snapshot wins, else a
-    snapshot path given by the user, else None (start fresh).
-
-    With `collectives` (sharded snapshots) the lead verifies every file of the candidates and the
-    others take its choice, checking only the small loop.pt themselves: a sharded version is read
-    by all ranks, and hashing all of it once per rank would multiply the cost of a resume."""
-    if collectives is not None and collectives.world_size > 1:
-        found: dict[str, Any] = {}
-
-        def newest_verified() -> Optional[dict[str, Any]]:
-            latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
-            if latest is not None:
-                found["latest"] = latest
-            return latest[0] if latest is not None else None
-
-        entry = lead_decides(collectives, newest_verified)
-        latest = found.get("latest")
-        if entry is not None and latest is None:
-            latest = entry, manager.load_entry(entry, verified=entry.get("kind") == "dcp")
-    else:
-        latest = manager.load_latest()  # raises SnapshotError when versions exist but none is valid
+    snapshot path given by the user, else None (start fresh)."""
+    latest = checkpointer.load_latest(collectives)  # raises SnapshotError when versions exist but none is valid
     if latest is not None:
         return latest
     path = resume_path(cfg.snapshot.resume)

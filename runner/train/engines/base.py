@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, ContextManager, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 
@@ -22,6 +22,7 @@ from runner.snapshot.format import SHARDED_KEY, ShardedVersion
 from runner.tasks import training_output
 from runner.train import rng
 from runner.train.collectives import Collectives
+from runner.train.engine import no_snapshot_in_flight
 
 AUTOCAST_DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 
@@ -88,9 +89,12 @@ class DataParallelEngine(abc.ABC):
     def _load_whole(self, state: dict[str, Any]) -> None:
         """A single-file snapshot's model and optimizer."""
 
-    def train_step(self, batches: list) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    def train_step(
+        self, batches: list, wait_for_staging: Callable[[], None] = no_snapshot_in_flight
+    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """One optimizer step over the micro-batches of a window: (mean loss, mean logs), detached
-        and on the device (no host sync), or None when the step was skipped (non-finite)."""
+        and on the device (no host sync), or None when the step was skipped (non-finite).
+        `wait_for_staging`: the checkpointer's wait for a snapshot in flight to hold its own copy."""
         self.optimizer.zero_grad(set_to_none=True)
         total: Optional[torch.Tensor] = None
         logs: dict[str, torch.Tensor] = {}
@@ -116,7 +120,7 @@ class DataParallelEngine(abc.ABC):
         if self.skip_nonfinite and self.scaler is None and not self._step_finite(total):
             return None  # agreed across ranks: every rank skips
         self.last_lr = self._current_lr()
-        self.before_update()
+        wait_for_staging()  # a snapshot in flight holds its own copy before the parameters change
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself when the unscaled gradients are not finite
             self.scaler.update()
@@ -157,9 +161,6 @@ class DataParallelEngine(abc.ABC):
     def end_epoch(self) -> None:
         if self.scheduler is not None and not self.step_scheduler:
             self.scheduler.step()
-
-    def before_update(self) -> None:
-        pass  # the loop replaces it (runner.train.engine.Engine.before_update)
 
     def close(self) -> None:
         pass  # nothing outlives the engine here; DDP drops its comm hook

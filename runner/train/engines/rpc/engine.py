@@ -5,7 +5,7 @@ and a DistributedOptimizer steps the parameters where they live."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -13,6 +13,7 @@ import torch.distributed.rpc as rpc
 
 from runner.tasks import training_output
 from runner.train import rng
+from runner.train.engine import no_snapshot_in_flight
 from runner.train.engines.rpc.stages import RemoteOptimizer
 
 ALLREDUCE = "rpc"  # recorded in snapshots: gradients travel through distributed autograd
@@ -37,12 +38,14 @@ class RpcEngine:
         """The engine stands in for the model in the task's steps."""
         return self.forward(x)
 
-    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def train_step(
+        self, batches: list, wait_for_staging: Callable[[], None] = no_snapshot_in_flight
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One micro-batch per step (trainer.accumulate=1 with launch=rpc, checked before launch)."""
         with dist_autograd.context() as context_id:
             loss, logs = training_output(self.task.training_step(self, batches[0]))
             dist_autograd.backward(context_id, [loss])
-            self.before_update()
+            wait_for_staging()  # a snapshot in flight holds its own copy before the parameters change
             self.optimizer.step(context_id)
         return loss.detach(), {k: v.detach().float() for k, v in logs.items()}
 
@@ -61,9 +64,6 @@ class RpcEngine:
 
     def end_epoch(self) -> None:
         pass  # schedulers are refused with launch=rpc (preflight)
-
-    def before_update(self) -> None:
-        pass
 
     def state_dict(self, copy_unstepped: bool = False) -> dict[str, Any]:
         """Copies already: every shard's state arrives by RPC."""

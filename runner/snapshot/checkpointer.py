@@ -1,0 +1,194 @@
+"""The checkpointer: takes a snapshot's stateful parts and decides how they are written and read.
+
+A snapshot is the state of its parts: the engine (model, optimizer, scheduler, scaler, through its
+`state_dict` / `sharded_state` and `load_state_dict`) and the loop's own parts (position and each
+rank's partial sums, RNG streams, monitor, metrics, config). The training loop hands them over
+the same way whatever the format; the strategy picks it:
+
+- `FileCheckpointer` (snapshot.format=file): the lead writes one file (writer.py), the other
+  ranks write nothing;
+- `ShardedCheckpointer` (snapshot.format=dcp): every rank writes its shards of the model and the
+  optimizer through DCP, the lead adds loop.pt and commits (sharded.py); at resume the lead
+  verifies the version once and the other ranks take its choice.
+
+`wait_for_staging` is the line the engine runs right before the optimizer changes the
+parameters: an asynchronous snapshot copies the state while forward and backward run, and the
+training step waits for that copy there, and only there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional
+
+import torch
+
+from runner.snapshot import format as snap
+from runner.snapshot.format import SnapshotError
+from runner.snapshot.manager import SnapshotManager
+from runner.snapshot.versions import Version
+from runner.snapshot.writer import BackgroundWrites, NullWriter, SnapshotWriter
+
+Loaded = tuple[Version, dict[str, Any]]
+
+
+class Checkpointer(ABC):
+    """One run's snapshots as the loop sees them: save parts, wait, load the newest or the best."""
+
+    def __init__(self, manager: SnapshotManager, writer: Any, lead: bool, asynchronous: bool) -> None:
+        self.manager, self.writer, self.lead, self.asynchronous = manager, writer, lead, asynchronous
+
+    @abstractmethod
+    def save(
+        self,
+        engine: Any,
+        loop_parts: Optional[dict[str, Any]],
+        step: int,
+        epoch: int,
+        end_of_epoch: bool,
+        tag: str,
+        **marks: Any,
+    ) -> None:
+        """Collective: snapshot the engine's parts and the loop's (`loop_parts`: train_state, rng,
+        config, world_size, allreduce, metrics; the lead's only, None elsewhere). `tag`: the lead's
+        name for this write, the same on every rank; `marks`: what the manifest records beside it."""
+
+    @abstractmethod
+    def load_latest(self, collectives: Any) -> Optional[Loaded]:
+        """Collective: (version, state) of the newest valid version, None when there is none;
+        SnapshotError when versions exist but none is valid."""
+
+    @abstractmethod
+    def load_best(self, collectives: Any) -> Optional[Loaded]:
+        """Collective: (version, state) of the version the manifest names best, if any."""
+
+    # ---- the background writes -----------------------------------------------------------------
+    @property
+    def last_entry(self) -> Optional[Version]:
+        return self.writer.last_entry
+
+    @property
+    def stall_seconds(self) -> list[float]:
+        """Time the training loop spent waiting for snapshots (saving, and for staged copies)."""
+        return self.writer.stall_seconds
+
+    def wait_for_staging(self) -> None:
+        """Block until the snapshot in flight holds its own copy of the state; after this the live
+        tensors may change. Cheap when there is nothing to wait for."""
+        self.writer.wait_staged()
+
+    def check(self) -> None:
+        """Raise the failure of a background write, if one has failed (cheap: called every step)."""
+        self.writer.check()
+
+    def wait(self) -> None:
+        """Block until the snapshot in flight (if any) is committed, then surface its failure."""
+        self.writer.wait()
+
+    def close(self) -> None:
+        close = getattr(self.writer, "close", None)
+        if close is not None:
+            close()
+
+
+class FileCheckpointer(Checkpointer):
+    """One file per version, written by the lead."""
+
+    def __init__(self, manager: SnapshotManager, lead: bool, config: Optional[dict], asynchronous: bool) -> None:
+        writer: BackgroundWrites | NullWriter = SnapshotWriter(manager, config, asynchronous) if lead else NullWriter()
+        super().__init__(manager, writer, lead, asynchronous)
+
+    def save(self, engine, loop_parts, step, epoch, end_of_epoch, tag, **marks) -> None:
+        if not self.lead:
+            return
+        state = snap.make_state(**engine.state_dict(copy_unstepped=self.asynchronous), **loop_parts)
+        self.writer.save(state, step=step, epoch=epoch, end_of_epoch=end_of_epoch, **marks)
+
+    def load_latest(self, collectives) -> Optional[Loaded]:
+        return self.manager.load_latest()
+
+    def load_best(self, collectives) -> Optional[Loaded]:
+        best = self.manager.best_entry()
+        return None if best is None else (best, self.manager.load_entry(best))
+
+
+class ShardedCheckpointer(Checkpointer):
+    """DCP shards from every rank plus the lead's loop.pt, one folder per version."""
+
+    def __init__(
+        self,
+        manager: SnapshotManager,
+        lead: bool,
+        config: Optional[dict],
+        asynchronous: bool,
+        device: Optional[torch.device],
+        timeout_s: float,
+    ) -> None:
+        from runner.snapshot.sharded import ShardedSnapshotWriter
+
+        writer = ShardedSnapshotWriter(manager, lead, config, asynchronous, device, timeout_s=timeout_s)
+        super().__init__(manager, writer, lead, asynchronous)
+
+    def save(self, engine, loop_parts, step, epoch, end_of_epoch, tag, **marks) -> None:
+        parts = engine.sharded_state(copy_unstepped=self.asynchronous)
+        shards = {"model": parts.pop("model"), "optimizer": parts.pop("optimizer")}
+        state = snap.make_state(**parts, model=None, optimizer=None, **loop_parts) if self.lead else None
+        self.writer.save(state, step=step, epoch=epoch, end_of_epoch=end_of_epoch, shards=shards, tag=tag, **marks)
+
+    def load_latest(self, collectives) -> Optional[Loaded]:
+        """The lead verifies every file of the candidates and the others take its choice, checking
+        only the small loop.pt themselves: a sharded version is read by all ranks, and hashing all
+        of it once per rank would multiply the cost of a resume."""
+        return self._lead_verifies(collectives, self.manager.load_latest)
+
+    def load_best(self, collectives) -> Optional[Loaded]:
+        def best() -> Optional[Loaded]:
+            version = self.manager.best_entry()
+            return None if version is None else (version, self.manager.load_entry(version))
+
+        return self._lead_verifies(collectives, best)
+
+    def _lead_verifies(self, collectives, load: Callable[[], Optional[Loaded]]) -> Optional[Loaded]:
+        if collectives is None or collectives.world_size == 1:
+            return load()
+        found: dict[str, Loaded] = {}
+
+        def chosen() -> Optional[dict[str, Any]]:
+            loaded = load()
+            if loaded is not None:
+                found["loaded"] = loaded
+            return None if loaded is None else loaded[0].as_dict()
+
+        entry = lead_decides(collectives, chosen)
+        if entry is None or "loaded" in found:
+            return found.get("loaded")
+        version = Version.from_entry(entry)
+        return version, self.manager.load_entry(version, verified=version.sharded)
+
+
+def lead_decides(collectives, decide: Callable[[], Any]) -> Any:
+    """`decide()` on the lead alone; its (small, picklable) result on every rank. Its failure is
+    every rank's too, so no rank is left waiting in a collective the others never reach."""
+    result, failure = None, None
+    if collectives.rank == 0:
+        try:
+            result = decide()
+        except Exception as err:
+            failure = err
+    shared = collectives.gather((result, None if failure is None else f"{type(failure).__name__}: {failure}"))[0]
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise SnapshotError(f"rank 0 could not choose a snapshot: {shared[1]}")
+    return shared[0]
+
+
+def build_checkpointer(cfg: Any, manager: SnapshotManager, lead: bool, config: dict, device: torch.device):
+    """The checkpointer `snapshot.format` asks for."""
+    from runner.config import SnapshotFormat, snapshot_format
+
+    asynchronous = bool(cfg.snapshot["async"])
+    if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
+        timeout_s = float(cfg.launch.collective_timeout)
+        return ShardedCheckpointer(manager, lead, config if lead else None, asynchronous, device, timeout_s)
+    return FileCheckpointer(manager, lead, config, asynchronous)
