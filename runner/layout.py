@@ -10,6 +10,7 @@ Both sides import this module, so neither reaches into the other for a file name
       train.log         every rank's log, and the driver's
       logs/rank-N.log   one rank's log;  logs/stopped.json  the workers' stop snapshot
       snapshots/        versions and manifest.json (runner.snapshot)
+      .snapshot-staging/  with snapshot.dir=<URL>: versions written here, then uploaded
       .lock             one driver per directory (runner.driver.lock)
 """
 

@@ -224,12 +224,12 @@ def _requeue_if_preempted(signum: int) -> None:
 def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
     """The run's newest snapshot if it loads and already covers trainer.total_epochs (or max_steps), or
     training ended there for good (early stop): re-invoking does nothing."""
-    from runner.snapshot import SnapshotManager
+    from runner.snapshot.location import snapshot_manager
 
     if cfg.snapshot.resume == ResumeWord.never:
         return None
-    manager = SnapshotManager(run_dir / cfg.snapshot.dir)
-    entry, _ = manager.newest_loadable_entry() if manager.manifest_path.exists() else (None, [])
+    manager = snapshot_manager(cfg, run_dir)
+    entry, _ = manager.newest_loadable_entry() if manager.published() else (None, [])
     if entry is None:
         return None
     if entry.get("ended"):  # early stop: training is over whatever the limits say

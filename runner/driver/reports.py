@@ -82,9 +82,7 @@ def print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) ->
         + (" (gradients through shared memory)" if summary.get("allreduce") == "shm" else ""),
         f"wall time     : {wall:.1f} s",
         f"peak memory   : driver {peak_rss_mb():.0f} MB, " + _worker_memory(summary),
-        f"snapshot      : {short(run_dir / cfg.snapshot.dir / snapshot)}"
-        if snapshot
-        else "snapshot      : none written",
+        f"snapshot      : {_where(cfg, run_dir, snapshot)}" if snapshot else "snapshot      : none written",
     ]
     stalls = summary.get("snapshot_stall_seconds") or []
     if snapshot and stalls:
@@ -120,11 +118,19 @@ def _metrics_line(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
+def _where(cfg: DictConfig, run_dir: Path, snapshot: str) -> str:
+    from runner.snapshot.location import is_url
+
+    folder = str(cfg.snapshot.dir)
+    return f"{folder.rstrip('/')}/{snapshot}" if is_url(folder) else short(run_dir / folder / snapshot)
+
+
 def _newest_snapshot(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
-    from runner.snapshot import SnapshotError, SnapshotManager
+    from runner.snapshot import SnapshotError
+    from runner.snapshot.location import snapshot_manager
 
     try:
-        return SnapshotManager(run_dir / cfg.snapshot.dir).newest_valid_entry()[0]
+        return snapshot_manager(cfg, run_dir).newest_valid_entry()[0]
     except SnapshotError:
         return None
 

@@ -7,7 +7,9 @@ training loop knowing the format.
 - manager.py: the catalogue of versions: manifest, retention (retention.py), the one walk to the
   newest version that verifies or loads, loads.
 - store.py: where the bytes live, behind one interface (data first, manifest published last,
-  verified reads, the hash cache); LocalStore is the local filesystem.
+  verified reads, the hash cache); LocalStore is the local filesystem, object_store.py's
+  ObjectStore an S3 bucket (uploads verified, the manifest published with a conditional write);
+  location.py picks one from `snapshot.dir` (a folder name or a URL).
 - versions.py / manifest.py / format.py: typed manifest entries, the manifest's on-disk schema,
   what a snapshot file holds.
 - writer.py / sharded.py / dcp_reading.py: background writers and DCP reads.

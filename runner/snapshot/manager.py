@@ -58,7 +58,7 @@ class SnapshotManager:
 
     def __init__(
         self,
-        directory: Path | str,
+        directory: Path | str | None,
         keep_last: int = 3,
         milestone_every: int = 0,
         keep_best: int = 0,
@@ -67,6 +67,7 @@ class SnapshotManager:
     ) -> None:
         self.store = store if store is not None else LocalStore(directory)
         self.retention = Retention(keep_last, milestone_every, keep_best, str(mode))
+        self.resumed_from: Optional[str] = None  # the version this run loaded: retention never deletes it
 
     @property
     def dir(self) -> Path:
@@ -94,6 +95,14 @@ class SnapshotManager:
         for problem in problems:
             log.warning("%s", problem)
         return sorted((Version.from_entry(e) for e in valid), key=lambda v: v.step), problems
+
+    def pin(self, version: Version) -> None:
+        """The run resumed from `version`: retention keeps it for as long as this run writes."""
+        self.resumed_from = version.file
+
+    def published(self) -> bool:
+        """A manifest was published (it may still list nothing valid)."""
+        return self.store.read_manifest() is not None
 
     def stored_config(self) -> Optional[dict]:
         """The resolved config of the run that wrote the newest version."""
@@ -127,7 +136,7 @@ class SnapshotManager:
         previous versions as they were."""
         started = time.perf_counter()
         stored = self.store.commit_file(staged, snapshot_name(step))
-        version = Version(stored.name, int(step), int(epoch), stored.size, stored.sha256)
+        version = Version(stored.name, int(step), int(epoch), stored.size, stored.sha256, object=stored.object)
         return self._publish(version, started, config, **marks)
 
     def commit_folder(
@@ -168,7 +177,8 @@ class SnapshotManager:
         trusted = self._trusted(manifest)
         kept = [v for v in trusted if v.step != version.step and v.file != version.file]
         replaced = [v for v in trusted if v.step == version.step and v.file != version.file]  # the other format
-        kept, dropped = self.retention.apply(sorted(kept + [version], key=lambda v: v.step))
+        pinned = {self.resumed_from} if self.resumed_from else set()
+        kept, dropped = self.retention.apply(sorted(kept + [version], key=lambda v: v.step), pinned)
         manifest.update(format_version=FORMAT_VERSION, snapshots=[v.as_dict() for v in kept])
         best = self.retention.best_first(kept)
         if best:
@@ -225,7 +235,9 @@ class SnapshotManager:
         version = self._version(entry)
         path = self.dir / version.file
         if not version.sharded:
-            return self.store.read_verified(path, StoredFile(version.file, version.size, version.sha256))
+            return self.store.read_verified(
+                path, StoredFile(version.file, version.size, version.sha256, version.object)
+            )
         problem = self.store.problem(version)
         if problem is None and not path.is_dir():
             problem = f"{path} is missing"
@@ -280,7 +292,7 @@ class SnapshotManager:
         if version is not None:
             return version, state
         if problems:
-            raise SnapshotError("no snapshot in %s is valid: %s" % (self.dir, "; ".join(problems)))
+            raise SnapshotError("no snapshot in %s is valid: %s" % (self.store.where(), "; ".join(problems)))
         return None
 
     def newest_valid_entry(self) -> tuple[Optional[Version], list[str]]:

@@ -1,10 +1,11 @@
-"""Which versions a run keeps: the newest `keep_last`, every milestone, and the `keep_best` best by
-the monitored metric. Pure decisions over typed versions; the store deletes what is dropped, and
+"""Which versions a run keeps: the newest `keep_last`, every milestone, the `keep_best` best by
+the monitored metric, and the version the run resumed from (so a resume never loses its base). Pure decisions over typed versions; the store deletes what is dropped, and
 only after the manifest that no longer lists it is published."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from runner.snapshot.versions import Version
@@ -26,10 +27,11 @@ class Retention:
         sign = -1 if self.mode == "max" else 1
         return sorted(scored, key=lambda v: (sign * v.monitor.value, v.step))
 
-    def apply(self, versions: list[Version]) -> tuple[list[Version], list[Version]]:
-        """(kept, dropped) of `versions` (oldest first); the kept ones marked `best` where they are."""
+    def apply(self, versions: list[Version], pinned: Collection[str] = ()) -> tuple[list[Version], list[Version]]:
+        """(kept, dropped) of `versions` (oldest first); the kept ones marked `best` where they are.
+        `pinned`: files kept whatever the rules say (the version the run resumed from)."""
         older = versions[: max(len(versions) - self.keep_last, 0)]
         best = {v.file for v in self.best_first(versions)[: self.keep_best]}
-        drop = {v.file for v in older if not v.milestone and v.file not in best}
+        drop = {v.file for v in older if not v.milestone and v.file not in best and v.file not in pinned}
         kept = [v.replace(best=True if v.file in best else None) for v in versions if v.file not in drop]
         return kept, [v for v in versions if v.file in drop]

@@ -46,6 +46,10 @@ class SnapshotStore(ABC):
 
     location: Path  # where versions are (shown in messages; the folder a sharded version is read from)
 
+    def where(self) -> str:
+        """Where the versions are, for messages."""
+        return str(self.location)
+
     @abstractmethod
     def read_manifest(self) -> Optional[bytes]:
         """The published manifest's bytes; None when none was published yet."""

@@ -36,6 +36,7 @@ _KNOWN = (
     "monitor",
     "ended",
     "best",
+    "object",
 )
 
 
@@ -46,6 +47,7 @@ class StoredFile:
     name: str
     size: int
     sha256: str
+    object: Optional[str] = None  # in an object store: the name it was uploaded under (unique per writer)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "sha256": self.sha256}
@@ -76,6 +78,7 @@ class Version(Mapping):
     monitor: Optional[Monitored] = None
     ended: Optional[str] = None  # training ended here for good (early stop)
     best: Optional[bool] = None  # kept by keep_best
+    object: Optional[str] = None  # in an object store: the object holding the file (store-checked)
     extra: dict = field(default_factory=dict)  # fields this version of the runner does not know, kept as they are
 
     @property
@@ -110,6 +113,7 @@ class Version(Mapping):
             monitor=None if monitor is None else Monitored(monitor["name"], float(monitor["value"])),
             ended=entry.get("ended"),
             best=entry.get("best"),
+            object=entry.get("object"),
             extra={k: v for k, v in entry.items() if k not in _KNOWN},
         )
 
@@ -128,6 +132,7 @@ class Version(Mapping):
             "monitor": None if self.monitor is None else {"name": self.monitor.name, "value": self.monitor.value},
             "ended": self.ended,
             "best": self.best,
+            "object": self.object,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         out.update(self.extra)

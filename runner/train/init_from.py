@@ -30,6 +30,7 @@ from runner.errors import UserError
 from runner.layout import CONFIG_FILE
 from runner.snapshot import SnapshotError, SnapshotManager, load_path
 from runner.snapshot import format as snap
+from runner.snapshot.location import snapshot_manager
 from runner.snapshot.manager import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def init_weights_from(model: torch.nn.Module, cfg: DictConfig, run_dir: Path) ->
     if not path:
         return
     lead = int(os.environ.get("RANK", "0")) == 0
-    if SnapshotManager(Path(run_dir) / cfg.snapshot.dir).entries():
+    if snapshot_manager(cfg, Path(run_dir)).entries():
         if lead:
             log.info("%s=%s not applied: the run resumes from its own snapshots", KEY, path)
         return

@@ -24,9 +24,11 @@ from runner.config import resume_path
 from runner.fileio import atomic_write
 from runner.layout import METRICS_FILE, RESULTS_FILE, rank_log_path, stop_marker
 from runner.loggers import build_logger
-from runner.snapshot import SnapshotManager, load_path
 from runner.snapshot import format as snap
+from runner.snapshot import load_path
 from runner.snapshot.checkpointer import Checkpointer, build_checkpointer
+from runner.snapshot.location import snapshot_manager
+from runner.snapshot.versions import Version
 from runner.train import faults
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
@@ -42,17 +44,6 @@ OS_ERRORS = {
     errno.EROFS: "the filesystem is read-only",
     errno.EDQUOT: "the disk quota is exceeded",
 }
-
-
-def snapshot_manager(cfg: DictConfig, run_dir: Path) -> SnapshotManager:
-    snapshot = cfg.snapshot
-    return SnapshotManager(
-        run_dir / snapshot.dir,
-        snapshot.keep_last,
-        snapshot.milestone_every,
-        keep_best=snapshot.keep_best if snapshot.monitor else 0,
-        mode=str(snapshot.mode),
-    )
 
 
 def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task) -> dict[str, Any]:
@@ -72,6 +63,8 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         loaded = find_resume_state(cfg, checkpointer, engine.collectives)
         if loaded is not None:
             entry, state = loaded
+            if isinstance(entry, Version):  # one of this run's versions: retention never deletes it
+                manager.pin(entry)
             notes = resume_noting_changes(loop, state, entry, config)  # loop.resume, and what changed since
             log.info(
                 "resumed from %s: epoch %d, step %d, %d samples into the epoch%s",

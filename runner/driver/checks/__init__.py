@@ -10,7 +10,8 @@ runtime it resolved for this machine, which the driver then passes on to the lau
   milliseconds, and only the holder builds anything or reads the snapshots;
 - slow: the objects (objects.py: imports, constructor arguments, the model built on the meta device),
   the data (data.py: the dataset built and one batch made), the disk for snapshots, the snapshots
-  (snapshots.py: resume and init_from mistakes).
+  (snapshots.py: resume and init_from mistakes); a snapshot.dir URL is checked with the config
+  (store.py: scheme, backend package) and reached before the objects are built.
 
 Nothing here writes to disk (taking the lock aside).
 """
@@ -34,6 +35,7 @@ from runner.driver.checks.machine import (
 from runner.driver.checks.objects import check_meta_init, check_objects
 from runner.driver.checks.ranges import check_ranges, check_unknown_keys
 from runner.driver.checks.snapshots import check_init_from, check_resume
+from runner.driver.checks.store import check_store_config, check_store_reachable
 from runner.driver.rundir import check_name
 
 __all__ = ["check", "check_gpu_count", "check_meta_init", "check_start_method", "warn_gpu_options_on_cpu"]
@@ -60,6 +62,7 @@ def check(
     if lock is not None:
         lock()
     param_bytes = check_objects(cfg, choices, tuple(overrides))
+    check_store_reachable(cfg, run_dir)
     check_init_from(cfg, run_dir)
     check_data(cfg, runtime, choices.get("dataset"))
     check_run_dir(run_dir, param_bytes)
@@ -84,3 +87,4 @@ def check_config(cfg: DictConfig, run_dir: Path) -> None:
     check_unknown_keys(cfg)
     check_ranges(cfg)
     check_name(cfg.get("name"), run_dir.parent)
+    check_store_config(cfg)

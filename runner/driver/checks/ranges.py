@@ -461,12 +461,13 @@ def check_snapshot(snapshot: DictConfig) -> None:
     )
     folder = str(snapshot.dir)
     one_folder = bool(snapshot.dir) and Path(folder).name == folder and folder not in (".", "..")
+    one_folder = one_folder or "://" in folder  # a URL: checked by store.py
     require(
         one_folder,
         "snapshot.dir",
         snapshot.dir,
-        "must name one folder inside the run directory",
-        "a plain folder name",
+        "must name one folder inside the run directory, or be a URL",
+        "a plain folder name, s3://bucket/prefix or file:///abs/path",
         "e.g. snapshot.dir=snapshots",
     )
 

@@ -12,6 +12,7 @@ from runner.config import LaunchMode, ResumeWord, Strategy, resume_path
 from runner.driver.rundir import identity, identity_diff
 from runner.errors import UserError
 from runner.snapshot import SnapshotError, SnapshotManager
+from runner.snapshot.location import snapshot_manager
 
 
 def check_init_from(cfg: DictConfig, run_dir: Path) -> None:
@@ -22,7 +23,7 @@ def check_init_from(cfg: DictConfig, run_dir: Path) -> None:
 
     resume = str(cfg.snapshot.resume)
     try:
-        own = resume != ResumeWord.never and bool(SnapshotManager(run_dir / cfg.snapshot.dir).entries())
+        own = resume != ResumeWord.never and bool(snapshot_manager(cfg, run_dir).entries())
     except SnapshotError:
         return  # check_resume reports the unreadable manifest
     if own:
@@ -66,7 +67,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     """snapshot.resume against the run directory: its manifest reads, its snapshots are this run's and
     one of them is valid; `must` finds one; a path names a snapshot."""
     resume = str(cfg.snapshot.resume)
-    manager = SnapshotManager(run_dir / cfg.snapshot.dir)
+    manager = snapshot_manager(cfg, run_dir)
     if resume == ResumeWord.never:
         return  # the driver archives what is there; nothing to check
     try:
@@ -96,7 +97,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(
             "snapshot.resume",
             "must",
-            f"no snapshot in {manager.dir} to resume from",
+            f"no snapshot in {manager.store.where()} to resume from",
             f"{ResumeWord.words()} | a snapshot file path",
             "use snapshot.resume=auto to start fresh when there is none",
         )

@@ -1,0 +1,91 @@
+"""Checks of `snapshot.dir` when it is a URL: the config alone first (scheme, no credentials in it,
+the fsspec backend installed, what an object store cannot hold yet), then the store itself (the
+bucket exists and answers), so a wrong URL costs one clear paragraph before any worker starts
+rather than a failure at the first snapshot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from runner.config import ResumeWord, SnapshotFormat, snapshot_format
+from runner.errors import UserError
+from runner.snapshot.location import BACKENDS, CONDITIONAL, is_url, scheme, url_problem
+
+KEY = "snapshot.dir"
+ALLOWED = "a folder name inside the run directory, s3://bucket/prefix or file:///abs/path"
+
+
+def check_store_config(cfg: DictConfig) -> None:
+    """The URL alone: no network."""
+    url = str(cfg.snapshot.dir)
+    if not is_url(url):
+        return
+    problem = url_problem(url)
+    if problem is not None:
+        raise UserError(KEY, url, problem, ALLOWED, "e.g. snapshot.dir=s3://my-bucket/runs/exp1")
+    kind = scheme(url)
+    if kind == "file":
+        return
+    package, extra = BACKENDS[kind]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(
+            KEY,
+            url,
+            f"{kind}:// URLs are read and written through the {package} package (fsspec), which is not "
+            "installed in this environment",
+            ALLOWED,
+            f"pip install {package} (or pip install 'runner[{extra}]'), then run the same command again",
+        )
+    if kind not in CONDITIONAL:
+        raise UserError(
+            KEY,
+            url,
+            f"{kind}:// has no conditional manifest publish in this version, so two writers could both "
+            "win: only s3:// (and S3-compatible servers) keep the snapshot guarantees",
+            ALLOWED,
+            "use an s3:// bucket (GCS and Azure offer S3-compatible endpoints) or a local folder",
+        )
+    if snapshot_format(cfg) == SnapshotFormat.dcp:
+        raise UserError(
+            "snapshot.format",
+            "dcp",
+            f"sharded (DCP) snapshots cannot be kept in an object store yet ({KEY}={url})",
+            "snapshot.format=file with a URL",
+            "snapshot.format=file (a single-file snapshot), or a local snapshot.dir for sharded ones",
+        )
+    if str(cfg.snapshot.resume) == ResumeWord.never:
+        raise UserError(
+            "snapshot.resume",
+            "never",
+            f"starts over by archiving the run directory's snapshots, and those in {url} are not in the run directory",
+            "snapshot.resume=auto|must with a URL",
+            f"point {KEY} at a new prefix to start over (the old one is left as it is)",
+        )
+
+
+def check_store_reachable(cfg: DictConfig, run_dir: Path) -> None:
+    """The store answers: its manifest reads, or there is none yet in a bucket that exists."""
+    url = str(cfg.snapshot.dir)
+    if not is_url(url) or scheme(url) == "file":
+        return
+    from runner.snapshot.location import open_store
+
+    store = open_store(url, run_dir)
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        store.read_manifest()
+        store.fs.ls(bucket)  # a manifest can be missing, the bucket cannot
+    except FileNotFoundError:
+        raise UserError(KEY, url, f"the bucket {bucket!r} does not exist", ALLOWED, "create it first") from None
+    except Exception as err:
+        raise UserError(
+            KEY,
+            url,
+            f"the store cannot be reached ({type(err).__name__}: {err})",
+            ALLOWED,
+            "check the credentials (AWS_* variables or a profile) and the endpoint (AWS_ENDPOINT_URL)",
+        ) from None

@@ -1,0 +1,236 @@
+"""Snapshots in an object store: a real S3-compatible server (moto's, started here on 127.0.0.1)
+talked to through s3fs. Nothing of ours is mocked: the conditional manifest write is refused by
+the server itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+
+import pytest
+import torch
+from conftest import FAST, assert_same_weights, latest_snapshot, run_cli, snapshot_state
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from runner.errors import UserError  # noqa: E402
+from runner.snapshot import SnapshotManager  # noqa: E402
+from runner.snapshot.object_store import ManifestConflict, ObjectStore  # noqa: E402
+
+BUCKET = "runs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """The server, and the environment a user of a real bucket would set (credentials, endpoint)."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        yield env, fs
+    server.stop()
+
+
+@pytest.fixture
+def url(s3_env, request):
+    return f"s3://{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+def _manager(url, tmp_path, **kw) -> SnapshotManager:
+    return SnapshotManager(None, store=ObjectStore(url, tmp_path / "staging"), **kw)
+
+
+def _save(manager: SnapshotManager, step: int):
+    return manager.save(snapshot_state(w=torch.full((4,), float(step))), step=step, epoch=0)
+
+
+def _objects(fs, url) -> set[str]:
+    return {p.rsplit("/", 1)[1] for p in fs.ls(url.split("://")[1])}
+
+
+def test_versions_are_listed_only_after_their_objects_verify(s3_env, url, tmp_path):
+    _, fs = s3_env
+    manager = _manager(url, tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        _save(manager, step)
+    listed = manager.entries()
+    assert [v.step for v in listed] == [20, 30]
+    assert _objects(fs, url) == {"manifest.json", *(v.object for v in listed)}  # retention removed step 10
+    assert all(v.object.startswith(v.file + ".") for v in listed)  # a name no other writer uses
+    version, state = _manager(url, tmp_path / "reader").load_latest()
+    assert version.step == 30 and torch.equal(state["model"]["w"], torch.full((4,), 30.0))
+    raw = fs.cat_file(f"{url.split('://')[1]}/manifest.json").decode()
+    assert "testing" not in raw and "AWS" not in raw  # no credentials in the manifest
+    assert not list((tmp_path / "staging").iterdir())  # staging files are gone once uploaded
+
+
+def test_a_corrupted_object_falls_back_to_the_previous_version(s3_env, url, tmp_path, caplog):
+    _, fs = s3_env
+    manager = _manager(url, tmp_path)
+    _save(manager, 10)
+    newest = _save(manager, 20)
+    key = f"{url.split('://')[1]}/{newest.object}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    with caplog.at_level(logging.WARNING):
+        version, state = _manager(url, tmp_path / "reader").load_latest()
+    assert version.step == 10 and torch.equal(state["model"]["w"], torch.full((4,), 10.0))
+    assert "does not match its sha256" in caplog.text
+    fs.rm_file(key)  # a missing object too
+    assert _manager(url, tmp_path / "reader").load_latest()[0].step == 10
+
+
+def test_two_writers_of_one_manifest_one_wins_nothing_torn(s3_env, url, tmp_path):
+    first, second = ObjectStore(url, tmp_path / "a"), ObjectStore(url, tmp_path / "b")
+    assert first.read_manifest() is None and second.read_manifest() is None
+    first.publish_manifest(b'{"format_version": 1, "snapshots": [], "by": "first"}')
+    with pytest.raises(ManifestConflict, match="published by another writer"):
+        second.publish_manifest(b'{"format_version": 1, "snapshots": [], "by": "second"}')
+    assert json.loads(second.read_manifest())["by"] == "first"
+    # Once both have read the same manifest, again only the first publish wins.
+    first.read_manifest()
+    second.publish_manifest(b'{"format_version": 1, "snapshots": [], "by": "second"}')
+    with pytest.raises(ManifestConflict):
+        first.publish_manifest(b'{"format_version": 1, "snapshots": [], "by": "first again"}')
+    assert json.loads(ObjectStore(url, tmp_path / "c").read_manifest())["by"] == "second"
+
+
+def test_a_writer_that_lost_the_race_lists_nothing(s3_env, url, tmp_path):
+    """Through the catalogue: the loser's version is not listed, the winner's manifest is intact."""
+    winner, loser = _manager(url, tmp_path / "w"), _manager(url, tmp_path / "l")
+    _save(winner, 10)
+    loser.store.read_manifest()
+    staged = loser.write(snapshot_state(w=torch.zeros(4)), 20)
+    stored = loser.store.commit_file(staged, "snapshot-000000020.pt")
+    _save(winner, 30)  # publishes after the loser read the manifest
+    with pytest.raises(ManifestConflict):
+        loser.store.publish_manifest(b'{"format_version": 1, "snapshots": []}')
+    assert [v.step for v in _manager(url, tmp_path / "r").entries()] == [10, 30]
+    assert stored.object not in {v.object for v in winner.entries()}
+
+
+def test_retention_never_deletes_the_resumed_from_version(s3_env, url, tmp_path):
+    _, fs = s3_env
+    first = _manager(url, tmp_path, keep_last=1)
+    _save(first, 10)
+    older = first.entries()[0]
+    # keep_last=1 keeps only the newest; make it corrupt so that a resume falls back to step 10...
+    resumed = _manager(url, tmp_path, keep_last=2)
+    _save(resumed, 20)
+    newest = resumed.entries()[-1]
+    fs.pipe_file(f"{url.split('://')[1]}/{newest.object}", b"garbage")
+    run = _manager(url, tmp_path, keep_last=1)
+    loaded, _ = run.load_latest()
+    assert loaded.step == 10
+    run.pin(loaded)  # what the training session does with the version it resumed from
+    for step in (30, 40, 50):  # ...then the resumed run writes on with keep_last=1
+        _save(run, step)
+    assert [v.step for v in run.entries()] == [10, 50]
+    assert older.object in _objects(fs, url)
+
+
+def test_checks_name_the_missing_package_and_the_missing_bucket(s3_env, tmp_path):
+    from omegaconf import OmegaConf
+
+    from runner.driver.checks.store import check_store_config, check_store_reachable
+
+    def cfg(url, **snapshot):
+        return OmegaConf.create({"snapshot": {"dir": url, "resume": "auto", "format": "file", **snapshot}})
+
+    with pytest.raises(UserError, match="pip install gcsfs"):
+        check_store_config(cfg("gs://bucket/run"))
+    with pytest.raises(UserError, match="credentials"):
+        check_store_config(cfg("s3://key:secret@bucket/run"))
+    with pytest.raises(UserError, match="snapshot.format"):
+        check_store_config(cfg("s3://bucket/run", format="dcp"))
+    check_store_config(cfg(f"s3://{BUCKET}/run"))
+    with pytest.raises(UserError, match="does not exist"):
+        check_store_reachable(cfg("s3://no-such-bucket/run"), tmp_path)
+    check_store_reachable(cfg(f"s3://{BUCKET}/fresh"), tmp_path)
+
+
+def test_an_unreachable_store_is_a_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from runner.driver.checks.store import check_store_reachable
+
+    cfg = OmegaConf.create({"snapshot": {"dir": "s3://bucket/run"}})
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+            "AWS_MAX_ATTEMPTS": "1",
+        }.items():
+            mp.setenv(key, value)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(UserError, match="cannot be reached"):
+            check_store_reachable(cfg, tmp_path)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---- end to end: 2 DDP workers, a SIGKILLed worker, a fresh machine ------------------------------
+RUN = ["model=mlp", "model.dropout=0.1", "dataset.size=4096", "trainer.save_every_steps=20", *FAST]
+
+
+@pytest.mark.slow
+def test_killed_worker_then_empty_outputs_resume_from_the_store_bitwise(s3_env, url, tmp_path):
+    env, _ = s3_env
+    for folder in ("ref", "machine"):
+        (tmp_path / folder).mkdir()
+    ref = run_cli([*RUN, "trainer.total_epochs=4", "name=reference"], tmp_path / "ref")
+    assert ref.returncode == 0, ref.output
+    reference = latest_snapshot(tmp_path / "ref" / "outputs" / "reference")
+
+    work = tmp_path / "machine"
+    on_store = [*RUN, "name=cloud", f"snapshot.dir={url}"]
+    first = run_cli(
+        [*on_store, "trainer.total_epochs=2", "trainer.crash_at_step=45", "trainer.crash_rank=1"], work, env=env
+    )
+    assert first.returncode == 0, first.output
+    assert "resumed from snapshot-000000040.pt" in first.output
+    assert not (work / "outputs" / "cloud" / "snapshots").exists()  # versions live in the store only
+    assert "testing" not in (work / "outputs" / "cloud" / "config.yaml").read_text()
+
+    shutil.rmtree(work / "outputs")  # a fresh machine: the same command, more epochs
+    second = run_cli([*on_store, "trainer.total_epochs=4", "snapshot.keep_last=1"], work, env=env)
+    assert second.returncode == 0, second.output
+    assert "resumed from snapshot-000000128.pt" in second.output
+    listed = [v.file for v in _manager(url, tmp_path / "reader").entries()]
+    assert listed == ["snapshot-000000128.pt", "snapshot-000000256.pt"]  # the resumed-from version is kept
+    version, state = _manager(url, tmp_path / "reader").load_latest()
+    assert version.epoch == 4
+    assert_same_weights(state["model"], reference["model"])
+    for a, b in zip(state["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    shutil.rmtree(work / "outputs")  # the same command once more: the store says it is done
+    again = run_cli([*on_store, "trainer.total_epochs=4", "snapshot.keep_last=1"], work, env=env)
+    assert again.returncode == 0, again.output
+    assert _manager(url, tmp_path / "reader").load_latest()[0].step == version.step
