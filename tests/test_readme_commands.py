@@ -57,6 +57,7 @@ SKIPPED = [
         "needs a second machine reachable as node0 (tests/test_multinode.py runs two nodes on one machine)",
     ),
     ("hydra/launcher=slurm", "needs a SLURM cluster (tests/test_slurm.py runs the recipe with submitit_local)"),
+    ("snapshot.dir=s3://", "needs an S3 bucket (tests/test_object_store.py runs it against moto's S3 server)"),
     (
         "--config-dir myconf",
         "needs the reader's own package (mypackage.models, mypackage.tasks), which the README only sketches",
