@@ -236,3 +236,16 @@ def test_killed_worker_then_empty_outputs_resume_from_the_store_bitwise(s3_env, 
     again = run_cli([*on_store, "trainer.total_epochs=4", "snapshot.keep_last=1"], work, env=env)
     assert again.returncode == 0, again.output
     assert _manager(url, tmp_path / "reader").load_latest()[0].step == version.step
+
+
+def test_file_urls_and_folder_names_are_local_stores(tmp_path):
+    from runner.snapshot import LocalStore
+    from runner.snapshot.location import open_store
+
+    elsewhere = open_store(f"file://{tmp_path}/shared/run", tmp_path / "run")
+    assert isinstance(elsewhere, LocalStore) and elsewhere.location == tmp_path / "shared" / "run"
+    inside = open_store("snapshots", tmp_path / "run")
+    assert isinstance(inside, LocalStore) and inside.location == tmp_path / "run" / "snapshots"
+    manager = SnapshotManager(None, store=elsewhere)
+    _save(manager, 10)
+    assert manager.load_latest()[0].step == 10 and (tmp_path / "shared" / "run" / "manifest.json").is_file()
