@@ -38,7 +38,7 @@ def check_store_config(cfg: DictConfig) -> None:
             f"{kind}:// URLs are read and written through the {package} package (fsspec), which is not "
             "installed in this environment",
             ALLOWED,
-            f"pip install {package} (or pip install 'runner[{extra}]'), then run the same command again",
+            f"pip install {package} (or pip install 'hydra-torch-runner[{extra}]'), then run the same command again",
         )
     if kind not in CONDITIONAL:
         raise UserError(
