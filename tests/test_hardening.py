@@ -214,7 +214,8 @@ def test_a_tampered_manifest_cannot_delete_or_fake_a_finished_run(workdir):
     assert res.returncode == 0, res.output
     assert "already complete" not in res.output and "resumed from snapshot-000000064.pt" in res.output
     assert victim.read_text() == "precious"  # retention ran twice and deleted nothing outside
-    assert [e["file"] for e in manifest(run_dir)["snapshots"]] == ["snapshot-000000192.pt"]
+    # keep_last=1, and the version this run resumed from, which the run that resumed from it never deletes.
+    assert [e["file"] for e in manifest(run_dir)["snapshots"]] == ["snapshot-000000064.pt", "snapshot-000000192.pt"]
 
 
 def test_one_event_delivering_a_signal_twice_is_one_stop_request():
