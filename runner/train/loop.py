@@ -75,7 +75,6 @@ class TrainLoop:
         # The same sums since the last training row (every `trainer.log_every` steps), across epochs.
         self.row_sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=engine.device)}
         self.row_count = 0
-        self.row_clock = (time.perf_counter(), 0.0, 0, 0)  # (started, val_seconds then, samples, units) of this row
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Optional[dict[str, Any]] = None
@@ -84,6 +83,7 @@ class TrainLoop:
         self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
         self.bar = tqdm(disable=True)
         self.val_seconds = 0.0
+        self._start_row()  # the row's clock, and the samples and units trained in it
         self._rng_to_restore: Optional[list[dict]] = None
 
     # ---- resume -------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class TrainLoop:
         )
         self.bar = bar
         started = time.perf_counter()
-        self.row_clock = (started, self.val_seconds, 0, 0)
+        self._start_row()
         samples_trained = units_trained = 0
         try:
             while not self.done():
@@ -287,10 +287,10 @@ class TrainLoop:
             if len(window) < self.accumulate and batch is not None:
                 continue
             n = sum(self.task.batch_size(b) for b in window)
-            if self.task.unit:
-                epoch_units += sum(self.task.units(b) for b in window) * self.world_size
+            units = sum(self.task.units(b) for b in window) * self.world_size if self.task.unit else 0
+            epoch_units += units
             out = self.engine.train_step(window, self.checkpointer.wait_for_staging)
-            window_done, window = window, []
+            window = []
             if out is None:
                 self.skipped_steps += 1
             else:
@@ -310,12 +310,8 @@ class TrainLoop:
             faults.note_step(self.global_step)
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
-            row_units = sum(self.task.units(b) for b in window_done) * self.world_size if self.task.unit else 0
-            self.row_clock = (
-                *self.row_clock[:2],
-                self.row_clock[2] + n * self.world_size,
-                self.row_clock[3] + row_units,
-            )
+            self.row_samples += n * self.world_size
+            self.row_units += units
             bar.update()
             if self.global_step == crash_here:
                 faults.crash_now(self.global_step)
@@ -364,6 +360,11 @@ class TrainLoop:
             shown[key] = f"{metrics[key]:.4g}"
         self.bar.set_postfix(ordered_dict=shown, refresh=False)
 
+    def _start_row(self) -> None:
+        """A new row's throughput clock: its wall time excludes the validations run during it."""
+        self.row_started, self.row_val_seconds = time.perf_counter(), self.val_seconds
+        self.row_samples = self.row_units = 0
+
     def _record_row(self) -> None:
         """One training row every `trainer.log_every` steps: the means since the last row over every rank
         (one collective, one host sync), the rate the last step used and the throughput since the last row."""
@@ -372,8 +373,7 @@ class TrainLoop:
         total = torch.stack([self.row_sums["loss"], count, *(self.row_sums[k] for k in names)])
         self.engine.collectives.sum_(total)
         values = total.tolist()
-        started, val_then, samples, units = self.row_clock
-        seconds = time.perf_counter() - started - (self.val_seconds - val_then)
+        seconds = time.perf_counter() - self.row_started - (self.val_seconds - self.row_val_seconds)
         record: dict[str, Any] = {
             "scope": "step",
             "epoch": self.epoch,
@@ -382,13 +382,13 @@ class TrainLoop:
         }
         record.update({f"train/{k}": v / values[1] if values[1] else math.nan for k, v in zip(names, values[2:])})
         record["lr"] = self.engine.learning_rate()
-        record["samples_per_s"] = samples / seconds if seconds > 0 else None
+        record["samples_per_s"] = self.row_samples / seconds if seconds > 0 else None
         if self.task.unit:
-            record[f"{self.task.unit}_per_s"] = units / seconds if seconds > 0 else None
+            record[f"{self.task.unit}_per_s"] = self.row_units / seconds if seconds > 0 else None
         for value in self.row_sums.values():
             value.zero_()
         self.row_count = 0
-        self.row_clock = (time.perf_counter(), self.val_seconds, 0, 0)
+        self._start_row()
         self._append(record)
         self._log_record(record)
         if values[1]:  # every step of the row skipped (on_nonfinite=skip): nothing to check
