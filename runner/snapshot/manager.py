@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from runner.snapshot.format import FORMAT_VERSION, SHARDED_KEY, ShardedVersion, SnapshotError, load_bytes
-from runner.snapshot.manifest import describe, entry_problem, parse_manifest, validate_manifest
+from runner.snapshot.manifest import describe, parse_manifest, validate_manifest
 from runner.snapshot.retention import Retention
 from runner.snapshot.store import MANIFEST, LocalStore, SnapshotStore, write_staged
 from runner.snapshot.versions import LOOP_FILE, SHARDED_KIND, Monitored, StoredFile, Version
@@ -222,12 +222,7 @@ class SnapshotManager:
     # ---- reading --------------------------------------------------------------------------
     def _version(self, entry: Any) -> Version:
         """A typed version of what a caller passed (a Version, or any dict, checked against the schema)."""
-        if isinstance(entry, Version):
-            return entry
-        problem = entry_problem(entry)
-        if problem is not None:
-            raise SnapshotError(f"manifest entry ({describe(entry)}) in {self.dir} is invalid: {problem}")
-        return Version.from_entry(entry)
+        return Version.from_entry(entry, where=f" in {self.dir}")
 
     def verify(self, entry: Any) -> bytes:
         """The bytes every rank reads whole (the file; a sharded version's loop.pt) if the whole

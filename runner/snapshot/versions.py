@@ -91,13 +91,14 @@ class Version(Mapping):
         return next(f for f in self.files if f.name == LOOP_FILE)
 
     @classmethod
-    def from_entry(cls, entry: Any) -> Version:
-        """The version an entry lists; SnapshotError when it breaks the schema."""
+    def from_entry(cls, entry: Any, where: str = "") -> Version:
+        """The version an entry lists; SnapshotError when it breaks the schema (`where`: e.g. " in <folder>",
+        for the message)."""
         if isinstance(entry, Version):
             return entry
         problem = entry_problem(entry)
         if problem is not None:
-            raise SnapshotError(f"manifest entry ({describe(entry)}) is invalid: {problem}")
+            raise SnapshotError(f"manifest entry ({describe(entry)}){where} is invalid: {problem}")
         monitor = entry.get("monitor")
         return cls(
             file=entry["file"],
