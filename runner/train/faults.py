@@ -59,58 +59,65 @@ def restart_may_fix(err: BaseException) -> bool:
     return isinstance(err, (dist.DistError, MemoryError, torch.OutOfMemoryError))
 
 
-def record_failure(err: BaseException, rank: int) -> None:
-    """Write this worker's failure signature for the agent (only under an agent that asked for it)."""
+def _write_record(kind: str, rank: int, record: dict) -> None:
+    """`<kind>-<restart>-rank-<rank>.json` in the launch's record folder, whole or not at all (the
+    agent never reads half a record); nothing outside an agent that asked for records. Without a
+    record the attempt is handled as before these records existed."""
     folder = os.environ.get(FAILURE_RECORDS)
-    if not folder or restart_may_fix(err):
+    if not folder:
         return
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    path = Path(folder) / f"{kind}-{attempt}-rank-{rank}.json"
+    try:
+        path.with_suffix(".tmp").write_text(json.dumps(record))
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError:
+        pass
+
+
+def _read_records(folder: Path, kind: str, attempt: int) -> list:
+    """The records of restart `attempt` of one kind, by rank; unreadable ones are left out."""
+    found = []
+    for path in sorted(Path(folder).glob(f"{kind}-{attempt}-rank-*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def record_failure(err: BaseException, rank: int) -> None:
+    """Write this worker's failure signature for the agent (only under an agent that asked for it)."""
+    if not os.environ.get(FAILURE_RECORDS) or restart_may_fix(err):
+        return
     signature = {
         "type": f"{type(err).__module__}.{type(err).__qualname__}",
         "message": str(err)[:4000],
         "step": current_step,
     }
-    path = Path(folder) / f"attempt-{attempt}-rank-{rank}.json"
-    try:
-        path.with_suffix(".tmp").write_text(json.dumps(signature))
-        os.replace(path.with_suffix(".tmp"), path)  # the agent never reads half a record
-    except OSError:  # without a record the attempt is restarted, as before this check existed
-        pass
+    _write_record("attempt", rank, signature)
 
 
 def record_stop(signum: Optional[int], step: int, rank: int) -> None:
     """Tell the agent that this worker stopped on request (a snapshot, then exit), which it must not
     restart: on a node whose workers got no signal themselves, the request came from another node."""
-    folder = os.environ.get(FAILURE_RECORDS)
-    if not folder:
-        return
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    try:
-        (Path(folder) / f"stop-{attempt}-rank-{rank}.json").write_text(json.dumps({"signal": signum, "step": step}))
-    except OSError:
-        pass
+    _write_record("stop", rank, {"signal": signum, "step": step})
 
 
 def stop_request(folder: Path, attempt: int) -> Optional[dict]:
     """{"signal", "step"} when a worker of restart `attempt` stopped on request, else None; the
     signal is that of a worker that received one (None: every worker here stopped because a
     worker elsewhere was asked to)."""
-    found = []
-    for path in sorted(Path(folder).glob(f"stop-{attempt}-rank-*.json")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+    found = _read_records(folder, "stop", attempt)
     return next((r for r in found if r.get("signal")), found[0] if found else None)
 
 
 def _signatures(folder: Path, attempt: int) -> set[tuple]:
     found = set()
-    for path in Path(folder).glob(f"attempt-{attempt}-rank-*.json"):
+    for record in _read_records(folder, "attempt", attempt):
         try:
-            record = json.loads(path.read_text())
             found.add((record["type"], record["message"], record["step"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             continue
     return found
 
