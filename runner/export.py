@@ -47,7 +47,7 @@ from runner.errors import EXIT_USER_ERROR, UserError, full_errors_requested, rep
 from runner.fileio import atomic_write, temporary_path
 from runner.layout import CONFIG_FILE
 from runner.snapshot.format import MODEL_KEY, SHARDED_KEY, SnapshotError
-from runner.snapshot.manager import SnapshotManager
+from runner.snapshot.sources import RunSnapshots, is_snapshot_url, run_snapshots, stored_model_config, url_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ _RUN_DIR_ALLOWED = "a run directory: the folder a run wrote (its hydra.run.dir),
 class RunWeights:
     """What a run directory offers: the model's config and the weights of one verified snapshot."""
 
-    run_dir: Path
-    snapshot_dir: Path
+    run_dir: Optional[Path]  # None when the weights come from a snapshot URL
+    snapshots: RunSnapshots
     model_config: dict[str, Any]  # the `model:` node, resolved, with its _target_
     entry: dict[str, Any]  # the snapshot's manifest entry
     weights: dict[str, Any]  # the snapshot's MODEL_KEY part: the model's state dict
@@ -71,8 +71,13 @@ class RunWeights:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def snapshot_path(self) -> Path:
-        return self.snapshot_dir / self.entry["file"]
+    def snapshot_path(self) -> str:
+        return self.snapshots.path_of(self.entry["file"])
+
+    @property
+    def source(self) -> str:
+        """The run directory, or the snapshot URL, the weights came from."""
+        return str(self.run_dir.resolve()) if self.run_dir is not None else self.snapshots.where
 
 
 @dataclass
@@ -92,13 +97,22 @@ class Exported:
 # ---- reading a run directory ------------------------------------------------------------------
 def read_run(run_dir: Union[str, Path], best: bool = True) -> RunWeights:
     """The model config and the weights of the snapshot to use: the manifest's best one when `best`
-    and the run recorded one, else the newest loadable one. UserError when there is none."""
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
-    model_config = _model_config(cfg, run_dir)
-    snapshot_dir = run_dir / str(OmegaConf.select(cfg, "snapshot.dir", default="snapshots") or "snapshots")
-    manager = SnapshotManager(snapshot_dir)
-    entry, state, chosen_by, notes = _choose_snapshot(manager, run_dir, best)
+    and the run recorded one, else the newest loadable one. UserError when there is none.
+
+    `run_dir`: a run directory (its snapshots wherever its snapshot.dir keeps them, a URL too), or
+    a snapshot URL itself (`s3://bucket/prefix`): then the model config is the one its manifest
+    records, and no run directory is needed."""
+    if is_snapshot_url(run_dir):
+        snapshots = url_snapshots(str(run_dir))
+        model_config = stored_model_config(snapshots, "run_dir")
+        where: Path | str = snapshots.where
+    else:
+        run_dir = Path(run_dir)
+        cfg = _run_config(run_dir)
+        model_config = _model_config(cfg, run_dir)
+        snapshots = run_snapshots(run_dir, cfg)
+        where = run_dir
+    entry, state, chosen_by, notes = _choose_snapshot(snapshots, where, best)
     weights = state.get(MODEL_KEY)
     if state.get(SHARDED_KEY):  # a sharded version: its files are verified; gather the model's shards in this process
         from runner.snapshot.sharded import full_model
@@ -107,13 +121,13 @@ def read_run(run_dir: Union[str, Path], best: bool = True) -> RunWeights:
     if not isinstance(weights, dict) or not weights:
         raise UserError(
             "snapshot",
-            snapshot_dir / entry["file"],
+            snapshots.path_of(entry["file"]),
             f"holds no model weights (its '{MODEL_KEY}' part is "
             f"{type(weights).__name__}{' and empty' if isinstance(weights, dict) else ''})",
             "a snapshot the runner wrote while training this run",
             "pass the run directory the run wrote",
         )
-    return RunWeights(run_dir, snapshot_dir, model_config, entry, weights, chosen_by, notes)
+    return RunWeights(snapshots.run_dir, snapshots, model_config, entry, weights, chosen_by, notes)
 
 
 def _run_config(run_dir: Path) -> DictConfig:
@@ -183,8 +197,8 @@ def _model_config(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ) from None
 
 
-def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tuple[dict, dict, str, list[str]]:
-    notes = []
+def _choose_snapshot(snapshots: RunSnapshots, run_dir: Path | str, best: bool) -> tuple[dict, dict, str, list[str]]:
+    manager, notes = snapshots.manager, []
     try:
         if best:
             entry = manager.best_entry()
@@ -194,7 +208,7 @@ def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tup
                 except SnapshotError as err:
                     raise UserError(
                         "snapshot",
-                        manager.dir / entry["file"],
+                        snapshots.path_of(entry["file"]),
                         f"the best snapshot cannot be used: {err}",
                         "a snapshot that matches its manifest entry",
                         "export the newest valid snapshot instead (without --best; load_model(..., best=False))",
@@ -209,8 +223,19 @@ def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tup
             "a run directory with a valid snapshot",
             "re-run training to write a new snapshot, or restore the snapshot folder",
         ) from None
+    except Exception as err:  # a store that does not answer: its own words, not a traceback
+        raise UserError(
+            "run_dir",
+            run_dir,
+            f"its snapshots in {snapshots.where} cannot be read ({type(err).__name__}: {_one_line(err)})",
+            "a run directory or snapshot URL whose store answers",
+            "check the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or a profile)",
+        ) from None
     if latest is None:
-        where = f"{manager.manifest_path} lists none" if manager.dir.is_dir() else f"{manager.dir} does not exist"
+        if snapshots.run_dir is None or is_snapshot_url(snapshots.where):
+            where = f"{snapshots.path_of('manifest.json')} lists none"
+        else:
+            where = f"{manager.manifest_path} lists none" if manager.dir.is_dir() else f"{manager.dir} does not exist"
         raise UserError(
             "run_dir",
             run_dir,
@@ -223,7 +248,7 @@ def _choose_snapshot(manager: SnapshotManager, run_dir: Path, best: bool) -> tup
 
 
 # ---- building the model --------------------------------------------------------------------
-def _build(model_config: dict[str, Any], run_dir: Path, meta: bool = False) -> torch.nn.Module:
+def _build(model_config: dict[str, Any], source: Path | str, meta: bool = False) -> torch.nn.Module:
     from hydra.utils import instantiate
 
     target = model_config.get("_target_")
@@ -240,7 +265,7 @@ def _build(model_config: dict[str, Any], run_dir: Path, meta: bool = False) -> t
         raise UserError(
             "model._target_",
             target,
-            f"cannot be built from {run_dir / CONFIG_FILE}: {type(cause).__name__}: {_one_line(cause)}",
+            f"cannot be built from {_config_source(source)}: {type(cause).__name__}: {_one_line(cause)}",
             "an importable torch.nn.Module class and its arguments",
             "run from where the model's module is importable (the folder you trained from, or set PYTHONPATH)",
         ) from None
@@ -252,6 +277,11 @@ def _build(model_config: dict[str, Any], run_dir: Path, meta: bool = False) -> t
             "a class or function returning torch.nn.Module",
         )
     return model
+
+
+def _config_source(source: Path | str) -> str:
+    """Where the model config came from: a run's config.yaml or the manifest at a URL."""
+    return f"the config recorded in {source}" if is_snapshot_url(str(source)) else str(Path(source) / CONFIG_FILE)
 
 
 def _load_weights(model: torch.nn.Module, source: RunWeights) -> None:
@@ -281,8 +311,8 @@ def load_model(
     """
     source = read_run(run_dir, best)
     for note in source.notes:
-        log.info("%s: %s", source.run_dir, note)
-    model = _build(source.model_config, source.run_dir)
+        log.info("%s: %s", source.source, note)
+    model = _build(source.model_config, source.source)
     _load_weights(model, source)
     log.info(
         "loaded %s (%s, step %d, epoch %d)",
@@ -321,7 +351,7 @@ def export_run(
     source = read_run(run_dir, best)
     notes = list(source.notes)
     fmt = _pick_format(fmt, out, source.weights, notes)
-    path = _out_path(source.run_dir, out, fmt)
+    path = _out_path(source.run_dir if source.run_dir is not None else Path.cwd(), out, fmt)
     parameters = _check_fit(source)
     shared: dict[str, str] = {}
     meta = _provenance(source, path, fmt, parameters)
@@ -416,9 +446,9 @@ def _check_fit(source: RunWeights) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _build(source.model_config, source.run_dir, meta=True)
+            model = _build(source.model_config, source.source, meta=True)
     except UserError:
-        model = _build(source.model_config, source.run_dir)  # some constructors need real tensors
+        model = _build(source.model_config, source.source)  # some constructors need real tensors
     _load_weights(model, source)
     return sum(p.numel() for p in model.parameters())  # tied parameters once
 
@@ -481,7 +511,7 @@ def _provenance(source: RunWeights, path: Path, fmt: str, parameters: int) -> di
     return {
         "weights": path.name,
         "format": fmt,
-        "run_dir": str(source.run_dir.resolve()),
+        "run_dir": source.source,
         "snapshot": entry["file"],
         "sha256": entry.get("sha256"),
         "step": int(entry["step"]),
@@ -521,7 +551,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         epilog="The files load without the runner; see the module docstring (pydoc runner.export).",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml and snapshots/)")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a run directory (holds config.yaml and snapshots/), or the snapshot.dir URL a run wrote to "
+        "(s3://bucket/prefix: the export goes to ./export/ unless --out says where)",
+    )
     parser.add_argument(
         "--best",
         action="store_true",

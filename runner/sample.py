@@ -33,15 +33,19 @@ def _one_line(err: UserError) -> str:
     return f"{first} (fix: {err.fix})" if err.fix else first
 
 
-def check_has_snapshot(run_dir: Path) -> None:
+def check_has_snapshot(run_dir: Path | str) -> None:
     """A clear message for the common mistakes before anything is built: no directory, or a run
-    that has not written a snapshot yet. Anything subtler is left to `runner.load_model`."""
+    that has not written a snapshot yet. Anything subtler is left to `runner.load_model` (which
+    also reads a snapshot URL: its manifest records the run's config)."""
     from omegaconf import OmegaConf
 
     from runner.layout import CONFIG_FILE
     from runner.snapshot.format import SnapshotError
-    from runner.snapshot.manager import SnapshotManager
+    from runner.snapshot.sources import is_snapshot_url, run_snapshots
 
+    if is_snapshot_url(run_dir):
+        return
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SampleError(
             f"{run_dir} is not a directory: pass the run directory a training run wrote (e.g. outputs/<name>)"
@@ -50,22 +54,21 @@ def check_has_snapshot(run_dir: Path) -> None:
     if not config.is_file():
         return  # load_model explains what a run directory is
     try:
-        snapshot_dir = OmegaConf.select(OmegaConf.load(config), "snapshot.dir", default=None) or "snapshots"
+        snapshots = run_snapshots(run_dir, OmegaConf.load(config))
+        entries = snapshots.manager.entries()
+    except (SnapshotError, UserError):
+        return  # load_model says what is wrong with the manifest or the URL
     except Exception:
-        return
-    try:
-        entries = SnapshotManager(run_dir / str(snapshot_dir)).entries()
-    except SnapshotError:
-        return  # load_model says what is wrong with the manifest
+        return  # a store that does not answer: load_model says so
     if not entries:
         raise SampleError(
-            f"{run_dir} has no snapshot to sample from ({run_dir / str(snapshot_dir)} lists none): "
+            f"{run_dir} has no snapshot to sample from ({snapshots.where} lists none): "
             "train first, e.g. python -m runner experiment=charlm"
         )
 
 
 def sample(
-    run_dir: Path,
+    run_dir: Path | str,
     prompt: str,
     tokens: int = 200,
     temperature: float = 0.8,
@@ -110,10 +113,17 @@ def sample(
     return (prompt if prompt else "") + decode(out[0, ids.numel() :] if prompt else out[0, 1:])
 
 
+def _run_dir_or_url(text: str) -> Path | str:
+    return text if "://" in text else Path(text)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument(
-        "run_dir", metavar="RUN_DIR", type=Path, help="a run directory (holds config.yaml and snapshots/)"
+        "run_dir",
+        metavar="RUN_DIR",
+        type=_run_dir_or_url,
+        help="a run directory (holds config.yaml and snapshots/), or the snapshot.dir URL a run wrote to",
     )
     parser.add_argument("--prompt", default="", help="text to continue (ASCII; default: start from a newline)")
     parser.add_argument("--tokens", type=int, default=200, help="characters to generate (default: 200)")

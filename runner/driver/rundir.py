@@ -179,8 +179,11 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
 
 
 def absolute_init_from(path: Any) -> Optional[str]:
-    """trainer.init_from as an absolute path: the same source whatever directory the command runs from."""
-    return os.path.abspath(str(path)) if path else None
+    """trainer.init_from as an absolute path (a URL as it is): the same source whatever directory the
+    command runs from."""
+    if not path:
+        return None
+    return str(path) if "://" in str(path) else os.path.abspath(str(path))
 
 
 def _flatten(prefix: str, node: Any, out: dict[str, Any]) -> None:

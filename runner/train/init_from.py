@@ -4,6 +4,8 @@ Only the weights are taken: the optimizer, the schedule, the RNG streams and the
 which is what `snapshot.resume=<path>` (the whole state of another run) does not do. A source is
 
     a run directory        its best snapshot (manifest "best", by snapshot.monitor), else its newest valid one
+                           (from its snapshot.dir, a URL too)
+    a snapshot URL         the same, from the manifest at s3://bucket/prefix (a run's snapshot.dir)
     a snapshots folder     the same, from its manifest.json
     a snapshot             snapshot-*.pt (verified against the manifest beside it, when there is one) or a
                            sharded step-* folder (its shards gathered in this process, no process group)
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 
 KEY = "trainer.init_from"
 ALLOWED = (
-    "a run directory (its best snapshot, else its newest), a snapshots folder, a snapshot-*.pt file or step-* "
-    "folder, or exported weights (model.safetensors, model.pt from python -m runner.export)"
+    "a run directory (its best snapshot, else its newest), a snapshots folder or snapshot URL (s3://...), a "
+    "snapshot-*.pt file or step-* folder, or exported weights (model.safetensors, model.pt from python -m runner.export)"
 )
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SHOWN_KEYS = 6  # keys named per kind of mismatch; the rest are counted
@@ -48,7 +50,7 @@ SHOWN_KEYS = 6  # keys named per kind of mismatch; the rest are counted
 class InitSource:
     """The weights a source offers, and what to say about where they came from."""
 
-    path: Path
+    path: Path | str  # a str for a snapshot URL
     weights: dict[str, torch.Tensor]
     which: str  # e.g. "best snapshot snapshot-000000010.pt", "exported weights"
     step: Optional[int]
@@ -59,6 +61,26 @@ class InitSource:
 
 def read_source(path: Any) -> InitSource:
     """The model weights `path` names (see the module docstring); UserError when there are none."""
+    from runner.snapshot.sources import is_snapshot_url, url_snapshots
+
+    if is_snapshot_url(str(path)):
+        snapshots = url_snapshots(str(path), key=KEY)
+        try:
+            return _read_manager(snapshots.where, snapshots.manager)
+        except SnapshotError as err:
+            raise UserError(
+                KEY, path, f"cannot be used: {err}", ALLOWED, "pass a URL whose snapshots are intact"
+            ) from None
+        except UserError:
+            raise
+        except Exception as err:  # the store does not answer: its own words
+            raise UserError(
+                KEY,
+                path,
+                f"cannot be read ({type(err).__name__}: {_one_line(err)})",
+                ALLOWED,
+                "check the URL, the endpoint (AWS_ENDPOINT_URL) and the credentials (AWS_* variables or a profile)",
+            ) from None
     path = Path(os.path.abspath(str(path)))
     if not path.exists():
         raise UserError(
@@ -83,10 +105,10 @@ def read_source(path: Any) -> InitSource:
 
 
 def _read_folder(path: Path) -> InitSource:
-    if (path / CONFIG_FILE).is_file():  # a run directory: its snapshot folder is named in its config
-        cfg = OmegaConf.load(path / CONFIG_FILE)
-        folder = str(OmegaConf.select(cfg, "snapshot.dir", default="snapshots") or "snapshots")
-        return _read_manager(path, SnapshotManager(path / folder))
+    if (path / CONFIG_FILE).is_file():  # a run directory: its snapshot.dir is named in its config (a URL too)
+        from runner.snapshot.sources import run_snapshots
+
+        return _read_manager(path, run_snapshots(path, OmegaConf.load(path / CONFIG_FILE)).manager)
     if (path / MANIFEST).is_file():
         return _read_manager(path, SnapshotManager(path))
     if (path.parent / MANIFEST).is_file():  # a sharded version, step-*/: loaded through its manifest entry
@@ -101,7 +123,7 @@ def _read_folder(path: Path) -> InitSource:
     )
 
 
-def _read_manager(path: Path, manager: SnapshotManager) -> InitSource:
+def _read_manager(path: Path | str, manager: SnapshotManager) -> InitSource:
     entry = manager.best_entry()
     which = "best"
     if entry is not None:
@@ -123,7 +145,7 @@ def _read_manager(path: Path, manager: SnapshotManager) -> InitSource:
     return _from_state(path, state, f"{which} snapshot {entry['file']}{by}", int(entry["step"]))
 
 
-def _from_state(path: Path, state: dict[str, Any], which: str, step: Optional[int] = None) -> InitSource:
+def _from_state(path: Path | str, state: dict[str, Any], which: str, step: Optional[int] = None) -> InitSource:
     weights = state.get(snap.MODEL_KEY)
     if state.get(snap.SHARDED_KEY):  # gathered whole in this process (no collective, no model needed)
         from runner.snapshot.sharded import full_model
