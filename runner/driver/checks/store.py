@@ -77,8 +77,8 @@ def check_store_reachable(cfg: DictConfig, run_dir: Path) -> None:
     store = open_store(url, run_dir)
     bucket = url.split("://", 1)[1].split("/", 1)[0]
     try:
-        store.read_manifest()
-        store.fs.ls(bucket)  # a manifest can be missing, the bucket cannot
+        if store.read_manifest() is None:  # a manifest can be missing, the bucket cannot
+            store.fs.ls(bucket)  # (only then: a run that reads its manifest needs no list permission)
     except FileNotFoundError:
         raise UserError(KEY, url, f"the bucket {bucket!r} does not exist", ALLOWED, "create it first") from None
     except Exception as err:
