@@ -255,12 +255,20 @@ class DataSource:
         seed = int(trainer.seed)
         splits = make_splits(instantiate(cfg.dataset) if dataset is None else dataset, float(data.val_fraction), seed)
         eval_batch = int(data.eval_batch_size or trainer.batch_size)
-        self.train = TrainBatches(
+        from runner.train.streams import StreamBatches, StreamEvalBatches, is_stream
+
+        train = StreamBatches if is_stream(splits.train) else TrainBatches
+        self.train = train(
             splits.train, data, int(trainer.batch_size), rank, world_size, seed, bool(trainer.shuffle), device
         )
+        evals = lambda split: StreamEvalBatches if is_stream(split) else EvalBatches
         self.val = (
-            None if splits.val is None else EvalBatches(splits.val, data, eval_batch, rank, world_size, seed, device)
+            None
+            if splits.val is None
+            else evals(splits.val)(splits.val, data, eval_batch, rank, world_size, seed, device)
         )
         self.test = (
-            None if splits.test is None else EvalBatches(splits.test, data, eval_batch, rank, world_size, seed, device)
+            None
+            if splits.test is None
+            else evals(splits.test)(splits.test, data, eval_batch, rank, world_size, seed, device)
         )

@@ -35,10 +35,13 @@ from runner.train.stop import Diverged, Stopped, StopRequest
 log = logging.getLogger(__name__)
 
 
-def planned_steps(trainer_cfg, batches_per_epoch: int) -> int:
-    """The run's optimizer steps: trainer.max_steps, or every epoch's windows of `accumulate` batches."""
+def planned_steps(trainer_cfg, batches_per_epoch: Optional[int]) -> Optional[int]:
+    """The run's optimizer steps: trainer.max_steps, or every epoch's windows of `accumulate` batches
+    (None for a stream without max_steps: its length is not known)."""
     if int(trainer_cfg.max_steps):
         return int(trainer_cfg.max_steps)
+    if batches_per_epoch is None:
+        return None
     return int(trainer_cfg.total_epochs) * math.ceil(batches_per_epoch / int(trainer_cfg.accumulate))
 
 
@@ -85,6 +88,8 @@ class TrainLoop:
         self.val_seconds = 0.0
         self._start_row()  # the row's clock, and the samples and units trained in it
         self._rng_to_restore: Optional[list[dict]] = None
+        if hasattr(data.train, "bind"):  # a stream: the ranks agree on where its epoch ends
+            data.train.bind(c)
 
     # ---- resume -------------------------------------------------------------------------------
     def resume(self, state: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -119,6 +124,8 @@ class TrainLoop:
         self.history = list(state[snap.METRICS_KEY])
         self.skipped_steps = int(ts.get("skipped_steps", 0))
         self.watch.load(ts)
+        if hasattr(self.data.train, "load_state"):  # a stream: each rank's and loader worker's position
+            self.data.train.load_state(ts.get("data_per_rank"), self.epoch)
         self.last_saved_step = self.global_step
         self._rng_to_restore = self._own_rng_states(state)
         self._check_allreduce(state.get(snap.ALLREDUCE_KEY))
@@ -216,7 +223,7 @@ class TrainLoop:
         total_steps = self.total_steps()
         bar = tqdm(
             total=total_steps,
-            initial=min(self.global_step, total_steps),
+            initial=min(self.global_step, total_steps or self.global_step),
             disable=not self.shows_bar(),
             unit="step",
             dynamic_ncols=True,
@@ -582,7 +589,8 @@ class TrainLoop:
         sums = [self.loss_sum.item(), self.loss_count, *(self.log_sums[k].item() for k in names)]
         row = [self.row_sums["loss"].item(), self.row_count, *(self.row_sums[k].item() for k in names)]
         tag = uuid.uuid4().hex[:12] if self.lead else None  # the lead's name for this write, on every rank
-        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag, row))
+        stream = self.data.train.state_dict() if hasattr(self.data.train, "state_dict") else None
+        per_rank = self.engine.collectives.gather((self.engine.capture_rng(), sums, tag, row, stream))
         loop_parts = None
         if self.lead:
             loop_parts = dict(
@@ -594,6 +602,7 @@ class TrainLoop:
                     "log_names": names,
                     "row_sums_per_rank": [r[3] for r in per_rank],
                     "skipped_steps": self.skipped_steps,
+                    **({"data_per_rank": [r[4] for r in per_rank]} if stream is not None else {}),
                     **self.watch.state(),
                 },
                 rng=[s for r in per_rank for s in r[0]],

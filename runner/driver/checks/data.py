@@ -1,6 +1,6 @@
 """Checks of the data: the dataset is built once in the driver and one batch made of it, the way the
-workers will, so a DataLoader given as the dataset, an iterable dataset, a split too small to give every
-worker a sample, or a collate function that fails are reported here, not on rank 0.
+workers will, so a DataLoader given as the dataset, a split too small to give every worker a
+sample, a stream's bad files, or a collate function that fails are reported here, not on rank 0.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def build_dataset(node: DictConfig, where: str) -> Any:
         built = instantiate(node)
     except Exception as err:
         cause = err.__cause__ or err
+        if isinstance(cause, UserError):  # a built-in source's own check (a glob, a field, a dtype)
+            raise cause from None
         if isinstance(cause, ImportError):
             raise UserError(
                 "dataset._target_",
@@ -70,21 +72,21 @@ def build_dataset(node: DictConfig, where: str) -> Any:
 
 
 def check_splits(node: DictConfig, splits: Any) -> None:
-    """Every split is map-style (resuming mid-epoch needs samples by index) and not empty."""
+    """Every split is map-style and not empty, or an iterable dataset (a stream)."""
     from torch.utils.data import IterableDataset
 
     for name in SPLITS:
         split = getattr(splits, name)
-        if split is None:
+        if split is None or isinstance(split, IterableDataset):
             continue
-        if isinstance(split, IterableDataset) or not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
+        if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
             raise UserError(
                 "dataset._target_",
                 node._target_,
                 f"its {name} split is a {type(split).__name__}, not a "
                 "map-style dataset: resuming mid-epoch needs samples by index",
-                "a dataset with __getitem__ and __len__",
-                "wrap the data in a map-style Dataset",
+                "a dataset with __getitem__ and __len__, or a torch.utils.data.IterableDataset",
+                "wrap the data in a map-style Dataset, or an IterableDataset (runner.streams.base.ShardedStream)",
             )
         if len(split) == 0:
             raise UserError(
@@ -93,7 +95,7 @@ def check_splits(node: DictConfig, splits: Any) -> None:
 
 
 def check_val_split(data: DictConfig, splits: Any, workers: int) -> None:
-    if splits.val is not None and len(splits.val) < workers:
+    if splits.val is not None and hasattr(splits.val, "__len__") and len(splits.val) < workers:
         raise UserError(
             "data.val_fraction",
             data.val_fraction,
@@ -142,7 +144,7 @@ def check_first_batch(cfg: DictConfig, splits: Any) -> None:
             "e.g. a class whose instances are callable",
         )
     try:
-        samples = [splits.train[i] for i in range(min(2, len(splits.train)))]
+        samples = first_samples(splits.train)
         (collate or torch.utils.data.default_collate)(samples)
     except Exception as err:
         text = str(err).splitlines()[0] if str(err) else ""
@@ -154,3 +156,15 @@ def check_first_batch(cfg: DictConfig, splits: Any) -> None:
             "samples that the collate function turns into a batch",
             "fix the dataset's __getitem__ or pass data.collate_fn=<a function that batches these samples>",
         ) from None
+
+
+def first_samples(train: Any) -> list:
+    """Two samples, as the workers will read them (the first ones of a stream: every shard is opened
+    by the workers anyway, so reading the head of the first is cheap)."""
+    from itertools import islice
+
+    from torch.utils.data import IterableDataset
+
+    if isinstance(train, IterableDataset):
+        return list(islice(iter(train), 2))
+    return [train[i] for i in range(min(2, len(train)))]
