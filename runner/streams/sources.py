@@ -236,3 +236,19 @@ class WebDatasetShards(ShardedStream):
                     )
             if key is not None and index >= start and (index - start) % step == 0:
                 yield 0, sample
+
+
+def token_shards(files: Any, val_files: Any = None, **options: Any):
+    """`dataset=token_shards`: the training shards, and with `val_files` a validation split of its own."""
+    from runner.data import Splits
+
+    train = TokenShards(files, **options)
+    return train if not val_files else Splits(train, TokenShards(val_files, **options))
+
+
+def text_shards(files: Any, val_files: Any = None, **options: Any):
+    """`dataset=text_shards`: the training shards, and with `val_files` a validation split of its own."""
+    from runner.data import Splits
+
+    train = TextShards(files, **options)
+    return train if not val_files else Splits(train, TextShards(val_files, **options))
