@@ -236,3 +236,32 @@ def test_a_stateless_iterable_trains_and_a_resume_restarts_its_epoch(tmp_path, c
     assert resumed.task.seen[0] == [0, 1, 2, 3]
     assert sum("restarts from the beginning" in r.message for r in caplog.records) == 1
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_hf_streaming_dataset_from_parquet_resumes_mid_epoch_bitwise(tmp_path, pack):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+
+    from runner.streams.hf import hf
+
+    for s in range(4):
+        texts = [f"parquet shard {s} document {d} " + "words " * ((s + d) % 9) for d in range(12)]
+        pq.write_table(pa.table({"text": texts, "n": list(range(12))}), tmp_path / f"part-{s}.parquet")
+    make = lambda: stream(hf(str(tmp_path / "*.parquet"), field="text", seq_len=16, pack=pack), workers=2, batch=2)
+    full = [b.clone() for b in make().epoch(0, 0)]
+    assert len(full) > 8 and all(b.shape[1] == 17 for b in full)
+    first = make()
+    head = take(first, 0, 5)
+    resumed = make()
+    resumed.load_state([first.state_dict()], 0)
+    tail = list(resumed.epoch(0, 0))
+    assert len(head) + len(tail) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
+    mapped = hf(str(tmp_path / "*.parquet"), streaming=False)  # memory-mapped, map-style: the sampler resumes it
+    assert len(mapped) == 48 and int(mapped[13]["n"]) == 1
+    with pytest.raises(UserError, match="dataset.field"):
+        hf(str(tmp_path / "*.parquet"), field="body")
+    with pytest.raises(UserError, match="matches no file"):
+        hf(str(tmp_path / "none-*.parquet"))
