@@ -8,6 +8,7 @@ import collections
 import io
 import json
 import logging
+import os
 import signal
 import tarfile
 
@@ -265,3 +266,54 @@ def test_hf_streaming_dataset_from_parquet_resumes_mid_epoch_bitwise(tmp_path, p
         hf(str(tmp_path / "*.parquet"), field="body")
     with pytest.raises(UserError, match="matches no file"):
         hf(str(tmp_path / "none-*.parquet"))
+
+
+def test_bad_stream_input_is_refused_before_launch(tmp_path):
+    from check_helpers import refusal
+
+    lm = ["task=language_model", "model=tiny_gpt", "model.block_size=16", "dataset.seq_len=16"]
+    err = refusal(["dataset=text_shards", "dataset.files=nothing/*.txt", *lm], tmp_path)
+    assert (err.key, err.value) == ("dataset.files", "nothing/*.txt") and "matches no file" in str(err)
+    assert refusal(["dataset=token_shards", *lm], tmp_path).key == "dataset.files"  # not given at all
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
+    err = refusal(["dataset=text_shards", f"dataset.files={tmp_path}/*.jsonl", "dataset.field=text", *lm], tmp_path)
+    assert err.key == "dataset.field" and "body" in str(err)
+    np.save(tmp_path / "t.npy", np.arange(100, dtype=np.int16))
+    shards = [f"dataset.files={tmp_path}/t.npy", *lm]
+    err = refusal(["dataset=token_shards", *shards, "dataset.dtype=float16"], tmp_path)
+    assert err.key == "dataset.dtype" and "not an integer dtype" in str(err)
+    err = refusal(["dataset=token_shards", *shards, "scheduler=warmup_cosine"], tmp_path)
+    assert err.key == "trainer.max_steps" and "streamed" in str(err)
+
+
+def _rss_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_memory_stays_bounded_on_a_corpus_ten_times_larger(tmp_path):
+    """The whole corpus streams through this process; its peak resident memory (VmHWM, reset before)
+    grows by under a tenth of the corpus: a memory-mapped shard's pages at a time, a text shard's
+    line, never the corpus."""
+    for s in range(20):
+        np.full(8 << 20, s, dtype=np.uint8).tofile(tmp_path / f"tokens-{s}.bin")  # 160 MB in all
+    rnd = np.random.default_rng(0)
+    for s in range(10):
+        words = rnd.integers(97, 123, size=1 << 20, dtype=np.uint8)
+        words[::50] = 10
+        (tmp_path / f"text-{s}.txt").write_bytes(words.tobytes())  # 10 MB of lines in all
+    for dataset, corpus_kb in (
+        (TokenShards(str(tmp_path / "tokens-*.bin"), seq_len=4096, dtype="uint8"), 160 << 10),
+        (TextShards(str(tmp_path / "text-*.txt"), seq_len=1024, pack=True), 10 << 10),
+    ):
+        batches = stream(dataset, workers=0, batch=8, shuffle=False)
+        before = _rss_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak
+        windows = sum(len(b) for b in batches.epoch(0, 0))
+        grew = _rss_kb("VmHWM") - before
+        assert windows * batches.loader.batch_size >= windows and windows > 0
+        assert grew < corpus_kb / 10, f"peak grew by {grew} kB for a corpus of {corpus_kb} kB"

@@ -37,7 +37,44 @@ def check_data(cfg: DictConfig, runtime: Runtime, choice: Optional[str] = None) 
             "a dataset returning runner.data.Splits(train, val, test)",
             "drop trainer.test=true",
         )
+    check_stream(cfg, splits)
     check_first_batch(cfg, splits)
+
+
+def check_stream(cfg: DictConfig, splits: Any) -> None:
+    """A stream has no length: a scheduler that needs the run's length needs trainer.max_steps, and
+    a sharded model (every forward collective) cannot evaluate a split whose length no rank knows."""
+    import inspect
+
+    from hydra.utils import get_object
+    from torch.utils.data import IterableDataset
+
+    if not isinstance(splits.train, IterableDataset):
+        return
+    node = cfg.get("scheduler")
+    if node and node.get("_target_") and not int(cfg.trainer.max_steps) and node.get("total_steps") is None:
+        try:
+            takes_total = "total_steps" in inspect.signature(get_object(str(node._target_))).parameters
+        except (TypeError, ValueError, ImportError):
+            takes_total = False
+        if takes_total:
+            raise UserError(
+                "trainer.max_steps",
+                cfg.trainer.max_steps,
+                f"is 0, and {node._target_} needs the run's length, which a streamed dataset does not know",
+                "trainer.max_steps > 0 (or scheduler.total_steps) with a streamed dataset",
+                "pass trainer.max_steps=<optimizer steps>",
+            )
+    if str(cfg.trainer.get("strategy", "ddp")) == "fsdp" and any(
+        isinstance(split, IterableDataset) for split in (splits.val, splits.test)
+    ):
+        raise UserError(
+            "trainer.strategy",
+            "fsdp",
+            "cannot evaluate a streamed split: every rank must run as many forwards, and a stream has no length",
+            "trainer.strategy=ddp, or map-style validation and test splits",
+            "pass trainer.strategy=ddp, or drop dataset.val_files",
+        )
 
 
 def build_dataset(node: DictConfig, where: str) -> Any:
@@ -49,6 +86,16 @@ def build_dataset(node: DictConfig, where: str) -> Any:
         cause = err.__cause__ or err
         if isinstance(cause, UserError):  # a built-in source's own check (a glob, a field, a dtype)
             raise cause from None
+        from omegaconf.errors import MissingMandatoryValue
+
+        if isinstance(cause, MissingMandatoryValue) and getattr(cause, "full_key", None):
+            raise UserError(
+                str(cause.full_key),
+                "???",
+                f"must be given for {where}",
+                "a value on the command line",
+                f"pass {cause.full_key}=<value>",
+            ) from None
         if isinstance(cause, ImportError):
             raise UserError(
                 "dataset._target_",
