@@ -317,3 +317,13 @@ def test_memory_stays_bounded_on_a_corpus_ten_times_larger(tmp_path):
         grew = _rss_kb("VmHWM") - before
         assert windows * batches.loader.batch_size >= windows and windows > 0
         assert grew < corpus_kb / 10, f"peak grew by {grew} kB for a corpus of {corpus_kb} kB"
+
+
+def test_a_stop_after_the_last_batch_of_an_epoch_resumes_in_the_next(tmp_path):
+    cfg = config("data.num_workers=2", "trainer.total_epochs=2")
+    stopped = train(tmp_path, cfg, dataset=Numbered(), task=RecordingRegression(stop_at=26))  # the epoch's last step
+    assert isinstance(stopped.error, Stopped) and stopped.error.step == 26
+    resumed = train(tmp_path, cfg, dataset=Numbered())
+    assert resumed.error is None and resumed.summary["steps"] == 52
+    assert len(resumed.task.seen) == 26, "the finished epoch is not read again"
+    assert sorted(i for b in resumed.task.seen for i in b) == sorted(s * 1000 + i for s in range(5) for i in range(20))

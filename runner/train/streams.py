@@ -64,6 +64,13 @@ class StreamBatches:
         self._resume: Optional[dict[str, Any]] = None
         self._before_last: Optional[dict[str, Any]] = None
         self._ended = False
+        self._finished_epoch: Optional[int] = None  # saved after its last batch: nothing left to read
+        if not self.stateful and rank == 0:
+            log.warning(
+                "the training stream (%s) has no state_dict/load_state_dict: a resume restarts the epoch it "
+                "stopped in (snapshots keep the model's progress, not the stream's position)",
+                type(dataset).__name__,
+            )
 
     def batches_per_epoch(self, start: int = 0) -> Optional[int]:
         """Unknown: a stream has no length."""
@@ -78,6 +85,8 @@ class StreamBatches:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         resume, self._resume = self._resume, None
+        if self._finished_epoch == epoch:
+            return iter(())
         if resume is not None and resume.get("epoch") == epoch and resume.get("loader") is not None:
             self.loader.load_state_dict(resume["loader"])
         elif start and not self.stateful and self.rank == 0:
@@ -111,12 +120,15 @@ class StreamBatches:
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches the loop has trained on (it holds one more, read ahead)."""
         if not self.stateful or self._ended:
-            return {"epoch": getattr(self, "_epoch", 0), "loader": None}
+            return {"epoch": getattr(self, "_epoch", 0), "loader": None, "ended": self._ended}
         return {"epoch": self._epoch, "loader": self._before_last, "workers": self.workers, "rank": self.rank}
 
     def load_state(self, per_rank: Optional[list[dict[str, Any]]], epoch: int) -> None:
         """This rank's saved position; on another number of ranks or loader workers the remaining
         work of every saved reader is dealt out again (runner.streams.plan), with a warning."""
+        if per_rank and any(s and s.get("ended") and s.get("epoch") == epoch for s in per_rank):
+            self._finished_epoch = epoch
+            return
         if not per_rank or not self.stateful:
             return
         mine = [s for s in per_rank if s and s.get("loader") is not None and s.get("epoch") == epoch]
@@ -139,7 +151,7 @@ class StreamBatches:
                     epoch + 1,
                 )
             return
-        old = [reader for s in per_rank for reader in reader_states(self.dataset, s, len(per_rank))]
+        old = [reader for s in mine for reader in reader_states(self.dataset, s, len(per_rank))]
         self.dataset.redealt = redeal(old, self.world_size * max(self.workers, 1))
         if self.rank == 0:
             log.warning(
