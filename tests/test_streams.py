@@ -327,3 +327,16 @@ def test_a_stop_after_the_last_batch_of_an_epoch_resumes_in_the_next(tmp_path):
     assert resumed.error is None and resumed.summary["steps"] == 52
     assert len(resumed.task.seen) == 26, "the finished epoch is not read again"
     assert sorted(i for b in resumed.task.seen for i in b) == sorted(s * 1000 + i for s in range(5) for i in range(20))
+
+
+def test_resume_with_another_number_of_loader_workers_reads_the_rest_once(tmp_path, caplog):
+    stopped = train(tmp_path, config("data.num_workers=2"), dataset=Numbered(), task=RecordingRegression(stop_at=9))
+    assert isinstance(stopped.error, Stopped)
+    caplog.set_level(logging.WARNING)
+    resumed = train(tmp_path, config("data.num_workers=1"), dataset=Numbered())
+    assert resumed.error is None, resumed.error
+    first_epoch = (
+        stopped.task.seen + resumed.task.seen[: len(resumed.task.seen) - 25]
+    )  # epoch 2: 25 batches of 1 worker
+    assert sorted(i for b in first_epoch for i in b) == sorted(s * 1000 + i for s in range(5) for i in range(20))
+    assert sum("dealt out again" in r.message for r in caplog.records) == 1
