@@ -284,6 +284,8 @@ def test_bad_stream_input_is_refused_before_launch(tmp_path):
     assert err.key == "dataset.dtype" and "not an integer dtype" in str(err)
     err = refusal(["dataset=token_shards", *shards, "scheduler=warmup_cosine"], tmp_path)
     assert err.key == "trainer.max_steps" and "streamed" in str(err)
+    err = refusal(["dataset=token_shards", *shards, "data.val_fraction=0.1"], tmp_path)
+    assert err.key == "data.val_fraction" and "dataset.val_files" in str(err)
 
 
 def _rss_kb(field: str) -> int:

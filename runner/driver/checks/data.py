@@ -24,6 +24,7 @@ def check_data(cfg: DictConfig, runtime: Runtime, choice: Optional[str] = None) 
     from runner.train.batches import make_splits
 
     built = build_dataset(cfg.dataset, f"conf/dataset/{choice}.yaml" if choice else "the dataset config")
+    check_stream_split(cfg, built)
     splits = make_splits(built, float(cfg.data.val_fraction), int(cfg.trainer.seed))
     check_splits(cfg.dataset, splits)
     workers = runtime.nproc_per_node if cfg.launch.mode != LaunchMode.rpc else 1
@@ -39,6 +40,20 @@ def check_data(cfg: DictConfig, runtime: Runtime, choice: Optional[str] = None) 
         )
     check_stream(cfg, splits)
     check_first_batch(cfg, splits)
+
+
+def check_stream_split(cfg: DictConfig, built: Any) -> None:
+    """data.val_fraction splits samples by index, which a stream does not have."""
+    from torch.utils.data import IterableDataset
+
+    if isinstance(built, IterableDataset) and float(cfg.data.val_fraction) > 0:
+        raise UserError(
+            "data.val_fraction",
+            cfg.data.val_fraction,
+            "cannot split a streamed dataset: its samples have no index",
+            "0 with a stream; validation shards of their own instead",
+            "pass data.val_fraction=0 and dataset.val_files=<glob> (dataset=hf: dataset.val_split=<split>)",
+        )
 
 
 def check_stream(cfg: DictConfig, splits: Any) -> None:
