@@ -11,8 +11,8 @@ Every record of the epoch belongs to exactly one slot. What a slot still has to 
 pieces `[shard, start, step, offset]` (records start, start+step, ... of the shard; `offset` is
 where the reader may seek to find record `start`, 0 if unknown), so the position of a reader is
 just its remaining pieces. After a resume on another number of ranks or workers the remaining
-pieces of every old slot are dealt out again, piece p to new slot `p % S`: nothing read twice,
-nothing skipped, but not in the old order.
+pieces of every old slot are striped over the new slots (`redeal`): nothing read twice, nothing
+skipped, near-equal shares, but not in the old order.
 """
 
 from __future__ import annotations
@@ -44,10 +44,20 @@ def slot_pieces(n: int, slots: int, slot: int, seed: int, epoch: int, shuffle: b
 
 
 def redeal(old: list[dict[str, Any]], slots: int) -> list[dict[str, Any]]:
-    """Every old slot's remaining work (states with `pieces` and `carry`) dealt to `slots` new slots."""
+    """Every old slot's remaining work (states with `pieces` and `carry`) dealt to `slots` new slots.
+
+    Each remaining piece is striped over the new slots (record k of it to slot (k + p) % slots for
+    the p-th piece), so every new reader gets a near-equal share of every piece and the ranks end
+    the epoch together; a record partly given keeps its count with the sub-piece that starts at it."""
+    new: list[dict[str, Any]] = [{"pieces": [], "carry": []} for _ in range(slots)]
     pieces = [p for state in old for p in state["pieces"]]
+    for p, (shard, start, step, offset, *skip) in enumerate(pieces):
+        for k in range(slots):
+            sub = [shard, start + k * step, step * slots, offset if k == 0 else 0]
+            if k == 0 and skip and skip[0]:
+                sub.append(skip[0])
+            new[(k + p) % slots]["pieces"].append(sub)
     carries = [state["carry"] for state in old if state.get("carry")]
-    new = [{"pieces": pieces[s::slots], "carry": []} for s in range(slots)]
     for i, carry in enumerate(carries):  # tokens a packer had read but not yet emitted
         new[i % slots]["carry"] = new[i % slots]["carry"] + list(carry)
     return new
