@@ -137,3 +137,23 @@ def test_sigterm_and_reinvocation_resume_bitwise(workdir, reference):
     assert res.returncode == 0, res.output
     assert f"resumed from {stopped['file']}" in res.output
     assert_same_run(run_dir, reference)
+
+
+def test_sigterm_then_resume_on_3_ranks_reads_the_rest_of_the_epoch_once(workdir):
+    write_corpus(workdir)
+    args = [*RUN, "name=three", "trainer.total_epochs=1"]
+    run_dir = workdir / "outputs" / "three"
+    proc = start_cli(args, workdir)
+    out, err = stop_when(proc, lambda: len(metrics(run_dir, steps=True)) >= 2)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    stopped = manifest(run_dir)["snapshots"][-1]
+    saved = latest_snapshot(run_dir)["train_state"]["data_per_rank"]
+    assert len(saved) == 2 and all(s["workers"] == 2 and s["loader"] is not None for s in saved)
+
+    res = run_cli([*args, "launch.nproc_per_node=3"], workdir)
+    assert res.returncode == 0, res.output
+    assert f"resumed from {stopped['file']}" in res.output
+    assert res.output.count("dealt out again") == 1 and "not be bitwise equal" in res.output, res.output
+    assert "2 ranks x 2 loader workers, this run has 3 x 2" in res.output
+    final = latest_snapshot(run_dir)["train_state"]
+    assert final["epoch"] == 1 and len(final["data_per_rank"]) == 3
