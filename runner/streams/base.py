@@ -84,13 +84,14 @@ class ShardedStream(IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def _start(self) -> dict[str, Any]:
+        """Where this reader starts: a loaded position of this epoch, its share of a re-shard, or the
+        epoch's plan."""
         loaded, self._loaded = self._loaded, None
         slot, slots = self.slot()
-        if loaded is not None and loaded.get("pieces") is not None and loaded["epoch"] == self.epoch:
-            pass
-        elif self.redealt is not None and len(self.redealt) == slots:
+        resumed = loaded is not None and loaded.get("pieces") is not None and loaded["epoch"] == self.epoch
+        if not resumed and self.redealt is not None and len(self.redealt) == slots:
             loaded = self.redealt[slot]
-        else:
+        elif not resumed:
             loaded = {"pieces": slot_pieces(len(self.paths), slots, slot, self.seed, self.epoch, self.shuffle)}
         return {
             "epoch": self.epoch,
