@@ -68,7 +68,10 @@ class StreamBatches:
         if not self.stateful and rank == 0:
             log.warning(
                 "the training stream (%s) has no state_dict/load_state_dict: a resume restarts the epoch it "
-                "stopped in (snapshots keep the model's progress, not the stream's position)",
+                "stopped in, so the samples of that epoch before the snapshot are read again (snapshots, every "
+                "trainer.save_every_steps steps or epoch, keep the model's progress, not the stream's position; "
+                "give the dataset state_dict/load_state_dict, or use dataset=text_shards|token_shards|webdataset, "
+                "to resume mid-epoch)",
                 type(dataset).__name__,
             )
 
