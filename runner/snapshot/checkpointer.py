@@ -9,7 +9,8 @@ the same way whatever the format; the strategy picks it:
   ranks write nothing;
 - `ShardedCheckpointer` (snapshot.format=dcp): every rank writes its shards of the model and the
   optimizer through DCP, the lead adds loop.pt and commits (sharded.py); at resume the lead
-  verifies the version once and the other ranks take its choice.
+  picks the newest complete version and every rank verifies the blocks it reads of it, falling
+  back together to the previous version when any rank finds one corrupted.
 
 `wait_for_staging` is the line the engine runs right before the optimizer changes the
 parameters: an asynchronous snapshot copies the state while forward and backward run, and the
@@ -18,6 +19,8 @@ training step waits for that copy there, and only there.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
@@ -28,6 +31,8 @@ from runner.snapshot.format import SnapshotError
 from runner.snapshot.manager import SnapshotManager
 from runner.snapshot.versions import Version
 from runner.snapshot.writer import BackgroundWrites, NullWriter, SnapshotWriter
+
+log = logging.getLogger(__name__)
 
 Loaded = tuple[Version, dict[str, Any]]
 
@@ -128,6 +133,7 @@ class ShardedCheckpointer(Checkpointer):
 
         writer = ShardedSnapshotWriter(manager, lead, config, asynchronous, device, timeout_s=timeout_s)
         super().__init__(manager, writer, lead, asynchronous)
+        self.engine: Any = None  # what a resume reads the shards into (`build_checkpointer`'s engine)
 
     def save(self, engine, loop_parts, step, epoch, end_of_epoch, tag, **marks) -> None:
         parts = engine.sharded_state(copy_unstepped=self.asynchronous)
@@ -136,10 +142,59 @@ class ShardedCheckpointer(Checkpointer):
         self.writer.save(state, step=step, epoch=epoch, end_of_epoch=end_of_epoch, shards=shards, tag=tag, **marks)
 
     def load_latest(self, collectives) -> Optional[Loaded]:
-        """The lead verifies every file of the candidates and the others take its choice, checking
-        only the small loop.pt themselves: a sharded version is read by all ranks, and hashing all
-        of it once per rank would multiply the cost of a resume."""
-        return self._lead_verifies(collectives, self.manager.load_latest)
+        """The walk to the newest version every rank can read: the lead picks the newest whose files
+        are all there with their sizes and whose loop.pt verifies, every rank reads its part of the
+        shards into the engine, verifying each block it reads (dcp_reading.py), and a version any
+        rank found corrupted is skipped by all (DCP gathers every rank's failure) for the previous
+        one. No process reads the shards it does not load."""
+        if self.engine is None:  # no engine to read into: the lead verifies every file
+            return self._lead_verifies(collectives, self.manager.load_latest)
+        skip: dict[str, str] = {}
+        while True:
+            entry = self._choose(collectives, skip)
+            if entry is None:
+                return None
+            version = Version.from_entry(entry)
+            state = self.manager.load_entry(version, verified=version.sharded)
+            sharded_version = state.get(snap.SHARDED_KEY)
+            if sharded_version is None:
+                return version, state
+            try:
+                self._read_shards(sharded_version)
+            except SnapshotError as err:
+                if self.lead:  # every rank has the same error: DCP gathers them
+                    log.warning("skipping snapshot %s: %s", version.file, err)
+                skip[version.file] = str(err)
+                continue
+            state[snap.SHARDED_KEY] = dataclasses.replace(sharded_version, preloaded=True)
+            return version, state
+
+    def _choose(self, collectives, skip: dict[str, str]) -> Optional[dict[str, Any]]:
+        """The lead's candidate (its manifest entry), on every rank; SnapshotError on every rank when
+        versions are listed but none is valid."""
+
+        def newest() -> Optional[dict[str, Any]]:
+            version, _, problems = self.manager.newest(
+                lambda v: self.manager.load_entry(v, whole=False), warn=True, skip=skip
+            )
+            if version is not None:
+                return version.as_dict()
+            if problems:
+                raise SnapshotError(
+                    "no snapshot in %s is valid: %s" % (self.manager.store.where(), "; ".join(problems))
+                )
+            return None
+
+        if collectives is None or collectives.world_size == 1:
+            return newest()
+        return lead_decides(collectives, newest)
+
+    def _read_shards(self, version: snap.ShardedVersion) -> None:
+        """Collective: every rank reads its part of the model and optimizer (SnapshotError on every
+        rank when any rank's blocks do not verify)."""
+        from runner.snapshot import sharded
+
+        sharded.load(self.engine.model, self.engine.optimizer, version)
 
     def load_best(self, collectives) -> Optional[Loaded]:
         def best() -> Optional[Loaded]:
@@ -183,12 +238,16 @@ def lead_decides(collectives, decide: Callable[[], Any]) -> Any:
     return shared[0]
 
 
-def build_checkpointer(cfg: Any, manager: SnapshotManager, lead: bool, config: dict, device: torch.device):
-    """The checkpointer `snapshot.format` asks for."""
+def build_checkpointer(
+    cfg: Any, manager: SnapshotManager, lead: bool, config: dict, device: torch.device, engine: Any = None
+):
+    """The checkpointer `snapshot.format` asks for (`engine`: what a sharded resume reads into)."""
     from runner.config import SnapshotFormat, snapshot_format
 
     asynchronous = bool(cfg.snapshot["async"])
     if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
         timeout_s = float(cfg.launch.collective_timeout)
-        return ShardedCheckpointer(manager, lead, config if lead else None, asynchronous, device, timeout_s)
+        sharded = ShardedCheckpointer(manager, lead, config if lead else None, asynchronous, device, timeout_s)
+        sharded.engine = engine
+        return sharded
     return FileCheckpointer(manager, lead, config, asynchronous)

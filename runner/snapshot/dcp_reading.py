@@ -9,7 +9,9 @@ whatever file names the metadata gives, following links. Here:
   outside the objects it builds;
 - every file the metadata names must be one the entry lists, and is opened relative to the
   version's folder (opened once, not through a link), never through a link itself, only if it is
-  a regular file of the listed size;
+  a regular file of the listed size; its bytes are checked as they are read, each block a read
+  touches against its sha256 (runner.snapshot.digests), so a rank verifies what it reads and
+  nothing else (a file listed before block digests existed is checked whole when opened);
 - non-tensor values (the optimizer's hyperparameters) load weights-only.
 
 A tampered version therefore cannot run code or read outside its folder, as a single-file
@@ -36,7 +38,10 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from runner.snapshot.digests import BlockVerifiedFile
 from runner.snapshot.format import ShardedVersion, SnapshotError
+from runner.snapshot.store import CHUNK
+from runner.snapshot.versions import StoredFile
 
 _DATACLASSES = {
     getattr(dcp_metadata, name)
@@ -148,10 +153,25 @@ class _ConfinedFileSystem(dcp_filesystem.FileSystem):
         f = os.fdopen(fd, "rb")
         with f:
             st = os.fstat(f.fileno())
-            size = self.version.files[name][0]
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                raise SnapshotError(f"{path} is not the regular file of {size} bytes its manifest entry lists")
+            expected = self.version.files[name]
+            if not stat.S_ISREG(st.st_mode) or st.st_size != expected.size:
+                raise SnapshotError(f"{path} is not the regular file of {expected.size} bytes its manifest entry lists")
+            if expected.blocks:  # each block a read touches is checked as it is read
+                with BlockVerifiedFile(f.fileno(), expected, str(path)) as verified:
+                    yield verified
+                return
+            _check_whole(f, expected, path)  # listed before block digests: the file as a whole, first
             yield f
+
+
+def _check_whole(f: io.BufferedReader, expected: StoredFile, path: Path) -> None:
+    digest, seen = hashlib.sha256(), 0
+    while chunk := f.read(CHUNK):
+        digest.update(chunk)
+        seen += len(chunk)
+    if seen != expected.size or digest.hexdigest() != expected.sha256:
+        raise SnapshotError(f"{path} does not match its sha256 (corrupted)")
+    f.seek(0)
 
 
 class VerifiedReader(FileSystemReader):
@@ -174,7 +194,7 @@ class VerifiedReader(FileSystemReader):
             raise SnapshotError(f"{path} is not listed in its manifest entry")
         with self.fs.create_stream(path, "rb") as f:
             data = f.read()
-        if hashlib.sha256(data).hexdigest() != self.version.files[".metadata"][1]:
+        if hashlib.sha256(data).hexdigest() != self.version.files[".metadata"].sha256:
             raise SnapshotError(f"{path} does not match its sha256 (changed since it was verified)")
         try:
             metadata = _MetadataUnpickler(io.BytesIO(data)).load()

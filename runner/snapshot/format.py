@@ -36,10 +36,12 @@ SHARDED_KEY = "sharded"
 @dataclass(frozen=True)
 class ShardedVersion:
     """A verified sharded version: its folder and the files its manifest entry lists, name ->
-    (size, sha256): the only files a load may open."""
+    StoredFile (size, sha256, block digests): the only files a load may open. `preloaded`: every
+    rank has already read its part into the model and optimizer (the checkpointer's walk)."""
 
     folder: Path
     files: dict
+    preloaded: bool = False
 
 
 class SnapshotError(Exception):

@@ -5,7 +5,8 @@ Layout of a snapshot directory:
     snapshot-000000120.pt   one version per global step (zero padded so names sort), or
     step-000000120/         a sharded version (snapshot.format=dcp): every rank's shards
                             (__<rank>_0.distcp), DCP's .metadata, and loop.pt (the loop's state,
-                            written by rank 0); each file has its own size and sha256 in the entry
+                            written by rank 0); each file has its own size and sha256 in the entry,
+                            and one sha256 per 64 MB block (digests.py)
     manifest.json           every complete version: file, step, epoch, size, sha256, time
 
 A version counts only once the manifest that lists it is published, and that happens after its
@@ -140,15 +141,22 @@ class SnapshotManager:
         return self._publish(version, started, config, **marks)
 
     def commit_folder(
-        self, staged: Path, step: int, epoch: int, config: Optional[dict] = None, **marks: Any
+        self,
+        staged: Path,
+        step: int,
+        epoch: int,
+        config: Optional[dict] = None,
+        digests: Optional[dict[str, StoredFile]] = None,
+        **marks: Any,
     ) -> Version:
         """A sharded version: every rank's files and DCP's .metadata are complete in the staging
         folder (DCP writes .metadata last, once every rank has written) and the lead has added
-        loop.pt. Store each file (hashed, durable), then list the version, each file with its own
-        size and sha256: only the manifest entry makes it count."""
+        loop.pt. Store each file (durable; hashed, unless `digests` has what its writer hashed while
+        writing it), then list the version, each file with its own size and sha256 (and block
+        digests): only the manifest entry makes it count."""
         started = time.perf_counter()
         try:
-            files = self.store.commit_folder(staged, folder_name(step))
+            files = self.store.commit_folder(staged, folder_name(step), digests)
             digest = hashlib.sha256(json.dumps([f.as_dict() for f in files], sort_keys=True).encode()).hexdigest()
             size = sum(f.size for f in files)
             version = Version(folder_name(step), int(step), int(epoch), size, digest, SHARDED_KIND, files)
@@ -224,9 +232,11 @@ class SnapshotManager:
         """A typed version of what a caller passed (a Version, or any dict, checked against the schema)."""
         return Version.from_entry(entry, where=f" in {self.dir}")
 
-    def verify(self, entry: Any) -> bytes:
+    def verify(self, entry: Any, whole: bool = True) -> bytes:
         """The bytes every rank reads whole (the file; a sharded version's loop.pt) if the whole
-        version matches its manifest entry; SnapshotError saying why otherwise."""
+        version matches its manifest entry; SnapshotError saying why otherwise. `whole=False`: a
+        sharded version's shards are only checked to be there with their listed sizes; their
+        bytes are verified where they are read (dcp_reading.py), by the rank that reads them."""
         version = self._version(entry)
         path = self.dir / version.file
         if not version.sharded:
@@ -239,15 +249,19 @@ class SnapshotManager:
         if problem is not None:
             raise SnapshotError(problem)
         for item in version.files:  # a torn or missing shard of any rank makes the whole version invalid
-            if item.name != LOOP_FILE:
+            if item.name == LOOP_FILE:
+                continue
+            if whole:
                 self.store.check_verified(path / item.name, item)
+            else:
+                self.store.check_listed(path / item.name, item)
         return self.store.read_verified(path / LOOP_FILE, version.loop_file)
 
-    def load_entry(self, entry: Any, verified: bool = False) -> dict[str, Any]:
+    def load_entry(self, entry: Any, verified: bool = False, whole: bool = True) -> dict[str, Any]:
         """A verified version's state. For a sharded version: the loop state, with SHARDED_KEY naming
         the folder the model and optimizer are read from (by every rank, or by `sharded.full_model`).
-        `verified`: another process (the lead) has just verified the shards of this sharded
-        version; only loop.pt is checked here."""
+        `verified`: another process (the lead) has just checked the shards of this sharded
+        version; only loop.pt is checked here. `whole=False`: shards are checked as `verify` says."""
         version = self._version(entry)
         path = self.dir / version.file
         if not version.sharded:
@@ -255,17 +269,22 @@ class SnapshotManager:
         if verified:
             data = self.store.read_verified(path / LOOP_FILE, version.loop_file)
         else:
-            data = self.verify(version)
+            data = self.verify(version, whole)
         state = load_bytes(data, path / LOOP_FILE)
-        state[SHARDED_KEY] = ShardedVersion(path, {f.name: (f.size, f.sha256) for f in version.files})
+        state[SHARDED_KEY] = ShardedVersion(path, {f.name: f for f in version.files})
         return state
 
-    def newest(self, check: Callable[[Version], Any], warn: bool = False) -> tuple[Optional[Version], Any, list[str]]:
+    def newest(
+        self, check: Callable[[Version], Any], warn: bool = False, skip: Optional[dict[str, str]] = None
+    ) -> tuple[Optional[Version], Any, list[str]]:
         """The one walk: (newest version that passes `check`, what `check` returned, the problems
         met on the way). `check` raises SnapshotError for a version that does not pass; `warn`
-        logs each skipped version."""
+        logs each skipped version; `skip`: versions already found invalid (file -> why)."""
         versions, problems = self._listed(self.read_manifest())
         for version in reversed(versions):
+            if skip and version.file in skip:
+                problems.append(skip[version.file])
+                continue
             try:
                 result = check(version)
             except SnapshotError as err:
@@ -291,8 +310,10 @@ class SnapshotManager:
         return None
 
     def newest_valid_entry(self) -> tuple[Optional[Version], list[str]]:
-        """The newest version whose bytes verify (without unpickling) and the problems met on the way."""
-        version, _, problems = self.newest(self.verify)
+        """The newest version whose bytes verify (without unpickling) and the problems met on the way;
+        a sharded version's shards only by their sizes (their bytes are verified by the ranks that
+        read them, so no one process reads them all)."""
+        version, _, problems = self.newest(lambda v: self.verify(v, whole=False))
         return version, problems
 
     def newest_loadable_entry(self) -> tuple[Optional[Version], list[str]]:

@@ -3,7 +3,7 @@
 The manifest lives in the run directory, so whoever can write there can write it. An entry is only
 ever allowed to name one of our own files directly inside the snapshot directory
 (snapshot-<digits>.pt, or a folder step-<digits> of shards whose files are listed one by one, each
-with its size and sha256); an entry that breaks the schema is reported and dropped, so it is never
+with its size and sha256, and since block digests exist one sha256 per block); an entry that breaks the schema is reported and dropped, so it is never
 opened, never trusted as "the newest version" and never deleted by retention.
 """
 
@@ -127,8 +127,28 @@ def shard_list_problem(files: Any) -> Optional[str]:
         sha = item.get("sha256")
         if not (isinstance(sha, str) and SHA256_PATTERN.fullmatch(sha)):
             return f"'sha256' of {name} must be 64 lowercase hex digits, not {_shown(sha)}"
+        problem = _blocks_problem(item, name)
+        if problem is not None:
+            return problem
+        if "object" in item and not isinstance(item["object"], str):
+            return f"'object' of {name} must be a string, not {_shown(item['object'])}"
     if not {".metadata", "loop.pt"} <= seen:
         return "'files' must list .metadata and loop.pt"
+    return None
+
+
+def _blocks_problem(item: dict[str, Any], name: str) -> Optional[str]:
+    """Block digests are optional (entries written before them have none); when there, one sha256
+    per `block_size` bytes of the file, the last block shorter."""
+    if "block_size" not in item and "blocks" not in item:
+        return None
+    size, block_size, blocks = item["size"], item.get("block_size"), item.get("blocks")
+    if not _is_count(block_size) or block_size == 0:
+        return f"'block_size' of {name} must be an integer > 0, not {_shown(block_size)}"
+    if not isinstance(blocks, list) or len(blocks) != -(-size // block_size):
+        return f"'blocks' of {name} must list one sha256 per {block_size} bytes, not {_shown(blocks)}"
+    if not all(isinstance(b, str) and SHA256_PATTERN.fullmatch(b) for b in blocks):
+        return f"'blocks' of {name} must be 64 lowercase hex digits each"
     return None
 
 

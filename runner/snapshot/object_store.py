@@ -139,6 +139,9 @@ class ObjectStore(SnapshotStore):
     def check_verified(self, path: Path, expected: StoredFile) -> None:
         self._check(expected)
 
+    def check_listed(self, path: Path, expected: StoredFile) -> None:
+        self._check(expected)
+
     def _check(self, expected: StoredFile) -> None:
         """Stream the object and compare size and sha256 with `expected`."""
         shown = f"{self.url}/{self._object(expected)}"

@@ -10,11 +10,14 @@ One version is a folder, `step-<N>/`, written as a hidden temporary folder first
     loop.pt             the loop's state (position, every rank's RNG, metrics, scheduler, config),
                         written by rank 0 alone, a weights-only pickle like a single-file snapshot
 
-Only when all of them are on disk does rank 0 hash and fsync each file, rename the folder into
-place and list it in the manifest, each file with its own size and sha256
-(`SnapshotManager.commit_folder`, through the store); until then the version does not exist. A load verifies every
-file first, so one torn shard of any rank makes the whole version invalid and the previous one is
-used.
+Every rank hashes its files while it writes them and fsyncs them (dcp_writing.py); the digests
+(size, sha256, one sha256 per 64 MB block) reach rank 0 in the gather DCP does before writing
+.metadata. Once all files are on disk, rank 0 renames the folder into place and lists it in the
+manifest, each file with its digests (`SnapshotManager.commit_folder`, through the store), without
+reading any shard; until then the version does not exist. At a resume every rank verifies the
+blocks it reads (dcp_reading.py), so one torn or corrupted shard of any rank makes the whole
+version invalid and the previous one is used (the checkpointer's walk), and no process reads
+every rank's bytes.
 
 Asynchronous (`snapshot.async=true`): DCP's `async_save` stages the tensors into CPU buffers
 that are allocated once and reused (pinned on CUDA), on a staging thread, while the loop runs the
@@ -38,6 +41,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from runner.snapshot.dcp_writing import HashingWriter, fsynced_write
+from runner.snapshot.digests import BLOCK_SIZE, digest_of_bytes
 from runner.snapshot.format import ShardedVersion, SnapshotError
 from runner.snapshot.manager import LOOP_FILE, SnapshotManager, folder_name
 from runner.snapshot.writer import BackgroundWrites
@@ -61,6 +66,8 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, version: Shar
 
     from runner.snapshot.dcp_reading import SafeLoadPlanner
 
+    if version.preloaded:  # read already, in the checkpointer's walk to the newest loadable version
+        return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with reading(version) as reader:
@@ -181,6 +188,8 @@ class ShardedSnapshotWriter(BackgroundWrites):
         self._cuda = device is not None and device.type == "cuda"
         self._stager = None
         self._staged: Optional[Future] = None
+        self.block_size = BLOCK_SIZE  # what one block digest covers
+        self.commit_seconds: list[float] = []  # the lead's: from every rank's files on disk to the manifest
 
     def save(
         self,
@@ -207,20 +216,23 @@ class ShardedSnapshotWriter(BackgroundWrites):
             buffer = io.BytesIO()
             torch.save(state, buffer)  # now: the loop goes on changing its lists (metrics)
             loop_bytes = buffer.getvalue()
-        # No fsync per file here: the lead's commit fsyncs every file (as it does a single file)
-        # while training goes on, so a synchronous snapshot waits only for the write.
-        writer = dcp.FileSystemWriter(str(tmp), sync_files=False)
+        # Every rank hashes and fsyncs its own files as it writes them; the lead gets the digests.
+        writer = HashingWriter(str(tmp), block_size=self.block_size)
         if self.asynchronous:
             response = dcp.async_save(
                 shards, storage_writer=writer, process_group=self._group, async_stager=self._stager_for()
             )
             self._staged = response.staging_completion
             upload = response.upload_completion
-            self._inflight = self._pool.submit(self._finish, upload, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
+            self._inflight = self._pool.submit(
+                self._finish, upload, writer, tmp, loop_bytes, step, epoch, end_of_epoch, marks
+            )
         else:
             with unwrapped_failures():
                 dcp.save(shards, storage_writer=writer, process_group=self._group)
-            self._inflight = self._pool.submit(self._finish, None, tmp, loop_bytes, step, epoch, end_of_epoch, marks)
+            self._inflight = self._pool.submit(
+                self._finish, None, writer, tmp, loop_bytes, step, epoch, end_of_epoch, marks
+            )
         self.stall_seconds.append(time.perf_counter() - started)
 
     def _stager_for(self):
@@ -241,6 +253,7 @@ class ShardedSnapshotWriter(BackgroundWrites):
     def _finish(
         self,
         upload: Optional[Future],
+        writer: Any,
         tmp: Path,
         loop_bytes: Optional[bytes],
         step: int,
@@ -253,11 +266,13 @@ class ShardedSnapshotWriter(BackgroundWrites):
                 upload.result()  # this rank's shards are written; on the lead, every rank's and .metadata too
         if not self.lead:
             return
-        with open(tmp / LOOP_FILE, "wb") as f:
-            f.write(loop_bytes)
+        fsynced_write(tmp / LOOP_FILE, loop_bytes)
+        digests = {**writer.digests, LOOP_FILE: digest_of_bytes(LOOP_FILE, loop_bytes, self.block_size)}
+        started = time.perf_counter()
         self.last_entry = self.manager.commit_folder(
-            tmp, step, epoch, config=self.config, end_of_epoch=end_of_epoch, **marks
+            tmp, step, epoch, config=self.config, digests=digests, end_of_epoch=end_of_epoch, **marks
         )
+        self.commit_seconds.append(time.perf_counter() - started)
         log.info(
             "snapshot %s written (epoch %d, step %d, %d files, %.1f MB)",
             self.last_entry["file"],

@@ -11,7 +11,8 @@ rename (an object store) needs, and the local filesystem keeps it too:
 4. `delete` removes a version the published manifest no longer lists.
 
 Reads are verified here, once: `read_verified` and `check_verified` compare size and sha256
-with what the manifest says, and the store remembers the digests it computed for files that
+with what the manifest says (`check_listed` only the size: shards are verified per block by the
+ranks that read them, runner.snapshot.dcp_reading), and the store remembers the digests it computed for files that
 have not changed since (large shards are hashed once per process and store, not once per
 reader). `LocalStore` is the local filesystem: fsync, rename, and hardened reads that never
 follow a link or hang on a FIFO.
@@ -71,8 +72,12 @@ class SnapshotStore(ABC):
         """Store a staged file as `name`, durable; its size and sha256 as stored. Not listed yet."""
 
     @abstractmethod
-    def commit_folder(self, staged: Path, name: str) -> tuple[StoredFile, ...]:
-        """Store a staged folder of shards as `name`, durable; each file's size and sha256."""
+    def commit_folder(
+        self, staged: Path, name: str, digests: Optional[dict[str, StoredFile]] = None
+    ) -> tuple[StoredFile, ...]:
+        """Store a staged folder of shards as `name`, durable; each file's size and sha256.
+        `digests`: files their writers hashed (and fsync'ed) while writing them, by name: trusted
+        as they are (their size is checked), never read again; the others are hashed here."""
 
     @abstractmethod
     def after_publish(self) -> None:
@@ -85,6 +90,10 @@ class SnapshotStore(ABC):
     @abstractmethod
     def check_verified(self, path: Path, expected: StoredFile) -> None:
         """`path` matches `expected` (read in chunks: shards may be large); SnapshotError otherwise."""
+
+    @abstractmethod
+    def check_listed(self, path: Path, expected: StoredFile) -> None:
+        """`path` is there with the listed size (not read: its bytes are verified where they are read)."""
 
     @abstractmethod
     def problem(self, version: Version) -> Optional[str]:
@@ -109,6 +118,29 @@ def sha256_of_file(path: Path) -> tuple[str, int]:
             digest.update(view[:n])
             size += n
     return digest.hexdigest(), size
+
+
+def staged_files(staged: Path, digests: Optional[dict[str, StoredFile]] = None) -> list[StoredFile]:
+    """Each file of a staged sharded version, sorted by name: from `digests` where its writer hashed
+    it (its size checked against the file), else hashed and fsync'ed here. SnapshotError for a
+    file a sharded snapshot never writes, or a hashed file that is missing or of another size."""
+    digests = dict(digests or {})
+    files = []
+    for path in sorted(staged.iterdir(), key=lambda p: p.name):
+        if not SHARD_FILE_PATTERN.fullmatch(path.name) or _type_problem(path) is not None:
+            raise SnapshotError(f"{staged} holds {path.name}, which a sharded snapshot never writes")
+        known = digests.pop(path.name, None)
+        if known is not None:
+            _check_size(path, os.lstat(path), known.size)
+            files.append(known)
+            continue
+        sha256, size = sha256_of_file(path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files.append(StoredFile(path.name, size, sha256))
+    if digests:
+        raise SnapshotError(f"{staged} lacks {', '.join(sorted(digests))}, which its writers wrote")
+    return files
 
 
 def out_of_space(directory: Path) -> bool:
@@ -186,16 +218,11 @@ class LocalStore(SnapshotStore):
             staged.unlink(missing_ok=True)
         return StoredFile(name, size, sha256)
 
-    def commit_folder(self, staged: Path, name: str) -> tuple[StoredFile, ...]:
+    def commit_folder(
+        self, staged: Path, name: str, digests: Optional[dict[str, StoredFile]] = None
+    ) -> tuple[StoredFile, ...]:
         final = self.location / name
-        files = []
-        for path in sorted(staged.iterdir(), key=lambda p: p.name):
-            if not SHARD_FILE_PATTERN.fullmatch(path.name) or _type_problem(path) is not None:
-                raise SnapshotError(f"{staged} holds {path.name}, which a sharded snapshot never writes")
-            sha256, size = sha256_of_file(path)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            files.append(StoredFile(path.name, size, sha256))
+        files = staged_files(staged, digests)
         fsync_dir(staged)
         aside = None
         if os.path.lexists(final):  # this step was written before (a torn version, resumed from an older one)
@@ -249,6 +276,16 @@ class LocalStore(SnapshotStore):
         if unchanged:  # not written to while it was read
             self._hashed[_identity(st)] = digest.hexdigest()
         _digest_problem(path, digest.hexdigest(), expected)
+
+    def check_listed(self, path: Path, expected: StoredFile) -> None:
+        problem = _type_problem(path)
+        if problem is not None:
+            raise SnapshotError(problem)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise SnapshotError(f"{path} is missing") from None
+        _check_size(path, st, expected.size)
 
     def _remember(self, path: Path, sha256: str) -> None:
         try:

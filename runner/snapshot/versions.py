@@ -42,15 +42,35 @@ _KNOWN = (
 
 @dataclass(frozen=True)
 class StoredFile:
-    """One file of a version as the store holds it: its name, size and sha256."""
+    """One file of a version as the store holds it: its name, size and sha256 (and, for shards, one
+    sha256 per block of `block_size` bytes, so a reader verifies just the blocks it reads)."""
 
     name: str
     size: int
     sha256: str
     object: Optional[str] = None  # in an object store: the name it was uploaded under (unique per writer)
+    block_size: int = 0  # 0: no block digests (manifests written before them); the file is checked whole
+    blocks: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+        out: dict[str, Any] = {"name": self.name, "size": self.size, "sha256": self.sha256}
+        if self.block_size:
+            out.update(block_size=self.block_size, blocks=list(self.blocks))
+        if self.object is not None:
+            out["object"] = self.object
+        return out
+
+    @classmethod
+    def from_dict(cls, item: dict[str, Any]) -> StoredFile:
+        """An item of a sharded version's `files` (checked by the schema first)."""
+        return cls(
+            item["name"],
+            item["size"],
+            item["sha256"],
+            item.get("object"),
+            item.get("block_size", 0),
+            tuple(item.get("blocks") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -107,7 +127,7 @@ class Version(Mapping):
             size=entry["size"],
             sha256=entry["sha256"],
             kind=entry.get("kind", FILE_KIND),
-            files=tuple(StoredFile(f["name"], f["size"], f["sha256"]) for f in entry.get("files") or ()),
+            files=tuple(StoredFile.from_dict(f) for f in entry.get("files") or ()),
             created=entry.get("created"),
             milestone=entry.get("milestone"),
             commit_seconds=entry.get("commit_seconds"),

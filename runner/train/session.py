@@ -54,7 +54,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain data: snapshots load weights_only
     if lead:
         manager.remove_stale_temporaries()  # before any rank writes: the first save starts with a collective
-    checkpointer = build_checkpointer(cfg, manager, lead, config, engine.device)
+    checkpointer = build_checkpointer(cfg, manager, lead, config, engine.device, engine)
     metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
     logger = build_logger(cfg, run_dir) if lead else None
     stop = StopRequest(engine.collectives)
