@@ -18,7 +18,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from runner.errors import UserError  # noqa: E402
-from runner.snapshot import SnapshotManager  # noqa: E402
+from runner.snapshot import SnapshotError, SnapshotManager  # noqa: E402
 from runner.snapshot.object_store import ManifestConflict, ObjectStore  # noqa: E402
 
 BUCKET = "runs"
@@ -166,8 +166,7 @@ def test_checks_name_the_missing_package_and_the_missing_bucket(s3_env, tmp_path
         check_store_config(cfg("gs://bucket/run"))
     with pytest.raises(UserError, match="credentials"):
         check_store_config(cfg("s3://key:secret@bucket/run"))
-    with pytest.raises(UserError, match="snapshot.format"):
-        check_store_config(cfg("s3://bucket/run", format="dcp"))
+    check_store_config(cfg(f"s3://{BUCKET}/run", format="dcp"))  # sharded versions are kept in stores too
     check_store_config(cfg(f"s3://{BUCKET}/run"))
     with pytest.raises(UserError, match="does not exist"):
         check_store_reachable(cfg("s3://no-such-bucket/run"), tmp_path)
@@ -195,6 +194,80 @@ def test_an_unreachable_store_is_a_clear_error(tmp_path):
         with pytest.raises(UserError, match="cannot be reached"):
             check_store_reachable(cfg, tmp_path)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _save_sharded(manager: SnapshotManager, step: int, block_size: int):
+    from runner import snapshot as snap
+    from runner.snapshot.sharded import ShardedSnapshotWriter
+
+    writer = ShardedSnapshotWriter(manager, lead=True)
+    writer.block_size = block_size
+    loop = {snap.FORMAT_KEY: snap.FORMAT_VERSION, "train_state": {"step": step}, "rng": [], "metrics": []}
+    shards = {"model": {"w": torch.arange(3000.0) + step, "b": torch.full((2,), float(step))}, "optimizer": {}}
+    writer.save({**loop, "model": None, "optimizer": None}, step, 0, shards=shards, tag=f"t{step}")
+    writer.wait()
+    writer.close()
+    return writer.last_entry
+
+
+def test_sharded_versions_are_uploaded_checked_and_read_by_ranges(s3_env, url, tmp_path, caplog):
+    from runner import snapshot as snap
+    from runner.snapshot.sharded import full_model
+
+    _, fs = s3_env
+    manager = _manager(url, tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        newest = _save_sharded(manager, step, block_size=1024)
+    assert not list((tmp_path / "staging").iterdir())  # the staging folders are gone once uploaded
+    stored = fs.find(url.split("://")[1])
+    assert {p.split("/", 2)[2].split("/")[0] for p in stored} == {"manifest.json", "step-000000020", "step-000000030"}
+    assert {f.object for f in newest.files} == {p.split("/", 2)[2] for p in stored if "step-000000030" in p}
+    reader = _manager(url, tmp_path / "reader")
+    version, state = reader.load_latest()
+    weights = full_model(state[snap.SHARDED_KEY])  # ranged reads of the objects, each block checked
+    assert version.step == 30 and torch.equal(weights["w"], torch.arange(3000.0) + 30)
+    assert not (tmp_path / "reader" / "step-000000030").exists()  # nothing downloaded whole to disk
+    shard = next(f for f in newest.files if f.name.endswith(".distcp"))
+    key = f"{url.split('://')[1]}/{shard.object}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))  # the same size: only the blocks read show it
+    version, state = reader.newest_valid_entry()[0], reader.load_entry(reader.entries()[-1], whole=False)
+    assert version.step == 30
+    with pytest.raises(snap.SnapshotError, match=r"does not match its sha256 in block [0-9]+"):
+        full_model(state[snap.SHARDED_KEY])
+    with caplog.at_level(logging.WARNING):
+        version, state = reader.load_latest()  # the whole check finds it too, and falls back
+    assert version.step == 20 and torch.equal(full_model(state[snap.SHARDED_KEY])["b"], torch.full((2,), 20.0))
+
+
+def test_large_shards_go_up_one_checked_part_per_block(s3_env, url, tmp_path):
+    import os
+
+    from runner.snapshot.digests import digest_of_bytes
+
+    _, fs = s3_env
+    store = ObjectStore(url, tmp_path / "staging")
+    data = {"__0_0.distcp": os.urandom(11 * 2**20), ".metadata": b"m", "loop.pt": b"l"}
+    digests = {name: digest_of_bytes(name, body, block_size=5 * 2**20) for name, body in data.items()}
+
+    def staged(tag):
+        folder = store.staging_folder("step-000000001", tag)
+        folder.mkdir(parents=True)
+        for name, body in data.items():
+            (folder / name).write_bytes(body)
+        return folder
+
+    files = store.commit_folder(staged("a"), "step-000000001", digests)
+    big = next(f for f in files if f.name == "__0_0.distcp")
+    assert len(big.blocks) == 3 and fs.cat_file(f"{url.split('://')[1]}/{big.object}") == data["__0_0.distcp"]
+    folder = staged("b")
+    with open(folder / "__0_0.distcp", "r+b") as f:  # changed on disk after its writer hashed it
+        f.seek(6 * 2**20)
+        f.write(b"\0")
+    with pytest.raises(SnapshotError, match="changed since it was written"):
+        store.commit_folder(folder, "step-000000001", digests)
+    assert len(fs.find(url.split("://")[1])) == 3  # only the first commit's objects
 
 
 # ---- end to end: 2 DDP workers, a SIGKILLed worker, a fresh machine ------------------------------
@@ -249,3 +322,50 @@ def test_file_urls_and_folder_names_are_local_stores(tmp_path):
     manager = SnapshotManager(None, store=elsewhere)
     _save(manager, 10)
     assert manager.load_latest()[0].step == 10 and (tmp_path / "shared" / "run" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_in_the_store_resume_on_another_worker_count_past_a_corrupt_shard(s3_env, url, tmp_path):
+    from runner import snapshot as snap
+    from runner.snapshot.sharded import full_model
+
+    env, fs = s3_env
+    on_store = [*RUN, "trainer.strategy=fsdp", "name=sharded", f"snapshot.dir={url}"]
+    first = run_cli(
+        [*on_store, "trainer.total_epochs=2", "trainer.crash_at_step=45", "trainer.crash_rank=1"], tmp_path, env=env
+    )
+    assert first.returncode == 0, first.output
+    assert "resumed from step-000000040" in first.output  # the SIGKILLed worker's restart read the store
+    assert not (tmp_path / "outputs" / "sharded" / "snapshots").exists()
+    staging = tmp_path / "outputs" / "sharded" / ".snapshot-staging"
+    assert not staging.exists() or not any(staging.iterdir())  # every version went up and left no copy
+    listed = _manager(url, tmp_path / "reader").entries()
+    newest, previous = listed[-1], listed[-2]
+    assert newest.file == "step-000000128" and {f.name for f in newest.files} == {
+        ".metadata",
+        "loop.pt",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    }
+    assert all(f.blocks and f.object.startswith(newest.file + "/") for f in newest.files)
+    shard = next(f for f in newest.files if f.name == "__1_0.distcp")
+    key = f"{url.split('://')[1]}/{shard.object}"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(key, bytes(data))  # one rank's object corrupted, its size unchanged
+
+    shutil.rmtree(tmp_path / "outputs")  # a fresh machine with 3 workers: the same command, one step more
+    again = run_cli(
+        [*on_store, "launch.nproc_per_node=3", f"trainer.max_steps={previous.step + 1}", "trainer.total_epochs=2"],
+        tmp_path,
+        env=env,
+    )
+    assert again.returncode == 0, again.output
+    assert f"skipping snapshot {newest.file}" in again.output and "does not match its sha256" in again.output
+    assert f"resumed from {previous.file}" in again.output
+    resumed = next(v for v in _manager(url, tmp_path / "reader").entries() if v.step == previous.step + 1)
+    assert {f.name for f in resumed.files} >= {f"__{r}_0.distcp" for r in range(3)}
+    weights = full_model(_manager(url, tmp_path / "reader").load_entry(resumed)[snap.SHARDED_KEY])
+    old = full_model(_manager(url, tmp_path / "reader").load_entry(previous)[snap.SHARDED_KEY])
+    for name, tensor in old.items():  # one Adam step of lr 0.01 from the previous version
+        assert 0 < (weights[name] - tensor).abs().max() < 0.02, name

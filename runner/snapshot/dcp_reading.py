@@ -38,7 +38,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from runner.snapshot.digests import BlockVerifiedFile
+from runner.snapshot.digests import BlockVerifiedFile, as_one_block
 from runner.snapshot.format import ShardedVersion, SnapshotError
 from runner.snapshot.store import CHUNK
 from runner.snapshot.versions import StoredFile
@@ -128,6 +128,9 @@ class _ConfinedFileSystem(dcp_filesystem.FileSystem):
     def __init__(self, version: ShardedVersion) -> None:
         super().__init__()
         self.version = version
+        self.folder_fd = None
+        if version.source is not None:  # in an object store: ranged reads of the listed objects
+            return
         try:
             self.folder_fd = os.open(
                 version.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -146,6 +149,11 @@ class _ConfinedFileSystem(dcp_filesystem.FileSystem):
         name = path.name
         if mode != "rb" or path.parent != self.version.folder or name not in self.version.files:
             raise SnapshotError(f"{path}: not a file the manifest entry of {self.version.folder.name} lists")
+        if self.version.source is not None:
+            expected = as_one_block(self.version.files[name])
+            with BlockVerifiedFile(self.version.source(expected), expected, str(path)) as verified:
+                yield verified
+            return
         try:
             fd = os.open(name, _READ_FLAGS, dir_fd=self.folder_fd)
         except OSError as err:
@@ -157,7 +165,8 @@ class _ConfinedFileSystem(dcp_filesystem.FileSystem):
             if not stat.S_ISREG(st.st_mode) or st.st_size != expected.size:
                 raise SnapshotError(f"{path} is not the regular file of {expected.size} bytes its manifest entry lists")
             if expected.blocks:  # each block a read touches is checked as it is read
-                with BlockVerifiedFile(f.fileno(), expected, str(path)) as verified:
+                fd = f.fileno()
+                with BlockVerifiedFile(lambda offset, n: os.pread(fd, n, offset), expected, str(path)) as verified:
                     yield verified
                 return
             _check_whole(f, expected, path)  # listed before block digests: the file as a whole, first

@@ -10,11 +10,12 @@ exactly what it uses, and what it hands on is the bytes it verified.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from runner.snapshot.format import SnapshotError
 from runner.snapshot.versions import StoredFile
@@ -94,16 +95,24 @@ class HashingStream(io.RawIOBase):
         )
 
 
+def as_one_block(expected: StoredFile) -> StoredFile:
+    """A file listed without block digests, as one block: its whole sha256 (read whole, then checked)."""
+    if expected.blocks:
+        return expected
+    return dataclasses.replace(expected, block_size=max(expected.size, 1), blocks=(expected.sha256,))
+
+
 class BlockVerifiedFile(io.RawIOBase):
     """Reads of a listed file served from blocks that matched their digests: each block a read
-    touches is read whole (from `fd`, at its offset) and checked first; a mismatch, a short block
-    or a file of another size is a SnapshotError naming the file."""
+    touches is read whole (`read_at(offset, length)`: a local file's pread, or a ranged read of an
+    object) and checked first; a mismatch, a short block or a file of another size is a
+    SnapshotError naming the file."""
 
-    def __init__(self, fd: int, expected: StoredFile, shown: str) -> None:
+    def __init__(self, read_at: Callable[[int, int], bytes], expected: StoredFile, shown: str) -> None:
         super().__init__()
         if not expected.blocks or expected.block_size <= 0:
             raise ValueError(f"{expected.name} has no block digests")
-        self.fd, self.expected, self.shown = fd, expected, shown
+        self.read_at, self.expected, self.shown = read_at, expected, shown
         self.position = 0
         self.cache: OrderedDict[int, bytes] = OrderedDict()
 
@@ -142,7 +151,7 @@ class BlockVerifiedFile(io.RawIOBase):
             return self.cache[index]
         size = self.expected.block_size
         length = min(size, self.expected.size - index * size)
-        data = os.pread(self.fd, length + (1 if index == len(self.expected.blocks) - 1 else 0), index * size)
+        data = self.read_at(index * size, length + (1 if index == len(self.expected.blocks) - 1 else 0))
         if len(data) != length:
             raise SnapshotError(
                 f"{self.shown} is not the {self.expected.size} bytes its manifest entry lists (truncated or torn)"

@@ -42,6 +42,7 @@ class ShardedVersion:
     folder: Path
     files: dict
     preloaded: bool = False
+    source: Any = None  # in an object store: StoredFile -> read_at(offset, length), ranged reads of its object
 
 
 class SnapshotError(Exception):

@@ -22,6 +22,7 @@ warning. Every "newest version that passes X" question is the one walk, `newest`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -244,7 +245,7 @@ class SnapshotManager:
                 path, StoredFile(version.file, version.size, version.sha256, version.object)
             )
         problem = self.store.problem(version)
-        if problem is None and not path.is_dir():
+        if problem is None and self.store.local and not path.is_dir():
             problem = f"{path} is missing"
         if problem is not None:
             raise SnapshotError(problem)
@@ -271,7 +272,8 @@ class SnapshotManager:
         else:
             data = self.verify(version, whole)
         state = load_bytes(data, path / LOOP_FILE)
-        state[SHARDED_KEY] = ShardedVersion(path, {f.name: f for f in version.files})
+        source = None if self.store.local else functools.partial(self.store.shard_reader, version)
+        state[SHARDED_KEY] = ShardedVersion(path, {f.name: f for f in version.files}, source=source)
         return state
 
     def newest(

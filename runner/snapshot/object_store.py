@@ -16,24 +16,36 @@ Readers trust only what the manifest lists: each read downloads the listed objec
 size and sha256 before anything is unpickled, so a corrupt or missing object is skipped for the
 previous version. Credentials and the endpoint come from the environment (AWS_* variables,
 profiles, instance roles, AWS_ENDPOINT_URL), never from the config, the logs or the manifest.
-Sharded (DCP) versions are not kept in object stores yet: the checks refuse the combination.
+
+Sharded (DCP) versions: every rank writes its shards into a local staging folder, hashing them
+as it writes (dcp_writing.py); the lead uploads each file as `step-<N>/<file>.<random>`, hashing
+the bytes it sends (the read an upload needs anyway) against the digests the writers computed,
+and passing each one's sha256 to the server, which refuses bytes that arrive otherwise (one part
+per 64 MB block for large files): nothing is downloaded again. A resume reads byte ranges of the
+listed objects, each block checked against its digest as it arrives (dcp_reading.py), so each
+rank fetches and verifies only the blocks it loads, also on another world size.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import logging
 import re
 import secrets
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from runner.fileio import temporary_path
 from runner.snapshot.format import SnapshotError
-from runner.snapshot.store import CHUNK, MANIFEST, SnapshotStore, sha256_of_file
+from runner.snapshot.manifest import FOLDER_PATTERN
+from runner.snapshot.store import CHUNK, MANIFEST, SnapshotStore, sha256_of_file, staged_files
 from runner.snapshot.versions import StoredFile, Version
 
 log = logging.getLogger(__name__)
+_MIN_PART = 5 * 2**20  # S3's smallest part but the last: smaller blocks go up in one put
 
 
 class ManifestConflict(SnapshotError):
@@ -42,6 +54,8 @@ class ManifestConflict(SnapshotError):
 
 class ObjectStore(SnapshotStore):
     """One run's versions under a URL prefix; `location` is the local staging folder."""
+
+    local = False
 
     def __init__(self, url: str, staging: Path, fs: Any = None) -> None:
         import fsspec
@@ -94,7 +108,7 @@ class ObjectStore(SnapshotStore):
         return temporary_path(self.location / name)
 
     def staging_folder(self, name: str, tag: str) -> Path:
-        raise SnapshotError("sharded (DCP) snapshots cannot be kept in an object store yet")
+        return self.location / f".{name}.tmp-{tag}"
 
     def commit_file(self, staged: Path, name: str) -> StoredFile:
         """Upload under a name of this writer's own, then read it back: listed only if it matches."""
@@ -112,8 +126,74 @@ class ObjectStore(SnapshotStore):
             staged.unlink(missing_ok=True)
         return stored
 
-    def commit_folder(self, staged: Path, name: str) -> tuple[StoredFile, ...]:
-        raise SnapshotError("sharded (DCP) snapshots cannot be kept in an object store yet")
+    def commit_folder(
+        self, staged: Path, name: str, digests: Optional[dict[str, StoredFile]] = None
+    ) -> tuple[StoredFile, ...]:
+        """Upload each file under a name of this writer's own, checked against its digests as it is
+        sent; the local staging folder is removed once all are stored."""
+        token = secrets.token_hex(6)
+        uploaded: list[str] = []
+        try:
+            files = []
+            for item in staged_files(staged, digests):
+                key = f"{name}/{item.name}.{token}"
+                uploaded.append(key)
+                self._upload_checked(staged / item.name, key, item)
+                files.append(dataclasses.replace(item, object=key))
+        except BaseException:
+            for key in uploaded:
+                self._remove(key)
+            raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return tuple(files)
+
+    def _upload_checked(self, path: Path, key: str, item: StoredFile) -> None:
+        """One put (or one part per block, for large files) whose bytes are hashed as they are read
+        for sending and must match `item`; the server also checks each body's sha256."""
+        bucket, object_key = self._bucket_key(key)
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            if item.blocks and item.block_size >= _MIN_PART and len(item.blocks) > 1:
+                upload = self._call(
+                    "create_multipart_upload", Bucket=bucket, Key=object_key, ChecksumAlgorithm="SHA256"
+                )
+                parts = []
+                try:
+                    for number, expected in enumerate(item.blocks, start=1):
+                        data = f.read(item.block_size)
+                        whole.update(data)
+                        digest = hashlib.sha256(data)
+                        if digest.hexdigest() != expected:
+                            raise SnapshotError(f"{path} changed since it was written (block {number - 1})")
+                        sent = self._call(
+                            "upload_part",
+                            Bucket=bucket,
+                            Key=object_key,
+                            UploadId=upload["UploadId"],
+                            PartNumber=number,
+                            Body=data,
+                            ChecksumSHA256=_b64(digest),
+                        )
+                        parts.append({"PartNumber": number, "ETag": sent["ETag"], "ChecksumSHA256": _b64(digest)})
+                    _check_read(path, f, whole, item)
+                    self._call(
+                        "complete_multipart_upload",
+                        Bucket=bucket,
+                        Key=object_key,
+                        UploadId=upload["UploadId"],
+                        MultipartUpload={"Parts": parts},
+                    )
+                except BaseException:
+                    self._call("abort_multipart_upload", Bucket=bucket, Key=object_key, UploadId=upload["UploadId"])
+                    raise
+                return
+            data = f.read(item.size + 1)
+            whole.update(data)
+            _check_read(path, f, whole, item, len(data))
+            self._call(
+                "put_object", Bucket=bucket, Key=object_key, Body=data, ChecksumSHA256=_b64(hashlib.sha256(data))
+            )
 
     def after_publish(self) -> None:
         pass
@@ -121,33 +201,56 @@ class ObjectStore(SnapshotStore):
     # ---- verified reads ----------------------------------------------------------------------
     def read_verified(self, path: Path, expected: StoredFile) -> bytes:
         """The listed object's bytes (never more than one past the listed size) if they match."""
-        remote = self._remote(self._object(expected))
+        key = self._object(expected, path.parent.name)
+        remote = self._remote(key)
         try:
             data = self.fs.cat_file(remote, start=0, end=expected.size + 1)
         except FileNotFoundError:
-            raise SnapshotError(f"{self.url}/{self._object(expected)} is missing") from None
+            raise SnapshotError(f"{self.url}/{key} is missing") from None
         except Exception as err:
-            raise SnapshotError(f"{self.url}/{self._object(expected)} cannot be read ({err})") from None
+            raise SnapshotError(f"{self.url}/{key} cannot be read ({err})") from None
         if len(data) != expected.size:
-            raise SnapshotError(
-                f"{self.url}/{self._object(expected)} has {len(data)} bytes, the manifest says {expected.size}"
-            )
+            raise SnapshotError(f"{self.url}/{key} has {len(data)} bytes, the manifest says {expected.size}")
         if hashlib.sha256(data).hexdigest() != expected.sha256:
-            raise SnapshotError(f"{self.url}/{self._object(expected)} does not match its sha256 (corrupted)")
+            raise SnapshotError(f"{self.url}/{key} does not match its sha256 (corrupted)")
         return data
 
     def check_verified(self, path: Path, expected: StoredFile) -> None:
-        self._check(expected)
+        self._check(expected, path.parent.name)
 
     def check_listed(self, path: Path, expected: StoredFile) -> None:
-        self._check(expected)
+        """The listed object is there with the listed size (one HEAD; its bytes are checked as they are read)."""
+        key = self._object(expected, path.parent.name)
+        try:
+            size = self.fs.info(self._remote(key))["size"]
+        except FileNotFoundError:
+            raise SnapshotError(f"{self.url}/{key} is missing") from None
+        except Exception as err:
+            raise SnapshotError(f"{self.url}/{key} cannot be read ({err})") from None
+        if size != expected.size:
+            raise SnapshotError(
+                f"{self.url}/{key} has {size} bytes, the manifest says {expected.size} (truncated or torn)"
+            )
 
-    def _check(self, expected: StoredFile) -> None:
+    def shard_reader(self, version: Version, item: StoredFile) -> Callable[[int, int], bytes]:
+        """Ranged reads of one listed file of a sharded version: (offset, length) -> bytes."""
+        remote = self._remote(self._object(item, version.file))
+
+        def read(offset: int, length: int) -> bytes:
+            try:
+                return self.fs.cat_file(remote, start=offset, end=offset + length)
+            except FileNotFoundError:
+                raise SnapshotError(f"{self.url}/{self._object(item, version.file)} is missing") from None
+
+        return read
+
+    def _check(self, expected: StoredFile, folder: Optional[str] = None) -> None:
         """Stream the object and compare size and sha256 with `expected`."""
-        shown = f"{self.url}/{self._object(expected)}"
+        key = self._object(expected, folder)
+        shown = f"{self.url}/{key}"
         digest, seen = hashlib.sha256(), 0
         try:
-            with self.fs.open(self._remote(self._object(expected)), "rb", block_size=CHUNK) as f:
+            with self.fs.open(self._remote(key), "rb", block_size=CHUNK) as f:
                 while chunk := f.read(CHUNK):
                     digest.update(chunk)
                     seen += len(chunk)
@@ -158,30 +261,38 @@ class ObjectStore(SnapshotStore):
         if digest.hexdigest() != expected.sha256:
             raise SnapshotError(f"{shown} does not match its sha256 (corrupted)")
 
-    @staticmethod
-    def _object(expected: StoredFile) -> str:
-        """The object a listed file is stored as; only a name this store gives its uploads passes."""
+    def _object(self, expected: StoredFile, folder: Optional[str] = None) -> str:
+        """The object a listed file is stored as; only a name this store gives its uploads passes
+        (`folder`: the sharded version the file belongs to; None, or this store's own location,
+        for a single-file version)."""
         key = expected.object
-        if not isinstance(key, str) or not re.fullmatch(re.escape(expected.name) + r"\.[0-9a-f]{12}", key):
+        prefix = "" if folder in (None, self.location.name) else re.escape(folder) + "/"
+        if prefix and not FOLDER_PATTERN.fullmatch(folder):
+            key = None
+        if not isinstance(key, str) or not re.fullmatch(prefix + re.escape(expected.name) + r"\.[0-9a-f]{12}", key):
             raise SnapshotError(f"{expected.name}: the manifest names no object of ours for it ({key!r})")
         return key
 
     # ---- what versions name, and deleting them -------------------------------------------------
     def problem(self, version: Version) -> Optional[str]:
-        if version.sharded:
-            return f"{version.file} is a sharded version, which an object store does not keep"
         try:
-            self._object(StoredFile(version.file, version.size, version.sha256, version.object))
+            self._objects_of(version)
         except SnapshotError as err:
             return str(err)
         return None
+
+    def _objects_of(self, version: Version) -> list[str]:
+        if version.sharded:
+            return [self._object(item, version.file) for item in version.files]
+        return [self._object(StoredFile(version.file, version.size, version.sha256, version.object))]
 
     def delete(self, version: Version) -> None:
         problem = self.problem(version)
         if problem is not None:
             log.warning("retention: not deleting %r: %s", version.file, problem)
             return
-        self._remove(version.object)
+        for key in self._objects_of(version):
+            self._remove(key)
 
     def _remove(self, key: str) -> None:
         try:
@@ -197,6 +308,8 @@ class ObjectStore(SnapshotStore):
             for tmp in self.location.glob(".*.tmp-*"):
                 if tmp.is_file() and not tmp.is_symlink():
                     tmp.unlink(missing_ok=True)
+                elif tmp.is_dir() and not tmp.is_symlink():  # a sharded version never uploaded
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     # ---- S3 calls ------------------------------------------------------------------------------
     def _bucket_key(self, name: str) -> tuple[str, str]:
@@ -215,6 +328,17 @@ class ObjectStore(SnapshotStore):
             return response
 
         return sync(self.fs.loop, call)
+
+
+def _b64(digest: Any) -> str:
+    return base64.b64encode(digest.digest()).decode()
+
+
+def _check_read(path: Path, f: Any, whole: Any, item: StoredFile, seen: Optional[int] = None) -> None:
+    """What was read for sending is the file its writer hashed: same size, same sha256."""
+    seen = f.tell() if seen is None else seen
+    if seen != item.size or f.read(1) or whole.hexdigest() != item.sha256:
+        raise SnapshotError(f"{path} changed since it was written: not uploaded")
 
 
 def _precondition_failed(err: BaseException) -> bool:

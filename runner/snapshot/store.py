@@ -46,6 +46,7 @@ class SnapshotStore(ABC):
     """The bytes of one run's versions and its manifest."""
 
     location: Path  # where versions are (shown in messages; the folder a sharded version is read from)
+    local = True  # versions are files under `location` (else objects, read through `shard_reader`)
 
     def where(self) -> str:
         """Where the versions are, for messages."""
@@ -94,6 +95,10 @@ class SnapshotStore(ABC):
     @abstractmethod
     def check_listed(self, path: Path, expected: StoredFile) -> None:
         """`path` is there with the listed size (not read: its bytes are verified where they are read)."""
+
+    def shard_reader(self, version: Version, item: StoredFile) -> Callable[[int, int], bytes]:
+        """Ranged reads of one file of a sharded version kept as an object (stores that are not local)."""
+        raise NotImplementedError
 
     @abstractmethod
     def problem(self, version: Version) -> Optional[str]:

@@ -1,5 +1,5 @@
 """Checks of `snapshot.dir` when it is a URL: the config alone first (scheme, no credentials in it,
-the fsspec backend installed, what an object store cannot hold yet), then the store itself (the
+the fsspec backend installed), then the store itself (the
 bucket exists and answers), so a wrong URL costs one clear paragraph before any worker starts
 rather than a failure at the first snapshot.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from runner.config import ResumeWord, SnapshotFormat, snapshot_format
+from runner.config import ResumeWord
 from runner.errors import UserError
 from runner.snapshot.location import BACKENDS, CONDITIONAL, is_url, scheme, url_problem
 
@@ -48,14 +48,6 @@ def check_store_config(cfg: DictConfig) -> None:
             "win: only s3:// (and S3-compatible servers) keep the snapshot guarantees",
             ALLOWED,
             "use an s3:// bucket (GCS and Azure offer S3-compatible endpoints) or a local folder",
-        )
-    if snapshot_format(cfg) == SnapshotFormat.dcp:
-        raise UserError(
-            "snapshot.format",
-            "dcp",
-            f"sharded (DCP) snapshots cannot be kept in an object store yet ({KEY}={url})",
-            "snapshot.format=file with a URL",
-            "snapshot.format=file (a single-file snapshot), or a local snapshot.dir for sharded ones",
         )
     if str(cfg.snapshot.resume) == ResumeWord.never:
         raise UserError(
