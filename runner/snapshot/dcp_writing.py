@@ -6,7 +6,8 @@ for `finish(metadata, results)`. This writer appends one extra result per file i
 the file's digest (size, sha256, per-block sha256s: runner.snapshot.digests); `finish` takes
 them out before DCP builds `.metadata` (which therefore is exactly what DCP writes) and keeps
 them, with `.metadata`'s own, in `digests`. The lead commits the version from these without
-reading a single shard, so a snapshot's verification costs each rank its own bytes.
+reading a single shard, so a snapshot's verification costs each rank its own bytes. With an
+object store each rank also uploads its own files (`upload`), and the object names travel along.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
@@ -71,17 +72,27 @@ class HashingWriter(FileSystemWriter):
     """A FileSystemWriter whose files are hashed while written; on the coordinator, after `finish`,
     `digests` holds every rank's files and `.metadata`, name -> StoredFile."""
 
-    def __init__(self, path: str, block_size: int = BLOCK_SIZE, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        block_size: int = BLOCK_SIZE,
+        upload: Optional[Callable[[Path, StoredFile], StoredFile]] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(path, sync_files=False, **kwargs)  # each stream fsyncs itself at close
         self.fs = _HashingFileSystem(block_size)
+        self.upload = upload  # a store's `shard_uploader`: this rank stores its own files
         self.digests: dict[str, StoredFile] = {}
 
     def write_data(self, plan, planner) -> Future:
         results = super().write_data(plan, planner).wait()  # DCP's file writer returns it done
-        mine = [
-            WriteResult(index=MetadataIndex(_DIGEST + name), size_in_bytes=stored.size, storage_data=stored)
-            for name, stored in sorted(self.fs.digests.items())
-        ]
+        mine = []
+        for name, stored in sorted(self.fs.digests.items()):
+            if self.upload is not None:
+                stored = self.upload(Path(self.path) / name, stored)
+            mine.append(
+                WriteResult(index=MetadataIndex(_DIGEST + name), size_in_bytes=stored.size, storage_data=stored)
+            )
         written: Future = Future()
         written.set_result(results + mine)
         return written
@@ -92,7 +103,8 @@ class HashingWriter(FileSystemWriter):
             plain.append([r for r in rank_results if not _is_digest(r)])
             digests.update({r.storage_data.name: r.storage_data for r in rank_results if _is_digest(r)})
         super().finish(metadata, plain)
-        digests.update(self.fs.digests)  # .metadata (and this rank's shards again)
+        for name, stored in self.fs.digests.items():  # .metadata (this rank's shards are in `results`)
+            digests.setdefault(name, stored)
         self.digests = digests
 
 

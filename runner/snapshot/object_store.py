@@ -18,10 +18,11 @@ previous version. Credentials and the endpoint come from the environment (AWS_* 
 profiles, instance roles, AWS_ENDPOINT_URL), never from the config, the logs or the manifest.
 
 Sharded (DCP) versions: every rank writes its shards into a local staging folder, hashing them
-as it writes (dcp_writing.py); the lead uploads each file as `step-<N>/<file>.<random>`, hashing
-the bytes it sends (the read an upload needs anyway) against the digests the writers computed,
-and passing each one's sha256 to the server, which refuses bytes that arrive otherwise (one part
-per 64 MB block for large files): nothing is downloaded again. A resume reads byte ranges of the
+as it writes (dcp_writing.py), and uploads them itself as `step-<N>/<file>.<random>`, hashing
+the bytes it sends (the read an upload needs anyway) against the digests it computed, and
+passing each one's sha256 to the server, which refuses bytes that arrive otherwise (one part per
+64 MB block for large files): nothing is downloaded again. The object names travel to the lead
+with the digests; the lead uploads .metadata and loop.pt and publishes the manifest. A resume reads byte ranges of the
 listed objects, each block checked against its digest as it arrives (dcp_reading.py), so each
 rank fetches and verifies only the blocks it loads, also on another world size.
 """
@@ -129,17 +130,20 @@ class ObjectStore(SnapshotStore):
     def commit_folder(
         self, staged: Path, name: str, digests: Optional[dict[str, StoredFile]] = None
     ) -> tuple[StoredFile, ...]:
-        """Upload each file under a name of this writer's own, checked against its digests as it is
-        sent; the local staging folder is removed once all are stored."""
-        token = secrets.token_hex(6)
+        """Upload each file not stored yet under a name of this writer's own, checked against its
+        digests as it is sent (the ranks' shards are already up: `shard_uploader`); the local
+        staging folder is removed once all are stored."""
         uploaded: list[str] = []
         try:
             files = []
             for item in staged_files(staged, digests):
-                key = f"{name}/{item.name}.{token}"
-                uploaded.append(key)
-                self._upload_checked(staged / item.name, key, item)
-                files.append(dataclasses.replace(item, object=key))
+                if item.object is not None:  # uploaded by the rank that wrote it
+                    self._object(item, name)
+                    files.append(item)
+                    continue
+                stored = self._upload_new(staged / item.name, name, item)
+                uploaded.append(stored.object)
+                files.append(stored)
         except BaseException:
             for key in uploaded:
                 self._remove(key)
@@ -147,6 +151,27 @@ class ObjectStore(SnapshotStore):
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return tuple(files)
+
+    def shard_uploader(self, name: str) -> Callable[[Path, StoredFile], StoredFile]:
+        """Each rank uploads the shards it wrote, from its own process, then drops its local copy:
+        the network and the checks scale with the ranks, and no node needs another's files."""
+
+        def upload(path: Path, item: StoredFile) -> StoredFile:
+            stored = self._upload_new(path, name, item)
+            path.unlink(missing_ok=True)
+            return stored
+
+        return upload
+
+    def _upload_new(self, path: Path, name: str, item: StoredFile) -> StoredFile:
+        """`path` uploaded (checked) as `<name>/<file>.<random>`: a name no other writer uses."""
+        key = f"{name}/{item.name}.{secrets.token_hex(6)}"
+        try:
+            self._upload_checked(path, key, item)
+        except BaseException:
+            self._remove(key)
+            raise
+        return dataclasses.replace(item, object=key)
 
     def _upload_checked(self, path: Path, key: str, item: StoredFile) -> None:
         """One put (or one part per block, for large files) whose bytes are hashed as they are read

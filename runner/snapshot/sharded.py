@@ -217,7 +217,8 @@ class ShardedSnapshotWriter(BackgroundWrites):
             torch.save(state, buffer)  # now: the loop goes on changing its lists (metrics)
             loop_bytes = buffer.getvalue()
         # Every rank hashes and fsyncs its own files as it writes them; the lead gets the digests.
-        writer = HashingWriter(str(tmp), block_size=self.block_size)
+        upload = self.manager.store.shard_uploader(folder_name(step))  # an object store: each rank its own files
+        writer = HashingWriter(str(tmp), block_size=self.block_size, upload=upload)
         if self.asynchronous:
             response = dcp.async_save(
                 shards, storage_writer=writer, process_group=self._group, async_stager=self._stager_for()

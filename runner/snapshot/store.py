@@ -96,6 +96,11 @@ class SnapshotStore(ABC):
     def check_listed(self, path: Path, expected: StoredFile) -> None:
         """`path` is there with the listed size (not read: its bytes are verified where they are read)."""
 
+    def shard_uploader(self, name: str) -> Optional[Callable[[Path, StoredFile], StoredFile]]:
+        """How a rank stores the shard files it wrote for version `name` itself, from its own
+        process (None: they stay in the staging folder and the lead's `commit_folder` stores them)."""
+        return None
+
     def shard_reader(self, version: Version, item: StoredFile) -> Callable[[int, int], bytes]:
         """Ranged reads of one file of a sharded version kept as an object (stores that are not local)."""
         raise NotImplementedError
@@ -127,8 +132,9 @@ def sha256_of_file(path: Path) -> tuple[str, int]:
 
 def staged_files(staged: Path, digests: Optional[dict[str, StoredFile]] = None) -> list[StoredFile]:
     """Each file of a staged sharded version, sorted by name: from `digests` where its writer hashed
-    it (its size checked against the file), else hashed and fsync'ed here. SnapshotError for a
-    file a sharded snapshot never writes, or a hashed file that is missing or of another size."""
+    it (its size checked against the file; one its rank already stored as an object need not be
+    here), else hashed and fsync'ed here. SnapshotError for a file a sharded snapshot never
+    writes, or a hashed file that is missing or of another size."""
     digests = dict(digests or {})
     files = []
     for path in sorted(staged.iterdir(), key=lambda p: p.name):
@@ -143,9 +149,11 @@ def staged_files(staged: Path, digests: Optional[dict[str, StoredFile]] = None) 
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files.append(StoredFile(path.name, size, sha256))
-    if digests:
-        raise SnapshotError(f"{staged} lacks {', '.join(sorted(digests))}, which its writers wrote")
-    return files
+    stored = [item for item in digests.values() if item.object is not None]  # uploaded by their own rank
+    missing = sorted(name for name, item in digests.items() if item.object is None)
+    if missing:
+        raise SnapshotError(f"{staged} lacks {', '.join(missing)}, which its writers wrote")
+    return sorted(files + stored, key=lambda item: item.name)
 
 
 def out_of_space(directory: Path) -> bool:
