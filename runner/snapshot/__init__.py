@@ -12,7 +12,9 @@ training loop knowing the format.
   location.py picks one from `snapshot.dir` (a folder name or a URL).
 - versions.py / manifest.py / format.py: typed manifest entries, the manifest's on-disk schema,
   what a snapshot file holds.
-- writer.py / sharded.py / dcp_reading.py: background writers and DCP reads.
+- writer.py / sharded.py / dcp_reading.py / dcp_writing.py: background writers, DCP writes (each
+  rank hashing its files as it writes them) and DCP reads (each block verified as it is read);
+  digests.py: those per-block digests.
 """
 
 from runner.snapshot.format import FORMAT_KEY, FORMAT_VERSION, SHARDED_KEY, SnapshotError, load_bytes, make_state

@@ -197,9 +197,9 @@ class ShardedCheckpointer(Checkpointer):
         sharded.load(self.engine.model, self.engine.optimizer, version)
 
     def load_best(self, collectives) -> Optional[Loaded]:
-        def best() -> Optional[Loaded]:
+        def best() -> Optional[Loaded]:  # shards are verified by the ranks that read them, as at a resume
             version = self.manager.best_entry()
-            return None if version is None else (version, self.manager.load_entry(version))
+            return None if version is None else (version, self.manager.load_entry(version, whole=False))
 
         return self._lead_verifies(collectives, best)
 
