@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -86,7 +87,10 @@ def test_sigkilled_worker_restarts_and_ends_bitwise_equal(tmp_path, fsdp_referen
     res = run_ok(
         [*FSDP, "name=crash", "trainer.crash_at_step=45", "trainer.crash_rank=1", "snapshot.async=true"], tmp_path
     )
-    assert "resumed from step-000000040" in res.output and "restart 1 after a worker failure" in res.output
+    # The version of step 40 counts once every rank's shards are durable; a rank killed 5 steps later
+    # may not have finished its background write, and then step 20 is the newest complete version.
+    assert re.search(r"resumed from step-0000000[24]0", res.output), res.output
+    assert "restart 1 after a worker failure" in res.output
     run_dir = tmp_path / "outputs" / "crash"
     reference = newest_model(fsdp_reference)
     restarted = newest_model(run_dir)
