@@ -49,7 +49,8 @@ def s3_env():
 
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+        if not fs.exists(BUCKET):  # moto keeps its buckets in-process, across servers of one session
+            fs.mkdir(BUCKET)
         yield env, fs
     server.stop()
 
