@@ -33,6 +33,7 @@ class Choice(str, Enum):
 
 
 class LaunchMode(Choice):
+    auto = "auto"  # standalone, or multinode placed by the scheduler (runner.launch.schedulers)
     local = "local"  # one process, in the driver: debuggers work
     standalone = "standalone"  # one machine, torchrun --standalone
     multinode = "multinode"  # several machines, one c10d rendezvous
@@ -206,14 +207,14 @@ class DataConfig:
 
 @dataclass
 class LaunchConfig:
-    mode: LaunchMode = LaunchMode.standalone
+    mode: LaunchMode = LaunchMode.auto
     nproc_per_node: str = "auto"  # auto | cpu | gpu | N (torchrun's meaning), see `parse_nproc`
     backend: Backend = Backend.auto
     max_restarts: int = 3  # worker-group restarts after a failure before the job fails
     monitor_interval: float = 0.1  # seconds between the agent's health checks of its workers
     stop_timeout: int = 120  # seconds workers get to snapshot after SIGTERM/SIGINT before SIGKILL
     collective_timeout: float = 600.0  # seconds a worker waits for its peers in a collective before failing
-    nnodes: str = "1"  # N or MIN:MAX (multinode)
+    nnodes: str = "1"  # N or MIN:MAX (multinode); auto (launch=auto): as many as the scheduler placed
     node_rank: Optional[int] = None  # multinode: this node's rank (optional with c10d)
     rdzv_backend: str = "c10d"
     rdzv_endpoint: Optional[str] = None  # multinode: host:port every node can reach

@@ -36,6 +36,8 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     env.pop("RUNNER_DEBUG", None)
+    for name in [n for n in env if n.startswith(("SLURM_", "PET_"))] + ["MASTER_ADDR", "MASTER_PORT", "NNODES"]:
+        env.pop(name, None)  # launch=auto: a test placed by a CI scheduler would otherwise go multi-node
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -29,6 +29,13 @@ class PreflightCallback(Callback):
 
         HydraConfig.instance().set_config(config)
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        try:
+            placed(config, hydra_logging=True)  # launch=auto made concrete first: the lock and checks see what runs
+        except UserError as err:
+            if full_errors_requested():
+                raise
+            report_user_error(err)
+            raise SystemExit(EXIT_USER_ERROR) from None
         task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         lock = RunDirLock(run_dir, shared=task_cfg.launch.mode == LaunchMode.multinode)
         choices, overrides = dict(config.hydra.runtime.choices), tuple(config.hydra.overrides.task)
@@ -41,3 +48,21 @@ class PreflightCallback(Callback):
             raise SystemExit(EXIT_USER_ERROR) from None
         with open_dict(config):
             config.runtime = runtime.as_dict()
+
+
+def placed(cfg: DictConfig, hydra_logging: bool = False) -> None:
+    """launch=auto: the scheduler's environment decides launch.mode and the rendezvous
+    (runner.launch.schedulers), and the console's first line says what was detected and why.
+    `hydra_logging`: called before Hydra set up the job's logging; the line looks like the job's."""
+    import logging
+    import os
+    import sys
+    import time
+
+    from runner.launch.schedulers import resolve_launch
+
+    line = resolve_launch(cfg, os.environ)
+    if line and hydra_logging:
+        print(f"[{time.strftime('%H:%M:%S')}][runner][INFO] - {line}", file=sys.stderr, flush=True)
+    elif line:
+        logging.getLogger("runner").info(line)

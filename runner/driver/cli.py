@@ -117,6 +117,7 @@ def run(cfg: DictConfig) -> int:
     in the sweep's table instead (the directory may hold another run's good status.json), and the
     empty job directory Hydra made for it is removed."""
     from runner.driver import checks
+    from runner.driver.callbacks import placed
     from runner.driver.lock import RunDirInUse, RunDirLock
 
     hydra_cfg = HydraConfig.get()
@@ -124,6 +125,13 @@ def run(cfg: DictConfig) -> int:
     overrides = list(hydra_cfg.overrides.task)
     job = {"overrides": overrides, "job_num": int(hydra_cfg.job.get("num") or 0)}
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        placed(cfg)  # a sweep job (the preflight callback placed a single run already)
+    except UserError as err:
+        if full_errors_requested():
+            raise
+        report_user_error(err)
+        return EXIT_USER_ERROR
     lock = RunDirLock.held(run_dir) or RunDirLock(run_dir, shared=cfg.launch.mode == LaunchMode.multinode)
     try:
         if lock.holding and cfg.get("runtime"):  # a single run: the preflight callback checked, locked and resolved

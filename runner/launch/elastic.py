@@ -96,8 +96,9 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
         endpoint = launch.rdzv_endpoint
         run_id = launch.rdzv_id or run_dir.name
         rdzv_configs: dict[str, Any] = {"timeout": launch.rdzv_timeout}
-        if launch.node_rank is not None:
+        if launch.node_rank is not None:  # node 0 hosts the rendezvous store, whatever its host names resolve to
             rdzv_configs["rank"] = launch.node_rank
+            rdzv_configs["is_host"] = launch.node_rank == 0
     else:  # standalone: torchrun --standalone, a private rendezvous on a free local port
         min_nodes = max_nodes = 1
         endpoint = "localhost:0"

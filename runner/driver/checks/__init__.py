@@ -18,6 +18,7 @@ Nothing here writes to disk (taking the lock aside).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,6 +38,7 @@ from runner.driver.checks.ranges import check_ranges, check_unknown_keys
 from runner.driver.checks.snapshots import check_init_from, check_resume
 from runner.driver.checks.store import check_store_config, check_store_reachable
 from runner.driver.rundir import check_name
+from runner.launch.schedulers import resolve_launch
 
 __all__ = ["check", "check_gpu_count", "check_meta_init", "check_start_method", "warn_gpu_options_on_cpu"]
 
@@ -56,6 +58,7 @@ def check(
     line (both only for the messages); `lock`: called between the quick checks and the slow ones;
     `parallel_jobs`/`slot`: this job's share of the machine when sweep jobs run side by side."""
     choices = choices or {}
+    resolve_launch(cfg, os.environ)  # launch=auto: the driver placed it already (and said so); callers in-process
     check_config(cfg, run_dir)
     runtime = resolve_machine(cfg, parallel_jobs, slot)
     check_run_dir(run_dir, 0)  # the lock file needs a writable directory

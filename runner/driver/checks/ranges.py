@@ -234,11 +234,11 @@ def check_launch(launch: DictConfig) -> None:
             "null or an integer >= 1",
         )
     require(
-        parse_nnodes(launch.nnodes) is not None,
+        parse_nnodes(launch.nnodes) is not None or (launch.mode == LaunchMode.auto and launch.nnodes == "auto"),
         "launch.nnodes",
         launch.nnodes,
         "is not a node count",
-        "N or MIN:MAX with 1 <= MIN <= MAX",
+        "N or MIN:MAX with 1 <= MIN <= MAX (auto: with launch=auto)",
         "e.g. launch.nnodes=2",
     )
     if launch.mode == LaunchMode.local:
