@@ -220,6 +220,7 @@ class LaunchConfig:
     rdzv_endpoint: Optional[str] = None  # multinode: host:port every node can reach
     rdzv_id: Optional[str] = None  # multinode: job id shared by all nodes; default: the run directory's name
     rdzv_timeout: int = 900  # seconds to wait for all nodes to join
+    rdzv_last_call_timeout: int = 30  # nnodes=MIN:MAX: seconds a rendezvous with MIN nodes waits for more
     omp_num_threads: Optional[int] = None  # threads per CPU worker; default: usable cores / workers
     cpu_allreduce: CpuAllreduce = CpuAllreduce.auto  # how CPU workers on one machine average gradients
     start_method: StartMethod = StartMethod.auto  # how worker processes start (runner.launch.start)

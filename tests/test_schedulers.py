@@ -156,3 +156,48 @@ def test_resolve_fills_the_rendezvous_and_says_why_and_what_the_user_set_wins():
         resolve_launch(launch_cfg(nnodes="6:8"), SLURM)
     explicit = launch_cfg(mode="standalone")
     assert resolve_launch(explicit, SLURM) is None and explicit.launch.mode == "standalone"  # only auto looks
+
+
+class FakeStore:
+    def __init__(self):
+        self.kv = {}
+
+    def set(self, key, value):
+        self.kv[key] = value
+
+    def get(self, key):
+        return self.kv[key].encode()
+
+
+def test_members_name_the_node_that_left_and_the_one_that_joined(caplog):
+    from runner.launch.membership import Members, Rendezvous
+
+    rdzv = Rendezvous("h:1", "job", 900, 1, 3, node=0)
+    me = Members(rdzv)
+    first = FakeStore()
+    first.set("runner/node/1", '{"node": 2, "host": "gpu03", "id": "gpu03:7"}')
+    first.set("runner/node/2", '{"node": 1, "host": "gpu02", "id": "gpu02:9"}')
+    with caplog.at_level("INFO", logger="runner"):
+        me.new_round(first, 0, 3, None)
+        assert not caplog.records  # the first round: nothing to compare with
+        second = FakeStore()
+        second.set("runner/node/0", '{"node": 2, "host": "gpu03", "id": "gpu03:7"}')
+        me.new_round(second, 1, 2, 38)
+        third = FakeStore()
+        third.set("runner/node/1", '{"node": 2, "host": "gpu03", "id": "gpu03:7"}')
+        third.set("runner/node/2", '{"node": 1, "host": "gpu02", "id": "gpu02:11"}')
+        me.new_round(third, 0, 3, None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "node 1 (gpu02) left at step 38: continuing on 2 nodes, from the last snapshot",
+        "node 1 (gpu02) joined: continuing on 3 nodes, from the snapshot written for it",
+    ]
+
+
+def test_a_peer_lost_by_gloo_is_told_from_a_bug():
+    from runner.train.faults import lost_peer, restart_may_fix
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:3509: Connection reset by peer")
+    assert lost_peer(gloo) and restart_may_fix(gloo)
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_peer(ValueError("Connection reset by peer in my own code: gloo"))

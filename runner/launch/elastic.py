@@ -8,7 +8,8 @@ workers, which snapshot and exit.
 Restarts: torch's agent restarts a failed group up to `launch.max_restarts` times, whatever the
 failure. Ours (`RestartPolicyAgent`) also ends the job when an attempt fails exactly like the one
 before (runner.train.faults: same exception, message and step), since a restart replays the same
-steps into the same bug; killed processes and lost peers are restarted as before.
+steps into the same bug; killed processes and lost peers are restarted as before. Under launch=multinode it also says what
+the rendezvous waits for and which node left or joined (runner.launch.membership).
 
 What a launch sets in the driver's process (environment, warning options, the agent's log levels,
 the start method, signal handlers) holds for that launch only (`launch_settings`): a sweep runs
@@ -33,6 +34,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
+from runner.launch.membership import Members, Rendezvous, waiting_reported
 from runner.launch.start import ddp_worker, driver_environment, ensure_forkserver, rpc_worker, start_resource_tracker
 from runner.train import faults
 
@@ -95,7 +97,13 @@ def elastic_config(cfg: DictConfig, run_dir: Path, nproc: int, log_dir: str, sta
         min_nodes, max_nodes = parse_nnodes(launch.nnodes)
         endpoint = launch.rdzv_endpoint
         run_id = launch.rdzv_id or run_dir.name
-        rdzv_configs: dict[str, Any] = {"timeout": launch.rdzv_timeout}
+        # c10d reads join_timeout ("timeout" is the other backends' name); last_call_timeout: how long
+        # a rendezvous that has MIN nodes waits for more before it starts
+        rdzv_configs: dict[str, Any] = {
+            "timeout": launch.rdzv_timeout,
+            "join_timeout": launch.rdzv_timeout,
+            "last_call_timeout": launch.get("rdzv_last_call_timeout", 30),
+        }
         if launch.node_rank is not None:  # node 0 hosts the rendezvous store, whatever its host names resolve to
             rdzv_configs["rank"] = launch.node_rank
             rdzv_configs["is_host"] = launch.node_rank == 0
@@ -184,20 +192,22 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
     from torch.distributed.launcher.api import elastic_launch
 
     config = elastic_config(cfg, run_dir, int(runtime.nproc_per_node), str(error_reports), runtime.start_method)
+    rdzv = None
     if cfg.launch.mode == LaunchMode.multinode:  # the rendezvous may wait long for the other nodes: say for what
-        lo, hi = config.min_nodes, config.max_nodes
-        log.info(
-            "waiting for %s nodes at %s (launch.rdzv_timeout=%s s)",
-            lo if lo == hi else f"{lo} to {hi}",
+        rdzv = Rendezvous(
             config.rdzv_endpoint,
-            cfg.launch.rdzv_timeout,
+            config.run_id,
+            int(cfg.launch.rdzv_timeout),
+            config.min_nodes,
+            config.max_nodes,
+            cfg.launch.node_rank,
         )
     entrypoint = rpc_worker if cfg.launch.mode == LaunchMode.rpc else ddp_worker
     if runtime.start_method == "forkserver":
         ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
     records = error_reports / "failures"
     records.mkdir()
-    with restart_policy(records) as agents:
+    with restart_policy(records, rdzv) as agents:
         try:
             return elastic_launch(config, entrypoint)(
                 str(run_dir), {**driver_environment(), faults.FAILURE_RECORDS: str(records)}
@@ -225,9 +235,12 @@ def _agent_class():
         attempt N-1) leaves no restarts; torch's own agent does the same (`_remaining_restarts = 0`)
         when a worker is stuck."""
 
-        def __init__(self, *args, failure_records: Path, **kwargs) -> None:
+        def __init__(self, *args, failure_records: Path, rendezvous: Optional[Rendezvous] = None, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.failure_records = failure_records
+            self.rendezvous = rendezvous
+            self.members = Members(rendezvous) if rendezvous is not None else None
+            self.lost_step: Optional[int] = None
             self.restarts_done = 0  # of the attempt that failed last: 0 = the first attempt
             self.repeated: Optional[dict] = None
             self.stopped: Optional[dict] = None  # {"signal", "step"}: the workers stopped on request
@@ -242,17 +255,37 @@ def _agent_class():
                     raise SignalException(
                         "the workers stopped on request", signal.Signals(self.stopped.get("signal") or signal.SIGTERM)
                     )
+                self.lost_step = faults.lost_at_step(self.failure_records, self.restarts_done)
                 if self._remaining_restarts > 0 and not killed:
                     self.repeated = faults.repeated_failure(self.failure_records, self.restarts_done)
                     if self.repeated is not None:
                         self._remaining_restarts = 0
             return result
 
+        def _restart_workers(self, worker_group: WorkerGroup) -> None:
+            # torch restarts healthy workers when a node waits to join (a failed group: after a failure)
+            if worker_group.state == WorkerState.HEALTHY:
+                log.info("a node waits to join: the workers stop at the next step with a snapshot, then go on with it")
+            super()._restart_workers(worker_group)
+
+        def _rendezvous(self, worker_group: WorkerGroup) -> None:
+            """torch's rendezvous, saying what it waits for; then who left or joined since the last round.
+            Workers this agent stopped to let a node join left stop records: not a stop of the job."""
+            faults.clear_stops(self.failure_records, worker_group.spec.max_restarts - self._remaining_restarts)
+            if self.rendezvous is None:
+                return super()._rendezvous(worker_group)
+            with waiting_reported(self.rendezvous, worker_group.spec.rdzv_handler):
+                super()._rendezvous(worker_group)
+            self.members.new_round(
+                worker_group.store, worker_group.group_rank, worker_group.group_world_size, self.lost_step
+            )
+            self.lost_step = None
+
     return RestartPolicyAgent
 
 
 @contextmanager
-def restart_policy(failure_records: Path) -> Iterator[list]:
+def restart_policy(failure_records: Path, rendezvous: Optional[Rendezvous] = None) -> Iterator[list]:
     """While the job runs, `elastic_launch` builds a RestartPolicyAgent where it builds torch's
     LocalElasticAgent; yields the agents built (one per launch), for their restart counts.
 
@@ -269,7 +302,7 @@ def restart_policy(failure_records: Path) -> Iterator[list]:
     policy_agent = _agent_class()
 
     def build(*args, **kwargs):
-        agent = policy_agent(*args, failure_records=failure_records, **kwargs)
+        agent = policy_agent(*args, failure_records=failure_records, rendezvous=rendezvous, **kwargs)
         built.append(agent)
         return agent
 

@@ -56,7 +56,21 @@ def restart_may_fix(err: BaseException) -> bool:
     import torch
     import torch.distributed as dist
 
-    return isinstance(err, (dist.DistError, MemoryError, torch.OutOfMemoryError))
+    return isinstance(err, (dist.DistError, MemoryError, torch.OutOfMemoryError)) or lost_peer(err)
+
+
+# gloo reports a peer that went away (its process or node died) as a plain RuntimeError
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """A collective failed because a peer process is gone (it died, or its node did)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistNetworkError) or (
+        isinstance(err, RuntimeError) and "gloo" in text and any(words in text for words in LOST_PEER)
+    )
 
 
 def _write_record(kind: str, rank: int, record: dict) -> None:
@@ -88,7 +102,10 @@ def _read_records(folder: Path, kind: str, attempt: int) -> list:
 
 def record_failure(err: BaseException, rank: int) -> None:
     """Write this worker's failure signature for the agent (only under an agent that asked for it)."""
-    if not os.environ.get(FAILURE_RECORDS) or restart_may_fix(err):
+    if not os.environ.get(FAILURE_RECORDS):
+        return
+    if restart_may_fix(err):  # a lost peer or node: where it happened, for the agent's "left at step N"
+        _write_record("lost", rank, {"step": current_step})
         return
     signature = {
         "type": f"{type(err).__module__}.{type(err).__qualname__}",
@@ -102,6 +119,19 @@ def record_stop(signum: Optional[int], step: int, rank: int) -> None:
     """Tell the agent that this worker stopped on request (a snapshot, then exit), which it must not
     restart: on a node whose workers got no signal themselves, the request came from another node."""
     _write_record("stop", rank, {"signal": signum, "step": step})
+
+
+def lost_at_step(folder: Path, attempt: int) -> Optional[int]:
+    """The last step a worker of restart `attempt` completed before it lost a peer, if one recorded it."""
+    steps = [r["step"] for r in _read_records(folder, "lost", attempt) if isinstance(r.get("step"), int)]
+    return max(steps) if steps else None
+
+
+def clear_stops(folder: Path, attempt: int) -> None:
+    """Forget the stop records of restart `attempt`: the agent stopped its workers itself (to let a
+    node join), and the workers it starts next run under the same attempt number."""
+    for path in Path(folder).glob(f"stop-{attempt}-rank-*.json"):
+        path.unlink(missing_ok=True)
 
 
 def stop_request(folder: Path, attempt: int) -> Optional[dict]:

@@ -198,6 +198,15 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
 def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
     faults.record_failure(err, rank)  # first: the agent reads it as soon as this process has exited
     log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
+    if faults.lost_peer(err):  # a node or a worker went away: the agent says which, and restarts
+        log.warning(
+            "lost a peer after step %s (its process or node is gone; traceback in %s)",
+            faults.current_step,
+            rank_log_path(run_dir, rank),
+            extra={"file": False},
+        )
+        traceback.clear_frames(err.__traceback__)
+        return
     log.warning(
         "failed: %s: %s (traceback in %s)",
         type(err).__name__,

@@ -1,0 +1,139 @@
+"""Nodes that come and go: "nodes" are driver processes on 127.0.0.1 placed by a simulated SLURM
+allocation (launch=auto, no address typed), one worker each (the machine has 2 shared cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_same_weights, cli_env, run_cli
+
+pytestmark = pytest.mark.slow
+TASK = [
+    "name=elastic",
+    "model=mlp",
+    "dataset.size=4096",
+    "trainer.total_epochs=100000",  # never reached: every phase ends with a stop
+    "trainer.save_every_steps=20",
+    "trainer.progress=false",
+    "launch.backend=gloo",
+    "launch.nproc_per_node=1",
+]
+ELASTIC = ["launch.nnodes=1:2", "launch.rdzv_last_call_timeout=2"]
+
+
+class Node:
+    """One node's `python -m runner` (its own process group, output in files: it runs long)."""
+
+    def __init__(self, workdir: Path, rank: int, tag: str, restart: int = 0) -> None:
+        env = {
+            **cli_env(),
+            "SLURM_JOB_ID": "31337",
+            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1",
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(rank),
+            "SLURM_RESTART_COUNT": str(restart),
+        }
+        self.out = workdir / f"node-{tag}.err"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", *TASK, *ELASTIC],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.out.open("w"),
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.out.read_text()
+
+    def wait(self, timeout: float = 180) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+def wait_until(condition, what: str, timeout: float = 180, nodes: tuple = ()) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        ended = [n for n in nodes if n.proc.poll() is not None]
+        assert time.time() < deadline and not ended, f"{what}: " + "\n".join(n.text()[-3000:] for n in nodes)
+        time.sleep(0.1)
+
+
+def snapshots_written(log: Path) -> list[int]:
+    return [int(s) for s in re.findall(r"snapshot snapshot-(\d+)\.pt written", log.read_text())] if log.exists() else []
+
+
+def test_a_lost_node_is_named_the_job_shrinks_grows_back_stops_everywhere_and_requeues(workdir):
+    run_dir = workdir / "outputs" / "elastic"
+    log = run_dir / "train.log"
+    head, other = Node(workdir, 0, "0"), Node(workdir, 1, "1")
+    wait_until(lambda: any(s >= 40 for s in snapshots_written(log)), "a snapshot at step 40", nodes=(head, other))
+    os.killpg(other.proc.pid, signal.SIGKILL)  # the node is gone: its driver, agent and workers at once
+    other.wait()
+    wait_until(lambda: " left at step " in head.text(), "node 0 says that node 1 left", nodes=(head,))
+    left = re.search(r"node 1 \((.+)\) left at step (\d+): continuing on 1 node, from the last snapshot", head.text())
+    assert left, head.text()
+    assert "frame #" not in head.text() and "GLHF" not in head.text()  # no C++ stack, no gloo chatter
+    wait_until(lambda: "resumed from" in log.read_text().split(left.group(0))[-1], "training on 1 node", nodes=(head,))
+
+    rejoined = Node(workdir, 1, "1b")
+    wait_until(lambda: "node 1 (" in head.text() and " joined: continuing on 2 nodes" in head.text(), "the rejoin")
+    after_join = len(snapshots_written(log))
+    wait_until(
+        lambda: len(snapshots_written(log)) > after_join + 1, "training on 2 nodes again", nodes=(head, rejoined)
+    )
+
+    rejoined.proc.send_signal(signal.SIGTERM)  # a stop of any node is a stop for all
+    codes = head.wait(), rejoined.wait()
+    assert codes == (128 + signal.SIGTERM,) * 2, head.text()[-3000:] + rejoined.text()[-3000:]
+    for node in (head, rejoined):
+        text = node.text()
+        assert "Stopped by SIGTERM: a snapshot of the last step" in text, text[-3000:]
+        assert "training failed" not in text and "frame #" not in text, text[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped" and status["exit_code"] == 128 + signal.SIGTERM
+    stop = json.loads((run_dir / "stopped.json").read_text()) if (run_dir / "stopped.json").exists() else None
+    manifest = json.loads((run_dir / "snapshots" / "manifest.json").read_text())
+    stop_step = manifest["snapshots"][-1]["step"]
+    assert stop is None or stop["step"] == stop_step
+
+    # SLURM requeues the job: the same command, SLURM_RESTART_COUNT one higher, resumes the stop snapshot.
+    requeued = [Node(workdir, rank, f"r{rank}", restart=1) for rank in (0, 1)]
+    resumed = f"resumed from snapshot-{stop_step:09d}.pt"
+    wait_until(lambda: resumed in log.read_text(), "the requeued job resumes", nodes=tuple(requeued))
+    assert "rendezvous id slurm-31337-1" in requeued[0].text()
+    first = len(snapshots_written(log))
+    wait_until(lambda: len(snapshots_written(log)) > first + 1, "the requeued job trains", nodes=tuple(requeued))
+    requeued[0].proc.send_signal(signal.SIGUSR1)  # sbatch --signal=USR1@120
+    assert [n.wait() for n in requeued] == [128 + signal.SIGUSR1] * 2, requeued[0].text()[-3000:]
+    final = json.loads((run_dir / "snapshots" / "manifest.json").read_text())["snapshots"][-1]
+    assert final["step"] > stop_step
+
+    # Exact: one node of two workers, resumed from the same stop snapshot, ends on the same weights.
+    ref_dir = workdir / "outputs" / "reference"
+    shutil.copytree(run_dir, ref_dir, ignore=shutil.ignore_patterns(".lock"))
+    res = run_cli(
+        [
+            *TASK,
+            "hydra.run.dir=outputs/reference",
+            "launch=standalone",
+            "launch.nproc_per_node=2",
+            f"snapshot.resume={ref_dir / 'snapshots' / f'snapshot-{stop_step:09d}.pt'}",
+            f"trainer.max_steps={final['step']}",
+        ],
+        workdir,
+    )
+    assert res.returncode == 0, res.output
+    import torch
+
+    ours = torch.load(run_dir / "snapshots" / final["file"], map_location="cpu", weights_only=True)
+    theirs = torch.load(ref_dir / "snapshots" / final["file"], map_location="cpu", weights_only=True)
+    assert_same_weights(ours["model"], theirs["model"])
