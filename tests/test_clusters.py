@@ -33,18 +33,23 @@ ELASTIC = ["launch.nnodes=1:2", "launch.rdzv_last_call_timeout=2"]
 class Node:
     """One node's `python -m runner` (its own process group, output in files: it runs long)."""
 
-    def __init__(self, workdir: Path, rank: int, tag: str, restart: int = 0) -> None:
+    def __init__(self, workdir: Path, rank: int, tag: str, restart: int = 0, env=None, args=ELASTIC) -> None:
         env = {
             **cli_env(),
-            "SLURM_JOB_ID": "31337",
-            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1",
-            "SLURM_NNODES": "2",
-            "SLURM_NODEID": str(rank),
-            "SLURM_RESTART_COUNT": str(restart),
+            **(
+                env
+                or {
+                    "SLURM_JOB_ID": "31337",
+                    "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1",
+                    "SLURM_NNODES": "2",
+                    "SLURM_NODEID": str(rank),
+                    "SLURM_RESTART_COUNT": str(restart),
+                }
+            ),
         }
         self.out = workdir / f"node-{tag}.err"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", *TASK, *ELASTIC],
+            [sys.executable, "-m", "runner", *TASK, *args],
             cwd=workdir,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -137,3 +142,43 @@ def test_a_lost_node_is_named_the_job_shrinks_grows_back_stops_everywhere_and_re
     ours = torch.load(run_dir / "snapshots" / final["file"], map_location="cpu", weights_only=True)
     theirs = torch.load(ref_dir / "snapshots" / final["file"], map_location="cpu", weights_only=True)
     assert_same_weights(ours["model"], theirs["model"])
+
+
+def test_pytorchjob_pods_meet_and_the_loss_of_the_head_pod_is_said_and_resumed(workdir):
+    from runner.launch.elastic import _free_port
+
+    port = str(_free_port())
+
+    def pod(rank: int, tag: str) -> Node:
+        operator = {  # what the training operator sets in each pod
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "PET_NNODES": "2",
+            "PET_NODE_RANK": str(rank),
+            "PET_NPROC_PER_NODE": "1",
+        }
+        return Node(workdir, rank, tag, env=operator, args=[])
+
+    run_dir = workdir / "outputs" / "elastic"
+    log = run_dir / "train.log"
+    master, worker = pod(0, "m"), pod(1, "w")
+    wait_until(lambda: any(s >= 40 for s in snapshots_written(log)), "a snapshot at step 40", nodes=(master, worker))
+    assert "launch=auto: Kubeflow PyTorchJob detected (PET_NNODES=2, PET_NODE_RANK=1" in worker.text()
+    assert "starting from scratch: 2 processes" in log.read_text()
+    os.killpg(master.proc.pid, signal.SIGKILL)  # the pod that hosts the rendezvous is evicted
+    master.wait()
+    assert worker.wait() == 1
+    text = worker.text()
+    assert f"Error: the rendezvous at 127.0.0.1:{port} is gone: the node that hosted it (node 0) left" in text, text
+    assert "frame #" not in text and "Traceback" not in text and "GLHF" not in text, text
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    newest = json.loads((run_dir / "snapshots" / "manifest.json").read_text())["snapshots"][-1]["file"]
+    assert f"resumes from {newest}" in text
+
+    # The operator restarts the pods (restartPolicy: OnFailure): the same command resumes the run.
+    again = [pod(0, "m2"), pod(1, "w2")]
+    wait_until(lambda: f"resumed from {newest}" in log.read_text(), "the restarted pods resume", nodes=tuple(again))
+    again[1].proc.send_signal(signal.SIGTERM)
+    assert [p.wait() for p in again] == [128 + signal.SIGTERM] * 2

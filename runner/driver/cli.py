@@ -24,7 +24,7 @@ from runner.config import LaunchMode, ResumeWord, Runtime, quote_path_overrides,
 from runner.driver import reports, sweep
 from runner.driver.rundir import run_dir_name, write_run_files
 from runner.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError, full_errors_requested, report_user_error
-from runner.launch.start import stop_forkserver
+from runner.launch.start import quiet_driver_cpp_warnings, stop_forkserver
 
 log = logging.getLogger("runner")
 
@@ -69,6 +69,8 @@ class Driver:
 
     def main(self) -> None:
         """Console entry point. Hydra's own errors (unknown key, bad type) exit 2, like ours."""
+        if not full_errors_requested():
+            quiet_driver_cpp_warnings()
         _register_plugins()
         sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # run directories' names hold = and ,
         try:

@@ -227,6 +227,14 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         return 128 + signal.SIGINT
     if isinstance(err, KeyboardInterrupt):  # launch=local: a second signal while the first was being handled
         return report_stopped(run_dir, signal.SIGINT, cfg, aborted=True)
+    if cfg.launch.mode == LaunchMode.multinode and _rendezvous_lost(err) and not full_errors_requested():
+        print(
+            f"Error: the rendezvous at {cfg.launch.rdzv_endpoint} is gone: the node that hosted it (node 0) left "
+            f"(its machine or process died, or it ended), and the other nodes cannot go on without it. Run the same "
+            f"command again on every node (a requeue, a restarted job): {resume_point(cfg, run_dir)}.",
+            file=sys.stderr,
+        )
+        return EXIT_TRAINING_FAILED
     if full_errors_requested():
         import traceback
 
@@ -262,6 +270,18 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
     lines.append(f"  full logs: {short(log_path)} (all ranks: {short(run_dir / TRAIN_LOG)})")
     print("\n".join(lines), file=sys.stderr)
     return EXIT_TRAINING_FAILED
+
+
+def _rendezvous_lost(err: BaseException) -> bool:
+    """The agent lost its rendezvous store (its host is gone), seen anywhere in the error's chain."""
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+
+    while err is not None:
+        if isinstance(err, (RendezvousConnectionError, DistNetworkError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _disk_full(run_dir: Path) -> Optional[str]:

@@ -43,7 +43,9 @@ FORKED_FROM_SERVER = False  # set in the server (runner.launch.server), so in ev
 # whose values differ from the server's starts a new server. The two the driver sets itself at
 # launch are left out: the agent reads the first, torch.set_num_threads applies the second.
 IMPORT_TIME = ("TORCH", "PYTORCH", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_")
-SET_AT_LAUNCH = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS")
+CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+SET_AT_LAUNCH = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS", CPP_LOG_LEVEL)
+_quiet_cpp = False  # the driver set CPP_LOG_LEVEL for itself (not for its workers)
 _server_env: Optional[dict[str, str]] = None  # the environment the server this driver started began with
 # Command lines whose driver starts no workers of its own, or not by forkserver.
 NO_WARM_UP = re.compile(
@@ -180,7 +182,20 @@ DRIVER_PID = "RUNNER_DRIVER_PID"  # in the environment handed to the workers (no
 
 def driver_environment() -> dict[str, str]:
     """What the driver hands its workers at launch: its environment and its pid."""
-    return {**os.environ, DRIVER_PID: str(os.getpid())}
+    env = {**os.environ, DRIVER_PID: str(os.getpid())}
+    if _quiet_cpp:
+        env.pop(CPP_LOG_LEVEL, None)
+    return env
+
+
+def quiet_driver_cpp_warnings() -> None:
+    """Before the driver imports torch: its C++ side logs errors only. When a node that hosted the
+    rendezvous store goes, every store call of the elastic agent would print a C++ warning with its
+    stack (`frame #0 ...`); the driver says what happened itself. Workers keep torch's level."""
+    global _quiet_cpp
+    if CPP_LOG_LEVEL not in os.environ and "torch" not in sys.modules:
+        os.environ[CPP_LOG_LEVEL] = "ERROR"
+        _quiet_cpp = True
 
 
 def settle_in(driver_env: Mapping[str, str]) -> None:
