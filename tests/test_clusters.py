@@ -33,7 +33,7 @@ ELASTIC = ["launch.nnodes=1:2", "launch.rdzv_last_call_timeout=2"]
 class Node:
     """One node's `python -m runner` (its own process group, output in files: it runs long)."""
 
-    def __init__(self, workdir: Path, rank: int, tag: str, restart: int = 0, env=None, args=ELASTIC) -> None:
+    def __init__(self, workdir: Path, rank: int, tag: str, restart: int = 0, env=None, args=ELASTIC, task=TASK) -> None:
         env = {
             **cli_env(),
             **(
@@ -49,7 +49,7 @@ class Node:
         }
         self.out = workdir / f"node-{tag}.err"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", *TASK, *args],
+            [sys.executable, "-m", "runner", *task, *args],
             cwd=workdir,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -182,3 +182,31 @@ def test_pytorchjob_pods_meet_and_the_loss_of_the_head_pod_is_said_and_resumed(w
     wait_until(lambda: f"resumed from {newest}" in log.read_text(), "the restarted pods resume", nodes=tuple(again))
     again[1].proc.send_signal(signal.SIGTERM)
     assert [p.wait() for p in again] == [128 + signal.SIGTERM] * 2
+
+
+def test_three_nodes_of_a_slurm_host_list_meet_and_train_like_one_node_of_three(workdir):
+    """127.0.0.1-3 are all this machine (loopback): the host list's head node, 127.0.0.1, hosts."""
+    short = ["name=three", "model=mlp", "trainer.total_epochs=2", "trainer.progress=false", "launch.backend=gloo"]
+    short += ["launch.nproc_per_node=1"]  # one worker per node
+    env = {"SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "127.0.0.[1-3]", "SLURM_NNODES": "3"}
+    nodes = []
+    for rank in range(3):
+        nodes.append(Node(workdir, rank, f"3-{rank}", env={**env, "SLURM_NODEID": str(rank)}, args=[], task=short))
+    codes = [n.wait(timeout=240) for n in nodes]
+    assert codes == [0, 0, 0], "\n".join(n.text()[-2000:] for n in nodes)
+    for rank, node in enumerate(nodes):
+        assert (
+            f"SLURM detected (SLURM_JOB_ID=777, SLURM_JOB_NODELIST=127.0.0.[1-3], SLURM_NODEID={rank})" in node.text()
+        )
+        assert "rendezvous 127.0.0.1:20777 (id slurm-777-0)" in node.text()
+    ref = run_cli([*short, "name=one", "launch.nproc_per_node=3"], workdir)
+    assert ref.returncode == 0, ref.output
+    import torch
+
+    def final(name: str) -> dict:
+        snapshots = workdir / "outputs" / name / "snapshots"
+        entry = json.loads((snapshots / "manifest.json").read_text())["snapshots"][-1]
+        return torch.load(snapshots / entry["file"], map_location="cpu", weights_only=True)["model"]
+
+    assert "starting from scratch: 3 processes" in (workdir / "outputs" / "three" / "train.log").read_text()
+    assert_same_weights(final("three"), final("one"))
