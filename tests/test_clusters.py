@@ -117,10 +117,15 @@ def test_a_lost_node_is_named_the_job_shrinks_grows_back_stops_everywhere_and_re
     assert "rendezvous id slurm-31337-1" in requeued[0].text()
     first = len(snapshots_written(log))
     wait_until(lambda: len(snapshots_written(log)) > first + 1, "the requeued job trains", nodes=tuple(requeued))
-    requeued[0].proc.send_signal(signal.SIGUSR1)  # sbatch --signal=USR1@120
+    for node in requeued:  # sbatch --signal=USR1@120: SLURM signals every task
+        node.proc.send_signal(signal.SIGUSR1)
     assert [n.wait() for n in requeued] == [128 + signal.SIGUSR1] * 2, requeued[0].text()[-3000:]
     final = json.loads((run_dir / "snapshots" / "manifest.json").read_text())["snapshots"][-1]
     assert final["step"] > stop_step
+    for node in requeued:
+        assert "Stopped by SIGUSR1: a snapshot of the last step" in node.text(), node.text()[-3000:]
+    stop = re.findall(r"stopped by SIGUSR1 at step (\d+)", log.read_text())
+    assert stop and {int(s) for s in stop} == {final["step"]}  # both nodes stopped at one step: one stop snapshot
 
     # Exact: one node of two workers, resumed from the same stop snapshot, ends on the same weights.
     ref_dir = workdir / "outputs" / "reference"

@@ -43,6 +43,8 @@ def test_slurm_places_the_node_with_the_head_node_first_and_the_requeue_count_in
     assert detect({**SLURM, "SLURM_JOB_ID": "4243"}).port != p.port  # jobs sharing a head node do not collide
     assert detect(SLURM).rdzv_id == "slurm-4242-0"
     assert "SLURM_JOB_NODELIST=gpu[01-04,07]" in p.why and "SLURM_RESTART_COUNT=2" in p.why
+    assert detect({**SLURM, "SLURM_GPUS_PER_NODE": "a100:4"}).nproc_per_node == "4"  # sbatch --gpus-per-node
+    assert detect({**SLURM, "SLURM_GPUS_ON_NODE": "0"}).nproc_per_node is None
     mine = detect({**SLURM, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})  # sbatch scripts often export them
     assert (mine.host, mine.port) == ("10.0.0.1", 29500)
 

@@ -214,11 +214,12 @@ def _slurm(env: Mapping[str, str]) -> Placement:
         )
     job, restart = env["SLURM_JOB_ID"], env.get("SLURM_RESTART_COUNT", "0")
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").isdigit() else _job_port(job)
-    gpus = env.get("SLURM_GPUS_ON_NODE", "")
+    gpus_var = next((n for n in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE") if n in env), None)
+    gpus = env[gpus_var].rpartition(":")[2] if gpus_var else ""  # --gpus-per-node=a100:8 gives "a100:8"
     why = _shown(env, "SLURM_JOB_ID", nodelist_var, "SLURM_NODEID", "SLURM_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
     return Placement(
         scheduler="SLURM",
-        why=why + _shown(env, "SLURM_GPUS_ON_NODE") if gpus.isdigit() and int(gpus) > 0 else why,
+        why=why + _shown(env, gpus_var) if gpus.isdigit() and int(gpus) > 0 else why,
         nnodes=str(nnodes),
         node_rank=node_rank,
         host=env.get("MASTER_ADDR") or hosts[0],
