@@ -203,3 +203,14 @@ def test_a_peer_lost_by_gloo_is_told_from_a_bug():
     assert lost_peer(gloo) and restart_may_fix(gloo)
     assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not lost_peer(ValueError("Connection reset by peer in my own code: gloo"))
+
+
+@pytest.mark.slow
+def test_half_set_variables_stop_the_command_before_anything_starts(workdir):
+    from conftest import run_cli
+
+    res = run_cli(["name=half"], workdir, env={"MASTER_ADDR": "10.0.0.7", "NNODES": "2"})
+    assert res.returncode == 2, res.output
+    assert "Error: MASTER_PORT=(unset): torchrun-style environment: MASTER_ADDR, NNODES set but" in res.stderr
+    assert "fix: set the missing variables on every node (docs/clusters.md)" in res.stderr
+    assert not (workdir / "outputs").exists()  # refused before the run directory was made
