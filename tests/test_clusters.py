@@ -81,6 +81,9 @@ def test_a_lost_node_is_named_the_job_shrinks_grows_back_stops_everywhere_and_re
     log = run_dir / "train.log"
     head, other = Node(workdir, 0, "0"), Node(workdir, 1, "1")
     wait_until(lambda: any(s >= 40 for s in snapshots_written(log)), "a snapshot at step 40", nodes=(head, other))
+    assert "global batch 32 (32 per worker x 1 worker) on 1 node, up to 2 (launch.nnodes=1:2)" in head.text()
+    waiting = "waiting for up to 1 more node at 127.0.0.1:21337, rendezvous id slurm-31337-0, timeout 900 s"
+    assert waiting in head.text(), head.text()
     os.killpg(other.proc.pid, signal.SIGKILL)  # the node is gone: its driver, agent and workers at once
     other.wait()
     wait_until(lambda: " left at step " in head.text(), "node 0 says that node 1 left", nodes=(head,))
@@ -204,6 +207,7 @@ def test_three_nodes_of_a_slurm_host_list_meet_and_train_like_one_node_of_three(
             f"SLURM detected (SLURM_JOB_ID=777, SLURM_JOB_NODELIST=127.0.0.[1-3], SLURM_NODEID={rank})" in node.text()
         )
         assert "rendezvous 127.0.0.1:20777 (id slurm-777-0)" in node.text()
+        assert "waiting for 2 of 3 nodes at 127.0.0.1:20777, rendezvous id slurm-777-0, timeout 900 s" in node.text()
     ref = run_cli([*short, "name=one", "launch.nproc_per_node=3"], workdir)
     assert ref.returncode == 0, ref.output
     import torch

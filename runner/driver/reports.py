@@ -31,15 +31,19 @@ def training_setup(cfg: DictConfig, runtime) -> str:
     nodes = (parse_nnodes(cfg.launch.nnodes) or (1, 1))[0] if cfg.launch.mode == LaunchMode.multinode else 1
     workers = int(runtime.nproc_per_node) * nodes
     accumulate = int(trainer.accumulate)
-    single = workers == 1 and trainer.strategy == Strategy.ddp
+    most = (parse_nnodes(cfg.launch.nnodes) or (1, 1))[1] if cfg.launch.mode == LaunchMode.multinode else 1
+    single = workers == 1 and most == 1 and trainer.strategy == Strategy.ddp
     strategy = "one process (no DDP)" if single else f"strategy {trainer.strategy}"
     parts = [f"{trainer.batch_size} per worker", f"{workers} worker{'s' if workers > 1 else ''}"]
     if accumulate > 1:
         parts.append(f"{accumulate} micro-batches")
-    return (
+    text = (
         f"{strategy}, precision {precision}, global batch {int(trainer.batch_size) * workers * accumulate} "
         f"({' x '.join(parts)})"
     )
+    if most > nodes:  # launch.nnodes=MIN:MAX: the batch follows the nodes that take part
+        text += f" on {nodes} node{'s' if nodes > 1 else ''}, up to {most} (launch.nnodes={cfg.launch.nnodes})"
+    return text
 
 
 def short(path: Path) -> str:
