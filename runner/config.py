@@ -215,7 +215,7 @@ class LaunchConfig:
     stop_timeout: int = 120  # seconds workers get to snapshot after SIGTERM/SIGINT before SIGKILL
     collective_timeout: float = 600.0  # seconds a worker waits for its peers in a collective before failing
     nnodes: str = "1"  # N or MIN:MAX (multinode); auto (launch=auto): as many as the scheduler placed
-    node_rank: Optional[int] = None  # multinode: this node's rank (optional with c10d)
+    node_rank: Optional[int] = None  # multinode: this node's rank (optional with c10d); node 0 hosts the store
     rdzv_backend: str = "c10d"
     rdzv_endpoint: Optional[str] = None  # multinode: host:port every node can reach
     rdzv_id: Optional[str] = None  # multinode: job id shared by all nodes; default: the run directory's name

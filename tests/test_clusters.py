@@ -90,6 +90,7 @@ def test_a_lost_node_is_named_the_job_shrinks_grows_back_stops_everywhere_and_re
     left = re.search(r"node 1 \((.+)\) left at step (\d+): continuing on 1 node, from the last snapshot", head.text())
     assert left, head.text()
     assert "frame #" not in head.text() and "GLHF" not in head.text()  # no C++ stack, no gloo chatter
+    assert re.search(r"still waiting for up to 1 more node at .*: \d+ s waited", head.text()), head.text()
     wait_until(lambda: "resumed from" in log.read_text().split(left.group(0))[-1], "training on 1 node", nodes=(head,))
 
     rejoined = Node(workdir, 1, "1b")
