@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 # Resolved-config entries that are records, not settings (the driver's runtime, the run directory).
 NOISE = ("runtime", "run_dir", "identity", "hydra")
+PER_NODE = ("launch.node_rank",)  # differs from node to node of one job: where rank 0 runs, not a change
 LENGTH_KEYS = ("total_steps", "T_max", "total_iters")  # a scheduler's planned length, by torch's names
 SHOWN = 12  # changes listed on the line; the rest are counted
 
@@ -52,7 +53,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [
         f"{k} {_show(before[k])} -> {_show(after[k])}"
         for k in sorted(before.keys() & after.keys())
-        if before[k] != after[k] and k.split(".", 1)[0] not in NOISE
+        if before[k] != after[k] and k.split(".", 1)[0] not in NOISE and k not in PER_NODE
     ]
 
 
