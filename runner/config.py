@@ -186,6 +186,10 @@ class TrainerConfig:
     # step `crash_at_step` (first attempt only, so the restarted workers go on).
     crash_at_step: Optional[int] = None
     crash_rank: int = 0
+    # Observability (runner.train.observer): FLOPs of one sample's forward and backward (null = counted on the
+    # first step with torch's FlopCounterMode) and the device's peak TFLOP/s for MFU (null = from a table of GPUs).
+    flops_per_sample: Optional[float] = None
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

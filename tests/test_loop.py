@@ -25,11 +25,12 @@ from runner.train.evaluation import evaluate
 from runner.train.loop import planned_steps
 from runner.train.stop import Stopped
 
-VOLATILE = ("time", "samples_per_s", "epoch_seconds")  # wall-clock numbers differ between any two runs
+VOLATILE = ("time", "samples_per_s", "epoch_seconds", "tflops", "mfu")  # wall-clock numbers differ between runs
+VOLATILE_FAMILIES = ("time/", "memory/")  # the step-time breakdown and memory
 
 
 def stable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith(VOLATILE_FAMILIES)} for r in records]
 
 
 def weighted_mean(losses: list[float], counts: list[int]) -> float:

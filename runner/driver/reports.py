@@ -13,6 +13,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Strategy
+from runner.driver.observed import observed_lines
 from runner.errors import EXIT_TRAINING_FAILED, full_errors_requested
 from runner.layout import stop_marker
 from runner.system import peak_rss_mb
@@ -115,6 +116,7 @@ def print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) ->
         lines.insert(
             3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)"
         )
+    lines += observed_lines(summary)
     print("\n".join(lines))
 
 

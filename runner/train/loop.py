@@ -30,6 +30,7 @@ from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.evaluation import Monitor, evaluate
 from runner.train.metrics import MetricsWriter, train_loss
+from runner.train.observer import Observer
 from runner.train.stop import Diverged, Stopped, StopRequest
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class TrainLoop:
         stop: StopRequest,
         metrics: Optional[MetricsWriter] = None,
         logger=None,
+        observer: Optional[Observer] = None,
     ) -> None:
         self.t, self.config, self.engine, self.data, self.task = cfg.trainer, config, engine, data, task
         self.checkpointer, self.stop, self.metrics_file, self.logger = checkpointer, stop, metrics, logger
@@ -86,6 +88,7 @@ class TrainLoop:
         self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
         self.bar = tqdm(disable=True)
         self.val_seconds = 0.0
+        self.observe = observer or Observer.from_config(self.t, engine.device)  # throughput, time, memory
         self._start_row()  # the row's clock, and the samples and units trained in it
         self._rng_to_restore: Optional[list[dict]] = None
         if hasattr(data.train, "bind"):  # a stream: the ranks agree on where its epoch ends
@@ -246,6 +249,7 @@ class TrainLoop:
         if self.last_saved_step != self.global_step:  # the same decision on every rank
             self.save_snapshot(end_of_epoch=self.samples_in_epoch == 0)
         self.checkpointer.wait()
+        self.observe.close()
         wall = time.perf_counter() - started
         peaks = self.engine.collectives.gather(peak_rss_mb())  # each rank's peak (collective: every rank)
         train_wall = wall - self.val_seconds
@@ -271,6 +275,7 @@ class TrainLoop:
             "monitor": self.watch.name,
             "best": self.watch.best,
             "best_step": self.watch.best_step,
+            **self.observe.summary(),
         }
         if self.task.unit and train_wall > 0:
             summary[f"{self.task.unit}_per_s"] = units_trained / train_wall
@@ -296,7 +301,7 @@ class TrainLoop:
             n = sum(self.task.batch_size(b) for b in window)
             units = sum(self.task.units(b) for b in window) * self.world_size if self.task.unit else 0
             epoch_units += units
-            out = self.engine.train_step(window, self.checkpointer.wait_for_staging)
+            out = self.observe.train_step(self.engine, window, n, self.checkpointer.wait_for_staging)
             window = []
             if out is None:
                 self.skipped_steps += 1
@@ -315,6 +320,7 @@ class TrainLoop:
                     self.row_sums[name].add_(value, alpha=n)
             self.global_step += 1
             faults.note_step(self.global_step)
+            self.observe.step_done(self.global_step)
             self.samples_in_epoch += n * self.world_size
             epoch_samples += n * self.world_size
             self.row_samples += n * self.world_size
@@ -328,7 +334,8 @@ class TrainLoop:
             reached = bool(self.max_steps) and self.global_step >= self.max_steps
             if mid_epoch and not reached and t.val_every_steps and self.global_step % t.val_every_steps == 0:
                 self._validate_and_record()
-            self._after_step(mid_epoch=mid_epoch and not reached)
+            with self.observe.phase("snapshot"):
+                self._after_step(mid_epoch=mid_epoch and not reached)
             if reached or self.watch.ended is not None:
                 if mid_epoch:
                     self._record_partial_epoch(
@@ -336,9 +343,10 @@ class TrainLoop:
                     )
                     return epoch_samples, epoch_units
                 break
-        self._end_epoch(
-            epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before)
-        )
+        with self.observe.phase("epoch_end"):
+            self._end_epoch(
+                epoch_samples, epoch_units, self._seconds_since(epoch_started) - (self.val_seconds - val_before)
+            )
         return epoch_samples, epoch_units
 
     def _seconds_since(self, started: float) -> float:
@@ -371,6 +379,7 @@ class TrainLoop:
         """A new row's throughput clock: its wall time excludes the validations run during it."""
         self.row_started, self.row_val_seconds = time.perf_counter(), self.val_seconds
         self.row_samples = self.row_units = 0
+        self.observe.start_row()
 
     def _record_row(self) -> None:
         """One training row every `trainer.log_every` steps: the means since the last row over every rank
@@ -378,8 +387,10 @@ class TrainLoop:
         names = sorted(k for k in self.row_sums if k != "loss")
         count = torch.tensor(float(self.row_count), dtype=torch.float64, device=self.loss_sum.device)
         total = torch.stack([self.row_sums["loss"], count, *(self.row_sums[k] for k in names)])
+        total = torch.cat([total, self.observe.row_tensor(self.rank, self.world_size, total.device)])
         self.engine.collectives.sum_(total)
         values = total.tolist()
+        values, observed = values[: len(names) + 2], values[len(names) + 2 :]
         seconds = time.perf_counter() - self.row_started - (self.val_seconds - self.row_val_seconds)
         record: dict[str, Any] = {
             "scope": "step",
@@ -392,6 +403,7 @@ class TrainLoop:
         record["samples_per_s"] = self.row_samples / seconds if seconds > 0 else None
         if self.task.unit:
             record[f"{self.task.unit}_per_s"] = self.row_units / seconds if seconds > 0 else None
+        record.update(self.observe.row_fields(observed, self.world_size, self.row_samples, seconds))
         for value in self.row_sums.values():
             value.zero_()
         self.row_count = 0
@@ -502,7 +514,11 @@ class TrainLoop:
         """A record as one log line (on the console unless the bar shows it), and the bar's postfix."""
         if not self.lead:
             return
-        shown = " ".join(f"{k} {v:.6g}" for k, v in record.items() if "/" in k and isinstance(v, float))
+        shown = " ".join(
+            f"{k} {v:.6g}"
+            for k, v in record.items()
+            if "/" in k and isinstance(v, float) and not k.startswith(("time/", "memory/"))  # in the file, not here
+        )
         lr = f" lr {record['lr']:.4g}" if "lr" in record else ""
         rate = (
             next(
@@ -532,7 +548,8 @@ class TrainLoop:
         """Validate, put val/<name> into `record`, update the best value and early stopping.
         Returns whether the monitored metric improved (a best snapshot is due)."""
         started = time.perf_counter()
-        metrics = {f"val/{k}": v for k, v in evaluate(self.engine, self.task, self.data.val).items()}
+        with self.observe.phase("eval"):
+            metrics = {f"val/{k}": v for k, v in evaluate(self.engine, self.task, self.data.val).items()}
         self.val_seconds += time.perf_counter() - started
         record.update(metrics)
         self.validated = (self.global_step, metrics)

@@ -89,6 +89,15 @@ def check_trainer(trainer: DictConfig) -> None:
         Precision.words(),
         "e.g. trainer.precision=bf16",
     )
+    for key in ("flops_per_sample", "peak_tflops"):
+        require(
+            trainer.get(key) is None or trainer[key] > 0,
+            f"trainer.{key}",
+            trainer.get(key),
+            "must be positive",
+            "a number > 0, or null (counted on the first step / looked up by device)",
+            f"e.g. trainer.{key}=null",
+        )
     require(
         trainer.accumulate >= 1,
         "trainer.accumulate",

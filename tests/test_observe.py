@@ -1,0 +1,121 @@
+"""What a run says about itself, in this process: FLOPs counted against a hand count, TFLOP/s and
+MFU in the training rows, the step-time breakdown, memory, and the summary's lines about them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import metrics
+from loop_helpers import config, train
+
+from runner.driver.observed import observed_lines
+from runner.examples.charlm import TinyGPT
+from runner.models import MLP
+from runner.tasks import LanguageModel
+from runner.train.throughput import Throughput, count_flops, device_peak_tflops
+from runner.train.timing import PhaseClock
+
+
+def step_flops(model: torch.nn.Module, loss_of) -> float:
+    def step():
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    return count_flops(step)[1]
+
+
+def test_flops_of_an_mlp_match_a_hand_count():
+    batch, sizes = 32, [20, 64, 64, 3]  # in, two hidden layers, out
+    model = MLP(20, 3, hidden_size=64, depth=2)
+    x = torch.randn(batch, 20)
+    counted = step_flops(model, lambda m: m(x).square().mean())
+    layers = list(zip(sizes, sizes[1:]))
+    forward = sum(2 * batch * i * o for i, o in layers)
+    weight_grads = forward  # one product per layer for the weight's gradient...
+    input_grads = sum(2 * batch * i * o for i, o in layers[1:])  # ...and one for the input's, but not the data's
+    assert counted == pytest.approx(forward + weight_grads + input_grads, rel=0.05)
+
+
+def test_flops_of_the_character_gpt_match_a_hand_count():
+    layers, width, vocab, length, batch = 2, 128, 128, 64, 4  # model=tiny_gpt as experiment=charlm builds it
+    model = TinyGPT(vocab_size=vocab, block_size=length, n_layer=layers, n_head=4, n_embd=width)
+    tokens = torch.randint(0, vocab, (batch, length + 1))
+    counted = step_flops(model, lambda m: LanguageModel().training_step(m, tokens))
+    # 6 N per token for the matrix products (N: 12 d^2 per block and the tied head) and 12 L T d for
+    # attention's two products (forward and backward, causal masking not subtracted, as FlopCounterMode).
+    params = layers * 12 * width * width + width * vocab
+    hand = (6 * params + 12 * layers * length * width) * batch * length
+    assert counted == pytest.approx(hand, rel=0.05)
+
+
+def test_peak_table_and_mfu():
+    assert device_peak_tflops(torch.device("cpu"), "bf16") is None  # a CPU: TFLOP/s without MFU
+    counted = Throughput(torch.device("cpu"), "32")
+    out = counted.step(lambda: torch.ones(8, 8) @ torch.ones(8, 8), samples=2)
+    assert out.sum() == 512 and counted.flops_per_sample == 2 * 8**3 / 2
+    assert counted.row(1e9, 1.0) == {"tflops": pytest.approx(0.512)}  # 512 FLOPs a sample, 1e9 samples/s
+    given = Throughput(torch.device("cpu"), "32", flops_per_sample=1e6, peak_tflops=2.0)
+    given.step(lambda: None, samples=1)
+    assert given.flops_per_sample == 1e6  # given: never counted
+    assert given.row(1e6, 1.0) == {"tflops": 1.0, "mfu": 0.5}
+    assert given.row(2e6, 3.0) == {"tflops": 2.0, "mfu": 1.0}
+    summary = given.summary()
+    assert summary["tflops_mean"] == pytest.approx(1.75) and summary["tflops_best"] == 2.0  # weighted by time
+    assert summary["mfu_mean"] == pytest.approx(0.875) and summary["mfu_best"] == 1.0
+
+
+def test_phase_clock_charges_every_second_to_one_phase():
+    clock = PhaseClock(torch.device("cpu"))
+    started = time.perf_counter()
+    time.sleep(0.02)
+    clock.lap("data")
+    with clock.phase("eval"):
+        time.sleep(0.03)
+    time.sleep(0.01)
+    clock.lap("step")
+    row = clock.flush()
+    wall = time.perf_counter() - started
+    assert row["data"] == pytest.approx(0.02, abs=0.01) and row["eval"] == pytest.approx(0.03, abs=0.01)
+    assert row["step"] == pytest.approx(0.01, abs=0.01)
+    assert sum(row.values()) == pytest.approx(wall, abs=0.005)
+    assert clock.flush() == {} and clock.totals["eval"] == row["eval"]
+
+
+def test_training_rows_carry_throughput_time_breakdown_and_memory(tmp_path):
+    run = train(tmp_path, config("trainer.log_every=3", "trainer.peak_tflops=1e-6", "trainer.save_every_steps=4"))
+    assert run.error is None, run.error
+    rows = metrics(tmp_path, steps=True)
+    assert [r["step"] for r in rows] == [3, 6, 9, 12, 15, 18]  # 2 epochs of 10 steps
+    # Linear(3, 16), Tanh, Linear(16, 1): forward 2 (48 + 16), backward 2 x 16 + 2 (48 + 16) (no grad of the data).
+    assert run.summary["flops_per_sample"] == 2 * 64 + 2 * 16 + 2 * 64
+    for row in rows:
+        per_worker = row["samples_per_s"]  # one worker
+        assert row["tflops"] == pytest.approx(288 * per_worker / 1e12, rel=0.02)
+        assert row["mfu"] == pytest.approx(row["tflops"] / 1e-6)
+        phases = {k: v for k, v in row.items() if k.startswith("time/")}
+        assert {"time/data", "time/step", "time/optimizer", "time/log"} <= phases.keys()
+        assert all(v >= 0 for v in phases.values()) and phases["time/step"] > 0
+        # The phases cover the row's wall time: 3 steps of 4 samples (2 in an epoch's last step).
+        assert sum(phases.values()) == pytest.approx(11 / row["samples_per_s"], rel=0.3)
+        assert row["memory/rss_mb"] > 10 and "memory/cuda_max_allocated_mb" not in row
+    assert "time/snapshot" in rows[1]  # the snapshot of step 4 is in the second row
+    s = run.summary
+    assert s["tflops_best"] >= s["tflops_mean"] > 0 and s["mfu_best"] == pytest.approx(s["tflops_best"] / 1e-6)
+    breakdown = s["time_breakdown"]
+    assert {"data", "step", "optimizer", "snapshot", "epoch_end"} <= breakdown.keys()
+    assert sum(breakdown.values()) <= s["train_seconds"]
+    assert s["memory_peak"]["memory/rss_mb"] >= rows[0]["memory/rss_mb"]
+    lines = observed_lines(s)
+    assert lines[0].startswith("compute       : ") and "TFLOP/s per worker (best row " in lines[0]
+    assert "MFU " in lines[0] and "of 1e-06 TFLOP/s" in lines[0]
+    assert lines[1].startswith("time          : ") and "(of " in lines[1] and "s, rank 0)" in lines[1]
+    shares = [int(p.rsplit(" ", 1)[1][:-1]) for p in lines[1][16:].split(" (of ")[0].split(", ")]
+    assert shares == sorted(shares, reverse=True) and 97 <= sum(shares) <= 103  # largest first, all of it
+
+    on_cpu = train(tmp_path / "cpu", config("trainer.log_every=5", "trainer.flops_per_sample=1000"))
+    assert on_cpu.summary["flops_per_sample"] == 1000 and "mfu_mean" not in on_cpu.summary
+    assert all("mfu" not in r for r in metrics(tmp_path / "cpu", steps=True))
+    assert "MFU n/a (no peak known for this device: trainer.peak_tflops)" in observed_lines(on_cpu.summary)[0]
