@@ -154,6 +154,17 @@ class DDPConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """trainer.profile: torch.profiler over a window of steps, a trace per rank in <run>/profile/."""
+
+    start_step: Optional[int] = None  # first global step profiled (counted from 1); null = off
+    steps: int = 3  # steps in the window
+    ranks: Optional[list[int]] = field(default_factory=lambda: [0])  # ranks that record; null = every rank
+    record_shapes: bool = False  # operators' input shapes in the trace
+    profile_memory: bool = False  # allocations and frees in the trace
+
+
+@dataclass
 class TrainerConfig:
     total_epochs: int = 20  # epochs to train; raise it and re-run to continue a finished run
     max_steps: int = 0  # optimizer steps to train instead of epochs (0 = train total_epochs epochs)
@@ -190,6 +201,7 @@ class TrainerConfig:
     # first step with torch's FlopCounterMode) and the device's peak TFLOP/s for MFU (null = from a table of GPUs).
     flops_per_sample: Optional[float] = None
     peak_tflops: Optional[float] = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -375,6 +387,7 @@ def schema_sections() -> dict[str, type]:
         "trainer.early_stop": EarlyStopConfig,
         "trainer.fsdp": FSDPConfig,
         "trainer.ddp": DDPConfig,
+        "trainer.profile": ProfileConfig,
         "data": DataConfig,
         "launch": LaunchConfig,
         "snapshot": SnapshotConfig,

@@ -10,6 +10,7 @@ Both sides import this module, so neither reaches into the other for a file name
       train.log         every rank's log, and the driver's
       logs/rank-N.log   one rank's log;  logs/stopped.json  the workers' stop snapshot
       snapshots/        versions and manifest.json (runner.snapshot)
+      profile/rank-N.json.gz  torch.profiler traces (trainer.profile); rank-N.txt  their top operators
       .snapshot-staging/  with snapshot.dir=<URL>: versions written here, then uploaded
       .lock             one driver per directory (runner.driver.lock)
 """
@@ -26,6 +27,7 @@ TRAIN_LOG = "train.log"
 LOG_DIR = "logs"
 STOP_MARKER = "stopped.json"
 LOCK_FILE = ".lock"
+PROFILE_DIR = "profile"
 
 
 def rank_log_path(run_dir: Path, rank: int) -> Path:
@@ -35,3 +37,8 @@ def rank_log_path(run_dir: Path, rank: int) -> Path:
 def stop_marker(run_dir: Path) -> Path:
     """Written by the workers when they stopped on a signal after their snapshot; read by the driver."""
     return Path(run_dir) / LOG_DIR / STOP_MARKER
+
+
+def profile_trace(rank: int) -> str:
+    """A rank's profiler trace, relative to the run directory (Perfetto and TensorBoard open it)."""
+    return f"{PROFILE_DIR}/rank-{rank}.json.gz"

@@ -3,10 +3,13 @@ MFU in the training rows, the step-time breakdown, memory, and the summary's lin
 
 from __future__ import annotations
 
+import gzip
+import json
 import time
 
 import pytest
 import torch
+from check_helpers import refusal
 from conftest import metrics
 from loop_helpers import config, train
 
@@ -119,3 +122,54 @@ def test_training_rows_carry_throughput_time_breakdown_and_memory(tmp_path):
     assert on_cpu.summary["flops_per_sample"] == 1000 and "mfu_mean" not in on_cpu.summary
     assert all("mfu" not in r for r in metrics(tmp_path / "cpu", steps=True))
     assert "MFU n/a (no peak known for this device: trainer.peak_tflops)" in observed_lines(on_cpu.summary)[0]
+
+
+def test_profiler_window_writes_a_trace_with_events_and_the_top_operators(tmp_path):
+    run = train(tmp_path, config("trainer.profile.start_step=4", "trainer.profile.steps=3", "trainer.log_every=0"))
+    assert run.error is None, run.error
+    trace = tmp_path / "profile" / "rank-0.json.gz"
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
+    assert any(e["name"] == "aten::addmm" for e in ops) and any("Optimizer.step" in e["name"] for e in events)
+    # The window is 3 steps: 3 optimizer steps recorded, and nothing of the steps around it.
+    assert sum(1 for e in events if e["name"].startswith("Optimizer.step#SGD.step")) == 3
+    assert "Self CPU" in (tmp_path / "profile" / "rank-0.txt").read_text()
+    s = run.summary
+    assert s["profile_traces"] == ["profile/rank-0.json.gz"] and len(s["profile_top"]) == 5
+    assert all(isinstance(name, str) and ms >= 0 for name, ms in s["profile_top"])
+    lines = observed_lines(s, "outputs/run")
+    assert "profile       : outputs/run/profile/rank-0.json.gz" in lines
+    assert next(x for x in lines if x.startswith("top operators : ")).count(" ms") == 5
+
+    # A window that the run ends inside is written at the end; a rank not asked records nothing.
+    short = train(tmp_path / "short", config("trainer.profile.start_step=19", "trainer.profile.steps=5"))
+    assert short.error is None and (tmp_path / "short" / "profile" / "rank-0.json.gz").is_file()
+    other = train(tmp_path / "other", config("trainer.profile.start_step=2", "trainer.profile.ranks=[1]"))
+    assert other.error is None and not (tmp_path / "other" / "profile").exists()
+    assert other.summary["profile_traces"] == ["profile/rank-1.json.gz"] and other.summary["profile_top"] == []
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.flops_per_sample=0", "trainer.flops_per_sample"),
+        ("trainer.peak_tflops=-1", "trainer.peak_tflops"),
+        ("trainer.profile.start_step=0", "trainer.profile.start_step"),
+        ("trainer.profile.steps=0", "trainer.profile.steps"),
+        ("trainer.profile.ranks=[-1]", "trainer.profile.ranks"),
+    ],
+)
+def test_bad_observability_keys_are_refused_before_launch(tmp_path, override, key):
+    err = refusal([override], tmp_path)
+    assert err.key == key and key in err.render() and "e.g." in err.render()
+
+
+def test_summary_lines_without_training_rows_use_the_runs_mean():
+    summary = {"flops_per_sample": 1e9, "samples_per_s": 4000.0, "world_size": 2, "peak_tflops": 4.0}
+    assert observed_lines(summary) == ["compute       : 2 TFLOP/s per worker, MFU 50.0% of 4 TFLOP/s"]
+    gpu = {"memory_peak": {"memory/cuda_max_allocated_mb": 2048.0, "memory/cuda_max_reserved_mb": 3000.0}}
+    assert observed_lines(gpu) == [
+        "gpu memory    : 2,048 MB allocated at most, 3,000 MB reserved (the most of any rank)"
+    ]
+    assert observed_lines({}) == []

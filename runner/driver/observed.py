@@ -12,12 +12,16 @@ def _tflops(value: float) -> str:
 
 def compute_line(summary: dict[str, Any]) -> list[str]:
     mean, best = summary.get("tflops_mean"), summary.get("tflops_best")
-    if mean is None or best is None:
+    flops, rate, world = summary.get("flops_per_sample"), summary.get("samples_per_s"), summary.get("world_size")
+    if mean is None and flops and rate and world:  # no training row: the run's own mean
+        mean = flops * rate / world / 1e12
+    if mean is None:
         return []
-    line = f"compute       : {_tflops(mean)} TFLOP/s per worker (best row {_tflops(best)})"
-    if summary.get("mfu_mean") is not None:
-        line += f", MFU {100 * summary['mfu_mean']:.1f}% (best {100 * summary['mfu_best']:.1f}%)"
-        line += f" of {summary['peak_tflops']:g} TFLOP/s"
+    line = f"compute       : {_tflops(mean)} TFLOP/s per worker" + (f" (best row {_tflops(best)})" if best else "")
+    peak = summary.get("peak_tflops")
+    if peak:
+        line += f", MFU {100 * mean / peak:.1f}%" + (f" (best {100 * best / peak:.1f}%)" if best else "")
+        line += f" of {peak:g} TFLOP/s"
     else:
         line += ", MFU n/a (no peak known for this device: trainer.peak_tflops)"
     return [line]
@@ -43,16 +47,18 @@ def memory_line(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def profile_lines(summary: dict[str, Any]) -> list[str]:
+def profile_lines(summary: dict[str, Any], run_dir: str) -> list[str]:
     traces = summary.get("profile_traces")
     if not traces:
         return []
-    lines = [f"profile       : {traces[0]}" + (f" (+{len(traces) - 1} ranks)" if len(traces) > 1 else "")]
+    shown = ", ".join(f"{run_dir}/{t}" for t in traces[:4]) + (", ..." if len(traces) > 4 else "")
+    lines = [f"profile       : {shown}"]
     top = summary.get("profile_top") or []
     if top:
         lines.append("top operators : " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in top))
     return lines
 
 
-def observed_lines(summary: dict[str, Any]) -> list[str]:
-    return compute_line(summary) + time_line(summary) + memory_line(summary) + profile_lines(summary)
+def observed_lines(summary: dict[str, Any], run_dir: str = ".") -> list[str]:
+    """`run_dir`: as the summary shows it, to name the traces."""
+    return compute_line(summary) + time_line(summary) + memory_line(summary) + profile_lines(summary, run_dir)

@@ -116,7 +116,7 @@ def print_summary(run_dir: Path, summary: dict, wall: float, cfg: DictConfig) ->
         lines.insert(
             3, f"skipped steps : {summary['skipped_steps']} (non-finite loss or gradients, trainer.on_nonfinite=skip)"
         )
-    lines += observed_lines(summary)
+    lines += observed_lines(summary, short(run_dir))
     print("\n".join(lines))
 
 

@@ -88,7 +88,7 @@ class TrainLoop:
         self.validated: tuple[int, dict[str, float]] = (-1, {})  # (step, metrics) of the last validation
         self.bar = tqdm(disable=True)
         self.val_seconds = 0.0
-        self.observe = observer or Observer.from_config(self.t, engine.device)  # throughput, time, memory
+        self.observe = (observer or Observer.from_config(self.t, engine.device)).bind(self)  # runner.train.observer
         self._start_row()  # the row's clock, and the samples and units trained in it
         self._rng_to_restore: Optional[list[dict]] = None
         if hasattr(data.train, "bind"):  # a stream: the ranks agree on where its epoch ends

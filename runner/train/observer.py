@@ -41,6 +41,12 @@ class Observer:
         return cls(device, str(t.precision), t.get("flops_per_sample"), t.get("peak_tflops"), **parts)
 
     # ---- each step ----------------------------------------------------------------------------
+    def bind(self, loop: Any) -> "Observer":
+        """The loop whose position (global step) the profiler window follows."""
+        if self.profiler is not None:
+            self.profiler.position = lambda: loop.global_step
+        return self
+
     def start_row(self) -> None:
         self.clock.restart()
 
@@ -64,8 +70,9 @@ class Observer:
         return out
 
     def step_done(self, global_step: int) -> None:
-        if self.profiler is not None:
-            self.profiler.after_step(global_step)
+        if self.profiler is not None and self.profiler.active is not None:
+            with self.clock.phase("profile"):  # writing the trace, once
+                self.profiler.after_step(global_step)
         if self.heartbeat is not None:
             self.heartbeat(global_step)
 

@@ -34,6 +34,8 @@ from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
 from runner.train.metrics import MetricsWriter
+from runner.train.observer import Observer
+from runner.train.profiling import profile_window
 from runner.train.resume_notes import log_notes, resume_noting_changes
 from runner.train.stop import Diverged, Stopped, StopRequest, first_of_node
 
@@ -58,7 +60,12 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     metrics = MetricsWriter(run_dir / METRICS_FILE) if lead else None
     logger = build_logger(cfg, run_dir) if lead else None
     stop = StopRequest(engine.collectives)
-    loop = TrainLoop(cfg, config, engine, data, task, checkpointer, stop, metrics, logger)
+    observer = Observer.from_config(
+        cfg.trainer,
+        engine.device,
+        profiler=profile_window(cfg.trainer, run_dir, engine.collectives.rank, engine.device),
+    )
+    loop = TrainLoop(cfg, config, engine, data, task, checkpointer, stop, metrics, logger, observer)
     try:
         loaded = find_resume_state(cfg, checkpointer, engine.collectives)
         if loaded is not None:

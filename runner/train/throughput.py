@@ -120,7 +120,9 @@ class Throughput:
     def summary(self) -> dict[str, Any]:
         """The run's mean (weighted by each row's time) and best row, of TFLOP/s and MFU."""
         if not self.rows:
-            return {"flops_per_sample": self.flops_per_sample} if self.flops_per_sample else {}
+            return (
+                {"flops_per_sample": self.flops_per_sample, "peak_tflops": self.peak} if self.flops_per_sample else {}
+            )
         seconds = sum(r[0] for r in self.rows)
         mean = sum(r[0] * r[1] for r in self.rows) / seconds if seconds else None
         out: dict[str, Any] = {

@@ -98,6 +98,32 @@ def check_trainer(trainer: DictConfig) -> None:
             "a number > 0, or null (counted on the first step / looked up by device)",
             f"e.g. trainer.{key}=null",
         )
+    profile = trainer.get("profile")
+    if profile is not None:
+        require(
+            profile.start_step is None or profile.start_step >= 1,
+            "trainer.profile.start_step",
+            profile.start_step,
+            "must be at least 1 (steps are counted from 1)",
+            "an integer >= 1, or null (no profile)",
+            "e.g. trainer.profile.start_step=10",
+        )
+        require(
+            profile.steps >= 1,
+            "trainer.profile.steps",
+            profile.steps,
+            "must be at least 1",
+            "an integer >= 1 (steps in the window)",
+            "e.g. trainer.profile.steps=3",
+        )
+        require(
+            profile.ranks is None or all(r >= 0 for r in profile.ranks),
+            "trainer.profile.ranks",
+            profile.ranks,
+            "holds a negative rank",
+            "a list of ranks >= 0, or null (every rank)",
+            "e.g. trainer.profile.ranks=[0,1]",
+        )
     require(
         trainer.accumulate >= 1,
         "trainer.accumulate",
