@@ -158,6 +158,7 @@ def test_profiler_window_writes_a_trace_with_events_and_the_top_operators(tmp_pa
         ("trainer.profile.start_step=0", "trainer.profile.start_step"),
         ("trainer.profile.steps=0", "trainer.profile.steps"),
         ("trainer.profile.ranks=[-1]", "trainer.profile.ranks"),
+        ("launch.hang_timeout=-1", "launch.hang_timeout"),
     ],
 )
 def test_bad_observability_keys_are_refused_before_launch(tmp_path, override, key):

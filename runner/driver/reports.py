@@ -259,6 +259,8 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         what = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
     else:
         what = f"{type(err).__name__}: {err}"
+    if getattr(err, "hang", None):  # the watchdog ended the last attempt (its table is above)
+        what = err.hang
     full = _disk_full(run_dir)
     if full and "No space left on device" not in what:
         what = f"No space left on device: {full} (then: {what})"

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from omegaconf import DictConfig
 
 from runner.config import LaunchMode, Runtime, parse_nnodes
 from runner.errors import full_errors_requested
+from runner.launch.hangs import Hang, HangWatch, kill_all
 from runner.launch.membership import Members, Rendezvous, waiting_reported
 from runner.launch.start import ddp_worker, driver_environment, ensure_forkserver, rpc_worker, start_resource_tracker
 from runner.train import faults
@@ -207,7 +209,10 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
         ensure_forkserver()  # running already, unless the command line kept the driver from warming it up
     records = error_reports / "failures"
     records.mkdir()
-    with restart_policy(records, rdzv) as agents:
+    watch = None
+    if cfg.launch.get("hang_timeout") and cfg.launch.mode != LaunchMode.rpc:
+        watch = HangWatch(records, run_dir, cfg.launch.hang_timeout, cfg.launch.collective_timeout)
+    with restart_policy(records, rdzv, watch) as agents:
         try:
             return elastic_launch(config, entrypoint)(
                 str(run_dir), {**driver_environment(), faults.FAILURE_RECORDS: str(records)}
@@ -216,6 +221,7 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
             if agents:
                 err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
                 err.stop_request = agents[-1].stopped
+                err.hang = agents[-1].hang.summary() if agents[-1].hang else None
             raise
 
 
@@ -235,18 +241,29 @@ def _agent_class():
         attempt N-1) leaves no restarts; torch's own agent does the same (`_remaining_restarts = 0`)
         when a worker is stuck."""
 
-        def __init__(self, *args, failure_records: Path, rendezvous: Optional[Rendezvous] = None, **kwargs) -> None:
+        def __init__(
+            self,
+            *args,
+            failure_records: Path,
+            rendezvous: Optional[Rendezvous] = None,
+            hangs: Optional[HangWatch] = None,
+            **kwargs,
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.failure_records = failure_records
             self.rendezvous = rendezvous
             self.members = Members(rendezvous) if rendezvous is not None else None
             self.lost_step: Optional[int] = None
+            self.hangs = hangs
+            self.hang: Optional[Hang] = None  # the last attempt that hung: where each rank was
             self.restarts_done = 0  # of the attempt that failed last: 0 = the first attempt
             self.repeated: Optional[dict] = None
             self.stopped: Optional[dict] = None  # {"signal", "step"}: the workers stopped on request
 
         def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
             result = super()._monitor_workers(worker_group)
+            if result.state == WorkerState.HEALTHY and self.hangs is not None:
+                result = self._end_if_hung(worker_group, result)
             if result.state == WorkerState.FAILED:
                 self.restarts_done = worker_group.spec.max_restarts - self._remaining_restarts
                 killed = any(failure.exitcode < 0 for failure in result.failures.values())
@@ -281,11 +298,27 @@ def _agent_class():
             )
             self.lost_step = None
 
+        def _end_if_hung(self, worker_group: WorkerGroup, result: RunResult) -> RunResult:
+            """No worker moved for the limit: stacks to the logs, one table, then kill them (a failed attempt)."""
+            found = self.hangs.check(worker_group.workers)
+            if found is None:
+                return result
+            self.hang = self.hangs.report(worker_group.workers, found)
+            log.error("%s", self.hang.table(self.hangs.run_dir))
+            kill_all(worker_group.workers)
+            deadline = time.monotonic() + 30
+            while result.state == WorkerState.HEALTHY and time.monotonic() < deadline:
+                time.sleep(0.05)
+                result = super()._monitor_workers(worker_group)
+            return result
+
     return RestartPolicyAgent
 
 
 @contextmanager
-def restart_policy(failure_records: Path, rendezvous: Optional[Rendezvous] = None) -> Iterator[list]:
+def restart_policy(
+    failure_records: Path, rendezvous: Optional[Rendezvous] = None, hangs: Optional[HangWatch] = None
+) -> Iterator[list]:
     """While the job runs, `elastic_launch` builds a RestartPolicyAgent where it builds torch's
     LocalElasticAgent; yields the agents built (one per launch), for their restart counts.
 
@@ -302,7 +335,7 @@ def restart_policy(failure_records: Path, rendezvous: Optional[Rendezvous] = Non
     policy_agent = _agent_class()
 
     def build(*args, **kwargs):
-        agent = policy_agent(*args, failure_records=failure_records, rendezvous=rendezvous, **kwargs)
+        agent = policy_agent(*args, failure_records=failure_records, rendezvous=rendezvous, hangs=hangs, **kwargs)
         built.append(agent)
         return agent
 

@@ -6,18 +6,19 @@ a phase, a row, the end); nothing here reads a device value between two training
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from runner.train import watchdog
 from runner.train.memory import memory_mb
 from runner.train.throughput import Throughput
 from runner.train.timing import PhaseClock
 
 
 class Observer:
-    """`profiler` (runner.train.profiling.ProfileWindow) and `heartbeat` (a callable given the
-    global step after each one, runner.train.watchdog) are optional."""
+    """`profiler` (runner.train.profiling.ProfileWindow) is optional; the heartbeat of the hang
+    watchdog (runner.train.watchdog) moves after every step and at every phase."""
 
     def __init__(
         self,
@@ -26,12 +27,11 @@ class Observer:
         flops_per_sample: Optional[float] = None,
         peak_tflops: Optional[float] = None,
         profiler: Any = None,
-        heartbeat: Optional[Callable[[int], None]] = None,
     ) -> None:
         self.device = device
         self.clock = PhaseClock(device)
         self.throughput = Throughput(device, precision, flops_per_sample, peak_tflops)
-        self.profiler, self.heartbeat = profiler, heartbeat
+        self.profiler = profiler
         self.memory_names = list(memory_mb(device))
         self.memory_peak: dict[str, float] = {}
 
@@ -73,11 +73,20 @@ class Observer:
         if self.profiler is not None and self.profiler.active is not None:
             with self.clock.phase("profile"):  # writing the trace, once
                 self.profiler.after_step(global_step)
-        if self.heartbeat is not None:
-            self.heartbeat(global_step)
+        watchdog.beat(global_step)
 
-    def phase(self, name: str) -> ContextManager[None]:
-        return self.clock.phase(name)
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A phase of the loop between steps: timed, and named in the heartbeat the hang watchdog reads."""
+        watched = watchdog.LOOP_PHASES.get(name)
+        if watched:
+            watchdog.phase(watched)
+        try:
+            with self.clock.phase(name):
+                yield
+        finally:
+            if watched:
+                watchdog.phase("training")
 
     # ---- training rows ------------------------------------------------------------------------
     def row_tensor(self, rank: int, world: int, device: torch.device) -> torch.Tensor:

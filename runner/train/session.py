@@ -29,7 +29,7 @@ from runner.snapshot import load_path
 from runner.snapshot.checkpointer import Checkpointer, build_checkpointer
 from runner.snapshot.location import snapshot_manager
 from runner.snapshot.versions import Version
-from runner.train import faults
+from runner.train import faults, watchdog
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
@@ -67,6 +67,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     )
     loop = TrainLoop(cfg, config, engine, data, task, checkpointer, stop, metrics, logger, observer)
     try:
+        watchdog.phase("loading a snapshot")
         loaded = find_resume_state(cfg, checkpointer, engine.collectives)
         if loaded is not None:
             entry, state = loaded
@@ -90,6 +91,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
                 run_dir,
                 restart_note(),
             )
+        watchdog.phase("training")
         summary = loop.fit()
         if cfg.trainer.test and data.test is not None:
             summary["test"] = run_test(loop, run_dir)

@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import OnNonFinite, Runtime, Strategy
-from runner.layout import CONFIG_FILE
+from runner.layout import CONFIG_FILE, rank_log_path
 from runner.logs import setup_worker_logging
-from runner.train import rng
+from runner.train import rng, watchdog
 from runner.train.batches import DataSource
 from runner.train.collectives import ProcessGroupCollectives
 from runner.train.engines.ddp import DDPEngine
@@ -47,7 +47,9 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
     world_size = int(os.environ["WORLD_SIZE"])
     log_handlers = setup_worker_logging(run_path, rank, in_driver=in_driver)
     try:
+        watchdog.start(rank_log_path(run_path, rank), rank)  # stacks on demand, the heartbeat; then the rendezvous
         device = _init_distributed(runtime, local_rank, float(cfg.launch.collective_timeout))
+        watchdog.phase("building")
         log.info(
             "rank %d of %d up: %s, pid %d, host %s",
             rank,
@@ -69,6 +71,7 @@ def main(run_dir: str, in_driver: bool = False) -> Optional[dict[str, Any]]:
             summary = run_reported(lambda: _train(cfg, runtime, run_path, rank, device), run_path, rank)
         return summary if rank == 0 else None
     finally:
+        watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
         if in_driver:

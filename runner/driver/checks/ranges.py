@@ -253,6 +253,14 @@ def check_launch(launch: DictConfig) -> None:
         "e.g. launch.collective_timeout=600",
     )
     require(
+        launch.get("hang_timeout", 0) >= 0,
+        "launch.hang_timeout",
+        launch.get("hang_timeout"),
+        "must not be negative",
+        "seconds > 0, or 0 (no hang watchdog)",
+        "e.g. launch.hang_timeout=300",
+    )
+    require(
         launch.rdzv_timeout > 0,
         "launch.rdzv_timeout",
         launch.rdzv_timeout,
