@@ -1,4 +1,5 @@
-"""`python -m runner.report <dir>`: a table of the runs under a folder, and a plot of their losses.
+"""`python -m runner.report <dir>`: a table of the runs under a folder, and a plot of their losses;
+with matplotlib also one PNG per metric family and a self-contained HTML page (runner.report_html).
 
 Reads what each run directory already holds (metrics.jsonl, config.yaml, status.json and Hydra's
 overrides.yaml), so it works on a finished sweep, a running one, or any outputs/ folder. The table
@@ -101,6 +102,13 @@ def differing_overrides(runs: list[dict]) -> list[str]:
 def table(runs: list[dict], width: int = TABLE_WIDTH) -> str:
     """One row per run, the numbers first and the overrides last, within `width` columns (long run
     names and overrides are cut in the middle); with objectives (a sweep or search), ranked by them."""
+    header, rows = table_cells(runs)
+    _fit(header, rows, width)
+    return format_table(header, rows)
+
+
+def table_cells(runs: list[dict]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The table's header and rows, uncut (the HTML page shows them whole)."""
     with_objective = any(isinstance(r.get("objective"), (int, float)) for r in runs)
     if with_objective:
         runs = rank_by_objective(runs)
@@ -131,8 +139,7 @@ def table(runs: list[dict], width: int = TABLE_WIDTH) -> str:
         ]
         for r, label in zip(runs, labels)
     ]
-    _fit(header, rows, width)
-    return format_table(header, rows)
+    return header, rows
 
 
 def _fit(header: tuple[str, ...], rows: list[list[str]], width: int) -> None:
@@ -228,16 +235,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="outputs", help="a sweep or outputs folder (default: outputs)")
     parser.add_argument("--plot", default=None, help="PNG path (default: <root>/losses.png)")
+    parser.add_argument("--html", default=None, help="the page's path (default: <root>/report.html)")
     args = parser.parse_args(argv)
     root = Path(args.root)
     runs = [load_run(d) for d in find_runs(root)]
     if not runs:
         print(f"no runs (metrics.jsonl) under {root}", file=sys.stderr)
         return 2
-    print(table(runs))
+    from runner import report_html
+
+    grouped = report_html.groups(runs)
+    for name, members in grouped.items():  # runs of different experiments are never ranked together
+        if len(grouped) > 1:
+            print(f"\n{name}:")
+        print(table(members))
     png = Path(args.plot) if args.plot else root / "losses.png"
     if plot(runs, png):
         print(f"loss curves: {png}")
+        page, pngs = report_html.write(runs, root, Path(args.html) if args.html else None)
+        print(f"plots: {len(pngs)} PNGs in {root / report_html.REPORT_DIR}; page: {page}")
     else:
         print("loss curves: install matplotlib (pip install 'hydra-torch-runner[report]') for a PNG plot")
     return 0

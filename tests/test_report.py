@@ -4,8 +4,12 @@ runs, and per-step rows kept out of the epoch numbers but drawn as the loss curv
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from runner import report
@@ -67,3 +71,104 @@ def test_a_max_steps_run_counts_steps_and_step_rows_stay_out_of_the_epoch_number
     assert lines[0][1:] == ([10, 20, 40, 60], [9.0, 0.01, 5.0, 0.02])  # the per-step rows make the curve
     assert lines[1][1:] == ([96], [0.5])  # a run without them: its epoch rows, at their steps
     assert report.curves([epochs])[0] == "epoch"
+
+
+def observed_row(step: int, loss: float, **extra) -> dict:
+    row = step_row(step, loss)
+    row.update({"tflops": 0.5 + step / 1000, "time/data": 0.2, "time/step": 1.0, "memory/rss_mb": 300.0 + step})
+    row.update(extra)
+    return row
+
+
+def colour_pixels(png: Path, colour: str) -> int:
+    """Pixels of a PNG within a small distance of `colour` (a matplotlib colour name such as C0)."""
+    import matplotlib.colors
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(png)[..., :3]
+    target = np.array(matplotlib.colors.to_rgb(colour))
+    return int((np.abs(pixels - target).max(axis=-1) < 0.08).sum())
+
+
+def test_report_writes_a_png_per_metric_family_and_one_page_grouped_by_experiment(tmp_path, capsys):
+    import base64
+
+    pytest.importorskip("matplotlib")
+    for n, lr in enumerate((0.1, 0.01)):
+        rows = [
+            observed_row(
+                s, 3.0 / (s + n), lr=lr, samples_per_s=1e4 * (n + 1), tflops=n + 1.0, **{"memory/rss_mb": 300 * (n + 1)}
+            )
+            for s in (10, 20, 30)
+        ]
+        rows.append({"epoch": 1, "step": 30, "train/loss": 0.2 + n, "val/loss": 0.3 + n, "val/perplexity": 1.5})
+        make_run(tmp_path, f"lm-{n}", ["experiment=charlm", f"optimizer.lr={lr}"], rows, max_steps=30)
+    reg = make_run(tmp_path, "reg", ["model=mlp"], [step_row(5, 1.0), {"epoch": 1, "step": 8, "train/loss": 0.5}])
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "trainer": {"total_epochs": 1},
+                "dataset": {"_target_": "runner.data.Regression"},
+                "model": {"_target_": "runner.models.MLP"},
+            }
+        ),
+        reg / "config.yaml",
+    )
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # Two experiments, two tables: the charlm runs are never ranked against the regression run.
+    assert "\ncharlm:\n" in out and "\nRegression-MLP:\n" in out
+    charlm_table = out.split("\ncharlm:\n")[1].split("\n\n")[0]
+    assert "lm-0" in charlm_table and "lm-1" in charlm_table and "reg" not in charlm_table
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == [
+        *(f"Regression-MLP-{f}.png" for f in ("loss", "lr", "throughput")),
+        *(f"charlm-{f}.png" for f in ("loss", "lr", "memory", "throughput", "time", "val")),
+    ]
+    folder = tmp_path / "report"
+    # Content: each run of a group is a line of its own colour; a group of one run draws only the first.
+    for family in ("loss", "lr", "throughput", "memory"):
+        assert colour_pixels(folder / f"charlm-{family}.png", "C0") > 100, family
+        assert colour_pixels(folder / f"charlm-{family}.png", "C1") > 100, family
+    assert colour_pixels(folder / "Regression-MLP-loss.png", "C0") > 20
+    assert colour_pixels(folder / "Regression-MLP-loss.png", "C1") == 0
+    # The time plot stacks the phases of each run: data (C0) then step (C1), step 5x as wide.
+    data, step = colour_pixels(folder / "charlm-time.png", "C0"), colour_pixels(folder / "charlm-time.png", "C1")
+    assert 3.5 < step / data < 6.5, (data, step)
+
+    page = (tmp_path / "report.html").read_text()
+    assert f"plots: 9 PNGs in {folder}; page: {tmp_path / 'report.html'}" in out
+    assert page.count("<section>") == 2 and page.count("<table>") == 2 and "<td>lm-1</td>" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 9 and not re.search(r'(src|href)="(?!data:)', page)  # self-contained: nothing fetched
+    assert base64.b64decode(images[0]) == (folder / "Regression-MLP-loss.png").read_bytes()
+
+
+def test_the_page_renders_in_a_headless_browser(tmp_path):
+    browser = next(
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    pytest.importorskip("matplotlib")
+    make_run(tmp_path, "a", ["optimizer.lr=0.1"], [observed_row(s, 1.0 / s) for s in (10, 20)], max_steps=20)
+    assert report.main([str(tmp_path)]) == 0
+    shot = tmp_path / "page.png"
+    res = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            "--dump-dom",
+            (tmp_path / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "<td>a</td>" in res.stdout and res.stdout.count("<img") == 5
