@@ -6,7 +6,7 @@ a phase, a row, the end); nothing here reads a device value between two training
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,6 +34,9 @@ class Observer:
         self.profiler = profiler
         self.memory_names = list(memory_mb(device))
         self.memory_peak: dict[str, float] = {}
+        self.phases: dict[str, WatchedPhase] = {}
+        self._staging: Callable[[], None] = lambda: None
+        self._waited = False
 
     @classmethod
     def from_config(cls, trainer_cfg, device: torch.device, **parts: Any) -> "Observer":
@@ -55,19 +58,21 @@ class Observer:
         (forward and backward, clipping), snapshot_wait (a snapshot in flight), optimizer."""
         if self.profiler is not None:
             self.profiler.before_step()
-        clock = self.clock
-        clock.lap("data")
-        waited = []
-
-        def wait() -> None:
-            clock.lap("step")
-            wait_for_staging()
-            clock.lap("snapshot_wait")
-            waited.append(True)
-
-        out = self.throughput.step(lambda: engine.train_step(window, wait), samples)
-        clock.lap("optimizer" if waited else "step")
+        self.clock.lap("data")
+        self._staging, self._waited = wait_for_staging, False
+        if self.throughput.counting:
+            out = self.throughput.step(lambda: engine.train_step(window, self._wait), samples)
+        else:
+            out = engine.train_step(window, self._wait)
+        self.clock.lap("optimizer" if self._waited else "step")
         return out
+
+    def _wait(self) -> None:
+        """The engine calls it between backward and the optimizer step."""
+        self.clock.lap("step")
+        self._staging()
+        self.clock.lap("snapshot_wait")
+        self._waited = True
 
     def step_done(self, global_step: int) -> None:
         if self.profiler is not None and self.profiler.active is not None:
@@ -75,18 +80,12 @@ class Observer:
                 self.profiler.after_step(global_step)
         watchdog.beat(global_step)
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> "WatchedPhase":
         """A phase of the loop between steps: timed, and named in the heartbeat the hang watchdog reads."""
-        watched = watchdog.LOOP_PHASES.get(name)
-        if watched:
-            watchdog.phase(watched)
-        try:
-            with self.clock.phase(name):
-                yield
-        finally:
-            if watched:
-                watchdog.phase("training")
+        found = self.phases.get(name)
+        if found is None:
+            found = self.phases[name] = WatchedPhase(self.clock.phase(name), watchdog.LOOP_PHASES.get(name))
+        return found
 
     # ---- training rows ------------------------------------------------------------------------
     def row_tensor(self, rank: int, world: int, device: torch.device) -> torch.Tensor:
@@ -126,3 +125,22 @@ class Observer:
         if self.profiler is not None:
             with contextlib.suppress(Exception):
                 self.profiler.close()
+
+
+class WatchedPhase:
+    """The clock's phase, and the heartbeat's phase while it runs (reused: entered once per step)."""
+
+    __slots__ = ("timed", "watched")
+
+    def __init__(self, timed: Any, watched: Optional[str]) -> None:
+        self.timed, self.watched = timed, watched
+
+    def __enter__(self) -> None:
+        if self.watched:
+            watchdog.phase(self.watched)
+        self.timed.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timed.__exit__(*exc)
+        if self.watched:
+            watchdog.phase("training")
