@@ -172,3 +172,5 @@ def test_the_page_renders_in_a_headless_browser(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "<td>a</td>" in res.stdout and res.stdout.count("<img") == 5
+    # The screenshot shows the images drawn: the plots' line colour is on the page.
+    assert colour_pixels(shot, "C0") > 200
