@@ -2,8 +2,14 @@
 first step), memory in the rows and the hang watchdog's heartbeat, against the same runner before
 any of it existed (a git worktree of the commit before `runner/train/observer.py` was added).
 
-    python benchmarks/observe_overhead.py              # 5 repetitions, ~3 minutes; prints the table
+    python benchmarks/observe_overhead.py              # 5 repetitions, ~3 minutes; prints the tables
     python benchmarks/observe_overhead.py --reps 9 --base <commit>
+    python benchmarks/observe_overhead.py --reps 0     # the per-step cost of the hooks alone (seconds)
+
+First the hooks alone, in this process: what the loop calls per step (the timed step with its
+staging wait, the step's end with the heartbeat) around an engine that
+does nothing, against calling that engine directly; the difference is the cost per step, which
+does not depend on the workload, so it can be set against any step time.
 
 The workload is training_rows.py's: the default regression task with an MLP, 65,536 samples, 3
 epochs, 2 CPU workers (gloo, shared-memory gradients), a row every 50 steps (the default), so a
@@ -59,6 +65,48 @@ def samples_per_s(tree: Path, size: int, epochs: int, cwd: str, name: str) -> fl
     return float(re.search(r"throughput\s*:\s*([\d,]+) samples/s", out).group(1).replace(",", ""))
 
 
+def hook_cost(steps: int = 20000, rounds: int = 15) -> tuple[float, float]:
+    """(seconds per step of the bare call, of the call with every per-step hook), medians of `rounds`."""
+    import time
+
+    import torch
+
+    from runner.train import watchdog
+    from runner.train.observer import Observer
+
+    class Idle:
+        def train_step(self, window, wait):
+            wait()
+            return None
+
+    with tempfile.TemporaryDirectory() as folder:
+        watchdog._current = watchdog.Heartbeat(watchdog.heartbeat_path(Path(folder), 0))  # as under an agent
+        watchdog.phase("training")
+        observer, engine, window = Observer(torch.device("cpu")), Idle(), [None]
+        observer.throughput.counting = False  # counted once, on the first step: not a per-step cost
+
+        def nothing() -> None:
+            pass
+
+        def bare() -> float:
+            started = time.perf_counter()
+            for _ in range(steps):
+                engine.train_step(window, nothing)
+            return (time.perf_counter() - started) / steps
+
+        def hooked() -> float:
+            started = time.perf_counter()
+            for step in range(steps):
+                observer.train_step(engine, window, 32, nothing)
+                observer.step_done(step + 1)
+            return (time.perf_counter() - started) / steps
+
+        times = [(bare(), hooked()) for _ in range(rounds)]
+        watchdog._current.close()
+        watchdog._current = None
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -66,12 +114,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--base", default=None, help="the commit to compare with (default: before the observer)")
     opts = parser.parse_args()
-    base = opts.base or base_commit()
+    bare, hooked = hook_cost()
+    print(
+        f"per step: bare call {bare * 1e6:.2f} us, with the hooks {hooked * 1e6:.2f} us: +{(hooked - bare) * 1e6:.2f} us"
+    )
+    if opts.reps <= 0:
+        return
+    base = subprocess.run(
+        ["git", "rev-parse", "--short=12", opts.base or base_commit()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(before), base], cwd=ROOT, check=True)
         try:
-            trees = {f"before ({base[:12]})": before, "with observability (this tree)": ROOT}
+            trees = {f"before ({base})": before, "with observability (this tree)": ROOT}
             results: dict[str, list[float]] = {name: [] for name in trees}
             names = list(trees)
             for rep in range(opts.reps):

@@ -17,6 +17,7 @@ from runner.driver.observed import observed_lines
 from runner.examples.charlm import TinyGPT
 from runner.models import MLP
 from runner.tasks import LanguageModel
+from runner.train.memory import memory_mb
 from runner.train.throughput import Throughput, count_flops, device_peak_tflops
 from runner.train.timing import PhaseClock
 
@@ -174,3 +175,25 @@ def test_summary_lines_without_training_rows_use_the_runs_mean():
         "gpu memory    : 2,048 MB allocated at most, 3,000 MB reserved (the most of any rank)"
     ]
     assert observed_lines({}) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_phases_are_device_time_and_rows_carry_cuda_memory():
+    device = torch.device("cuda")
+    clock = PhaseClock(device)
+    a = torch.randn(4096, 4096, device=device)
+    clock.restart()
+    for _ in range(20):
+        a = a @ a / 4096  # queued: the host returns at once
+    clock.lap("step")
+    time.sleep(0.2)  # the host waits, the device is idle: the next phase's device time is short
+    clock.lap("data")
+    torch.cuda.synchronize()
+    row = clock.flush()
+    assert row["step"] > 0.001 and row["data"] >= 0.0 and sum(row.values()) == pytest.approx(row["step"] + row["data"])
+    mem = memory_mb(device)
+    assert mem["memory/cuda_max_allocated_mb"] >= 64 and mem["memory/cuda_max_reserved_mb"] >= 64
+    name = torch.cuda.get_device_name(device)
+    peak = device_peak_tflops(device, "bf16")
+    assert peak is None or peak > 50, name  # a known GPU has its dense bf16 peak in the table

@@ -334,8 +334,7 @@ class TrainLoop:
             reached = bool(self.max_steps) and self.global_step >= self.max_steps
             if mid_epoch and not reached and t.val_every_steps and self.global_step % t.val_every_steps == 0:
                 self._validate_and_record()
-            with self.observe.phase("snapshot"):
-                self._after_step(mid_epoch=mid_epoch and not reached)
+            self._after_step(mid_epoch=mid_epoch and not reached)
             if reached or self.watch.ended is not None:
                 if mid_epoch:
                     self._record_partial_epoch(

@@ -80,6 +80,16 @@ class Observer:
                 self.profiler.after_step(global_step)
         watchdog.beat(global_step)
 
+    def watched(self, method: Callable[..., Any], name: str) -> Callable[..., Any]:
+        """`method` (a checkpointer's save or wait) as a phase: timed under `name`, named in the heartbeat."""
+        phase = self.phase(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with phase:
+                return method(*args, **kwargs)
+
+        return call
+
     def phase(self, name: str) -> "WatchedPhase":
         """A phase of the loop between steps: timed, and named in the heartbeat the hang watchdog reads."""
         found = self.phases.get(name)

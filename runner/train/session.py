@@ -65,6 +65,8 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         engine.device,
         profiler=profile_window(cfg.trainer, run_dir, engine.collectives.rank, engine.device),
     )
+    checkpointer.save = observer.watched(checkpointer.save, "snapshot")  # writes and waits: time/snapshot
+    checkpointer.wait = observer.watched(checkpointer.wait, "snapshot")
     loop = TrainLoop(cfg, config, engine, data, task, checkpointer, stop, metrics, logger, observer)
     try:
         watchdog.phase("loading a snapshot")
