@@ -71,6 +71,7 @@ def hook_cost(steps: int = 20000, rounds: int = 15) -> tuple[float, float]:
 
     import torch
 
+    sys.path.insert(0, str(ROOT))  # this tree's runner, whatever is installed
     from runner.train import watchdog
     from runner.train.observer import Observer
 
