@@ -202,6 +202,7 @@ class TrainerConfig:
     flops_per_sample: Optional[float] = None
     peak_tflops: Optional[float] = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    memory_snapshot: bool = False  # CUDA: record allocations, and on out of memory write memory/rank-N.pickle
 
 
 @dataclass

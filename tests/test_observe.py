@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from check_helpers import refusal
-from conftest import metrics
+from conftest import FAST, metrics, run_cli
 from loop_helpers import config, train
 
 from runner.driver.observed import observed_lines
 from runner.examples.charlm import TinyGPT
 from runner.models import MLP
 from runner.tasks import LanguageModel
-from runner.train.memory import memory_mb
+from runner.train import faults
+from runner.train.memory import describe_oom, memory_mb
 from runner.train.throughput import Throughput, count_flops, device_peak_tflops
 from runner.train.timing import PhaseClock
 
@@ -197,3 +200,41 @@ def test_on_a_gpu_phases_are_device_time_and_rows_carry_cuda_memory():
     name = torch.cuda.get_device_name(device)
     peak = device_peak_tflops(device, "bf16")
     assert peak is None or peak > 50, name  # a known GPU has its dense bf16 peak in the table
+
+
+def test_an_out_of_memory_error_that_repeats_at_its_step_is_one_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.FAILURE_RECORDS, str(tmp_path))
+    monkeypatch.setattr(faults, "current_step", 30)
+    for attempt, free in ((0, 100), (1, 250)):  # torch's message names sizes that differ between attempts
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        faults.record_failure(torch.OutOfMemoryError(f"CUDA out of memory. {free}.00 MiB is free."), rank=1)
+    repeated = faults.repeated_failure(tmp_path, 1)
+    assert repeated == {"type": "torch.OutOfMemoryError", "message": "CUDA out of memory", "step": 30}
+    monkeypatch.setattr(faults, "current_step", 31)  # at another step: another failure, restarted
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    faults.record_failure(torch.OutOfMemoryError("CUDA out of memory."), rank=1)
+    assert faults.repeated_failure(tmp_path, 2) is None
+    assert describe_oom(tmp_path, 1, 30).startswith("out of memory on rank 1 after step 30: host RSS ")
+
+
+@pytest.mark.slow
+def test_a_repeated_out_of_memory_error_is_reported_with_rank_and_step_and_not_retried(workdir):
+    plugins = os.pathsep.join(filter(None, [str(Path(__file__).parent / "plugins"), os.environ.get("PYTHONPATH")]))
+    args = [
+        "name=oom",
+        "model._target_=faulty.FaultyLinear",
+        "+model.fail_after_step=30",
+        "+model.oom_rank=1",
+        "trainer.total_epochs=3",
+        "trainer.save_every_steps=20",
+        *FAST,
+    ]
+    res = run_cli(args, workdir, env={"PYTHONPATH": plugins})
+    assert res.returncode == 1, res.output
+    assert (
+        "(not restarting: the same error after restart 1): OutOfMemoryError: CUDA out of memory. Tried to allocate"
+        in res.stderr
+    )
+    assert "out of memory on rank 1 after step 30: host RSS" in res.stderr, res.stderr
+    log = (workdir / "outputs" / "oom" / "train.log").read_text()
+    assert "(restart 1 after a worker failure)" in log and "restart 2" not in log

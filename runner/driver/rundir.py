@@ -41,6 +41,7 @@ NON_DEFINING_KEYS = (
     "trainer.flops_per_sample",
     "trainer.peak_tflops",
     "trainer.profile",
+    "trainer.memory_snapshot",
     "data.num_workers",
     "data.pin_memory",
     "data.persistent_workers",

@@ -10,7 +10,8 @@ per launch (next to torch's error files, off the run directory). The agent does 
 attempt that failed like the attempt before (`repeated_failure`): a restart that replays the same
 steps from the same snapshot meets the same bug again. Failures that a restart can fix write no
 record, so they are always restarted: a killed process (SIGKILL, the OOM killer) writes nothing,
-and a lost peer or node surfaces as torch.distributed's DistError.
+and a lost peer or node surfaces as torch.distributed's DistError. A CUDA out-of-memory error is
+recorded (as one message, whatever sizes torch names), so one that repeats at its step ends the job.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def crash_now(step: int) -> None:
 
 def restart_may_fix(err: BaseException) -> bool:
     """Failures of the machine rather than of the code: a lost peer or node (torch.distributed's
-    DistError: backend, network, store, timeout) and memory pressure, which other processes cause."""
-    import torch
+    DistError: backend, network, store, timeout) and host memory pressure, which other processes
+    cause. A CUDA out-of-memory error is recorded: one that repeats at the same step is the model's
+    size, not bad luck (runner.train.memory names the peak)."""
     import torch.distributed as dist
 
-    return isinstance(err, (dist.DistError, MemoryError, torch.OutOfMemoryError)) or lost_peer(err)
+    return isinstance(err, (dist.DistError, MemoryError)) or lost_peer(err)
 
 
 # gloo reports a peer that went away (its process or node died) as a plain RuntimeError
@@ -71,6 +73,14 @@ def lost_peer(err: BaseException) -> bool:
     return isinstance(err, dist.DistNetworkError) or (
         isinstance(err, RuntimeError) and "gloo" in text and any(words in text for words in LOST_PEER)
     )
+
+
+def _message(err: BaseException) -> str:
+    """The message a signature compares: torch's out-of-memory text names sizes that vary between
+    attempts (free memory, other processes), so an out-of-memory error is one message."""
+    import torch
+
+    return "CUDA out of memory" if isinstance(err, torch.OutOfMemoryError) else str(err)[:4000]
 
 
 def _write_record(kind: str, rank: int, record: dict) -> None:
@@ -109,7 +119,7 @@ def record_failure(err: BaseException, rank: int) -> None:
         return
     signature = {
         "type": f"{type(err).__module__}.{type(err).__qualname__}",
-        "message": str(err)[:4000],
+        "message": _message(err),
         "step": current_step,
     }
     _write_record("attempt", rank, signature)

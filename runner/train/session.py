@@ -33,6 +33,7 @@ from runner.train import faults, watchdog
 from runner.train.batches import DataSource
 from runner.train.engine import Engine
 from runner.train.loop import TrainLoop
+from runner.train.memory import describe_oom, start_history
 from runner.train.metrics import MetricsWriter
 from runner.train.observer import Observer
 from runner.train.profiling import profile_window
@@ -52,6 +53,7 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
     """Wire the loop to `engine` (the lead rank writes snapshots, metrics and the extra logger; the
     others write nothing), resume it if there is a snapshot, run it to the end, then test."""
     lead = engine.collectives.rank == 0
+    start_history(cfg.trainer, engine.device)  # trainer.memory_snapshot
     manager = snapshot_manager(cfg, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # plain data: snapshots load weights_only
     if lead:
@@ -209,6 +211,8 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
 def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
     faults.record_failure(err, rank)  # first: the agent reads it as soon as this process has exited
     log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
+    if isinstance(err, torch.OutOfMemoryError):  # after the traceback: among the last lines the driver shows
+        log.error("%s", describe_oom(run_dir, rank, faults.current_step))
     if faults.lost_peer(err):  # a node or a worker went away: the agent says which, and restarts
         log.warning(
             "lost a peer after step %s (its process or node is gone; traceback in %s)",
