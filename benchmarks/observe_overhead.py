@@ -116,9 +116,8 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="the commit to compare with (default: before the observer)")
     opts = parser.parse_args()
     bare, hooked = hook_cost()
-    print(
-        f"per step: bare call {bare * 1e6:.2f} us, with the hooks {hooked * 1e6:.2f} us: +{(hooked - bare) * 1e6:.2f} us"
-    )
+    extra = (hooked - bare) * 1e6
+    print(f"per step: bare call {bare * 1e6:.2f} us, with the hooks {hooked * 1e6:.2f} us: +{extra:.2f} us")
     if opts.reps <= 0:
         return
     base = subprocess.run(

@@ -231,9 +231,7 @@ class LaunchConfig:
     monitor_interval: float = 0.1  # seconds between the agent's health checks of its workers
     stop_timeout: int = 120  # seconds workers get to snapshot after SIGTERM/SIGINT before SIGKILL
     collective_timeout: float = 600.0  # seconds a worker waits for its peers in a collective before failing
-    hang_timeout: float = (
-        300.0  # seconds without a step on any rank before the watchdog dumps stacks and restarts; 0 = off
-    )
+    hang_timeout: float = 300.0  # seconds no rank moves before stacks are dumped and the attempt ends; 0 = off
     nnodes: str = "1"  # N or MIN:MAX (multinode); auto (launch=auto): as many as the scheduler placed
     node_rank: Optional[int] = None  # multinode: this node's rank (optional with c10d); node 0 hosts the store
     rdzv_backend: str = "c10d"
