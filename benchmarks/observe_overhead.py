@@ -224,6 +224,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(before), base], cwd=ROOT, check=True)
+        # runner.conf is the package folder conf/ (pyproject's package-dir): an editable install of another
+        # checkout would give its conf/ to this one's schema; a link makes the worktree read its own.
+        (before / "runner" / "conf").symlink_to("../conf")
         try:
             trees = {f"before ({base})": before, "with observability (this tree)": ROOT}
             results: dict[str, list[float]] = {name: [] for name in trees}
