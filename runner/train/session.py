@@ -211,8 +211,6 @@ def run_reported(train: Callable[[], dict[str, Any]], run_dir: Path, rank: int) 
 def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
     faults.record_failure(err, rank)  # first: the agent reads it as soon as this process has exited
     log.error("training failed on rank %d", rank, exc_info=True, extra={"console": False})
-    if isinstance(err, torch.OutOfMemoryError):  # after the traceback: among the last lines the driver shows
-        log.error("%s", describe_oom(run_dir, rank, faults.current_step))
     if faults.lost_peer(err):  # a node or a worker went away: the agent says which, and restarts
         log.warning(
             "lost a peer after step %s (its process or node is gone; traceback in %s)",
@@ -229,4 +227,6 @@ def _log_failure(err: BaseException, run_dir: Path, rank: int) -> None:
         rank_log_path(run_dir, rank),
         extra={"file": False},
     )
+    if isinstance(err, torch.OutOfMemoryError):  # after the traceback: among the last lines the driver shows
+        log.error("%s", describe_oom(run_dir, rank, faults.current_step))
     traceback.clear_frames(err.__traceback__)  # free what the frames hold (the DDP model) before exit
