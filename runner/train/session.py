@@ -98,7 +98,9 @@ def train(cfg: DictConfig, run_dir: Path, engine: Engine, data: DataSource, task
         watchdog.phase("training")
         summary = loop.fit()
         if cfg.trainer.test and data.test is not None:
+            watchdog.phase("evaluating")  # the test split: no step moves the heartbeat meanwhile
             summary["test"] = run_test(loop, run_dir)
+        watchdog.phase("finishing")
         if logger is not None:
             snapshot = summary.get("snapshot")
             logger.finish({**summary, "snapshot_path": str(manager.dir / snapshot) if snapshot else None})
