@@ -109,6 +109,12 @@ class SnapshotFormat(Choice):
     dcp = "dcp"  # a folder of shards, one per rank, by torch.distributed.checkpoint (step-<step>/)
 
 
+class UploadMode(Choice):
+    auto = "auto"  # async with an object-store snapshot.dir (s3://) and file snapshots, else sync
+    async_ = "async"  # write the version locally, upload it in the background: training never waits for the network
+    sync = "sync"  # upload on the snapshot writer's thread: the next snapshot waits for the previous upload
+
+
 class OnNonFinite(Choice):
     stop = "stop"  # end the run (exit 1) naming the step; the last finite snapshot is kept
     skip = "skip"  # skip optimizer steps whose gradients are not finite (one host sync per step)
@@ -266,6 +272,7 @@ SnapshotConfig = dataclass(init=False, repr=False, eq=False)(
                 "mode": Mode,
                 "keep_best": int,
                 "format": SnapshotFormat,
+                "upload": UploadMode,
             },
             "dir": "snapshots",  # inside the run directory
             "keep_last": 3,  # newest versions kept (milestones are kept on top)
@@ -276,6 +283,7 @@ SnapshotConfig = dataclass(init=False, repr=False, eq=False)(
             "mode": Mode.min,  # min | max: which way `monitor` improves
             "keep_best": 1,  # best versions by `monitor` kept beyond keep_last
             "format": SnapshotFormat.auto,  # auto | file | dcp: one file by rank 0, or a folder of shards by every rank
+            "upload": UploadMode.auto,  # auto | async | sync: how versions reach an object store (snapshot.dir=s3://...)
         },
     )
 )

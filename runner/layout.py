@@ -12,6 +12,7 @@ Both sides import this module, so neither reaches into the other for a file name
       snapshots/        versions and manifest.json (runner.snapshot)
       profile/rank-N.json.gz  torch.profiler traces (trainer.profile); rank-N.txt  their top operators
       .snapshot-staging/  with snapshot.dir=<URL>: versions written here, then uploaded
+      snapshot-cache/   with snapshot.upload=async: versions (and a manifest) kept until uploaded
       .lock             one driver per directory (runner.driver.lock)
 """
 

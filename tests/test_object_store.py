@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import shutil
+import signal
 import socket
+import time
 
 import pytest
 import torch
-from conftest import FAST, assert_same_weights, latest_snapshot, run_cli, snapshot_state
+from conftest import FAST, assert_same_weights, latest_snapshot, run_cli, snapshot_state, start_cli, stop_when
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -22,6 +25,7 @@ from runner.snapshot import SnapshotError, SnapshotManager  # noqa: E402
 from runner.snapshot.object_store import ManifestConflict, ObjectStore  # noqa: E402
 
 BUCKET = "runs"
+SERVER: dict = {}  # the running moto server and its port: a test stops it and starts a new one there
 
 
 def _free_port() -> int:
@@ -36,6 +40,7 @@ def s3_env():
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    SERVER.update(server=server, port=port)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -52,7 +57,17 @@ def s3_env():
         if not fs.exists(BUCKET):  # moto keeps its buckets in-process, across servers of one session
             fs.mkdir(BUCKET)
         yield env, fs
-    server.stop()
+    SERVER["server"].stop()
+
+
+def _stop_server() -> None:
+    SERVER["server"].stop()
+
+
+def _start_server() -> None:
+    """A new server on the same port: moto keeps the buckets and objects in this process."""
+    SERVER["server"] = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=SERVER["port"], verbose=False)
+    SERVER["server"].start()
 
 
 @pytest.fixture
@@ -336,7 +351,8 @@ def test_fsdp_shards_in_the_store_resume_on_another_worker_count_past_a_corrupt_
         [*on_store, "trainer.total_epochs=2", "trainer.crash_at_step=45", "trainer.crash_rank=1"], tmp_path, env=env
     )
     assert first.returncode == 0, first.output
-    assert "resumed from step-000000040" in first.output  # the SIGKILLed worker's restart read the store
+    # the SIGKILLed worker's restart read the store (step 20 when step 40's shards were still in flight)
+    assert re.search(r"resumed from step-0000000[24]0", first.output), first.output
     assert not (tmp_path / "outputs" / "sharded" / "snapshots").exists()
     staging = tmp_path / "outputs" / "sharded" / ".snapshot-staging"
     assert not staging.exists() or not any(staging.iterdir())  # every version went up and left no copy
@@ -370,3 +386,265 @@ def test_fsdp_shards_in_the_store_resume_on_another_worker_count_past_a_corrupt_
     old = full_model(_manager(url, tmp_path / "reader").load_entry(previous)[snap.SHARDED_KEY])
     for name, tensor in old.items():  # one Adam step of lr 0.01 from the previous version
         assert 0 < (weights[name] - tensor).abs().max() < 0.02, name
+
+
+# ---- background uploads (snapshot.upload=async) ----------------------------------------------------
+def _cached(url, tmp_path, **kw):
+    """The catalogue a worker uses with snapshot.upload=async; its client gives up on a refused
+    connection at once (AWS_MAX_ATTEMPTS=1 does the same for the CLI), so the outage shows quickly."""
+    import s3fs
+
+    from runner.snapshot.cached import CachedManager
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"retries": {"max_attempts": 1}})
+    remote = SnapshotManager(None, store=ObjectStore(url, tmp_path / ".snapshot-staging", fs=fs), **kw)
+    return CachedManager(tmp_path / "snapshot-cache", remote)
+
+
+def _wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_background_uploads_ride_out_a_store_outage(s3_env, url, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    manager = _cached(url, tmp_path, keep_last=2)
+    _save(manager, 10)
+    manager.finish_uploads(30)
+    assert [v.step for v in manager.remote.entries()] == [10]
+    _stop_server()
+    try:
+        for step in (20, 30):
+            started = time.perf_counter()
+            _save(manager, step)
+            assert time.perf_counter() - started < 1.0  # the writer never waits for the store
+        _wait_for(lambda: "training goes on" in caplog.text)
+        time.sleep(2)  # several retries fail meanwhile
+        warned = [r.getMessage() for r in caplog.records if "training goes on" in r.getMessage()]
+        assert len(warned) == 1, warned  # warned once
+        assert url in warned[0] and str(tmp_path / "snapshot-cache") in warned[0]
+        assert [v.step for v in manager.entries_local()] == [20, 30]  # kept locally until uploaded
+        # A resume on this machine while the store is down reads the local copies.
+        version, state = _cached(url, tmp_path).load_latest()
+        assert (
+            version.step == 30 and version.object is None and torch.equal(state["model"]["w"], torch.full((4,), 30.0))
+        )
+        assert "reading only the local copies" in caplog.text
+        assert manager.finish_uploads(1) is None and "not finished within 1 s" in caplog.text
+        assert "only local, in" in caplog.text and "snapshot-000000020.pt (step 20)" in caplog.text
+    finally:
+        _start_server()
+    _wait_for(lambda: "work again" in caplog.text)  # uploaded as soon as the store is back, nobody waiting
+    _wait_for(lambda: not manager.uploads().pending())
+    assert sum("work again" in r.getMessage() for r in caplog.records) == 1
+    assert [v.step for v in manager.remote.entries()] == [20, 30]  # remote retention: keep_last=2
+
+    # Down again, and the process ends with a version only here: the next one on this machine uploads it.
+    _stop_server()
+    try:
+        _save(manager, 40)
+        manager.close()
+    finally:
+        _start_server()
+    later = _cached(url, tmp_path, keep_last=2)
+    later.finish_uploads(30)
+    assert f"snapshot uploads done: {url} holds snapshot-000000040.pt (step 40)" in caplog.text
+    assert [v.step for v in later.remote.entries()] == [30, 40]
+    assert [v.step for v in later.entries_local()] == [40]  # uploaded: the cache keeps its newest only
+    version, state = _manager(url, tmp_path / "fresh").load_latest()  # a fresh machine reads the store
+    assert version.step == 40 and version.object and torch.equal(state["model"]["w"], torch.full((4,), 40.0))
+    later.close()
+
+
+def test_upload_checks():
+    from omegaconf import OmegaConf
+
+    from runner.driver.checks.store import check_store_config
+    from runner.snapshot.location import uploads_in_background
+
+    def cfg(url, **snapshot):
+        fields = {"dir": url, "resume": "auto", "format": "file", **snapshot}
+        return OmegaConf.create({"snapshot": fields, "trainer": {"strategy": "ddp"}})
+
+    assert uploads_in_background(cfg("s3://b/run"))  # the default with a bucket
+    assert not uploads_in_background(cfg("s3://b/run", upload="sync"))
+    assert not uploads_in_background(cfg("s3://b/run", upload="auto", format="dcp"))
+    assert not uploads_in_background(cfg("snapshots")) and not uploads_in_background(cfg("file:///tmp/x"))
+    with pytest.raises(UserError, match="nothing to upload"):
+        check_store_config(cfg("snapshots", upload="async"))
+    with pytest.raises(UserError, match="not uploaded in the background yet"):
+        check_store_config(cfg("s3://b/run", upload="async", format="dcp"))
+    check_store_config(cfg("snapshots", upload="sync"))
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_a_cap():
+    from runner.snapshot.upload import BACKOFF_CAP, BACKOFF_FIRST, backoff
+
+    assert backoff(0, lambda: 0.0) == BACKOFF_FIRST / 2 and backoff(0, lambda: 1.0) == BACKOFF_FIRST
+    assert backoff(3, lambda: 1.0) == BACKOFF_FIRST * 8
+    assert backoff(50, lambda: 1.0) == BACKOFF_CAP and backoff(50, lambda: 0.0) == BACKOFF_CAP / 2
+    assert len({backoff(4) for _ in range(20)}) > 1  # jitter
+
+
+def _logged(run_dir, text: str) -> bool:
+    log_file = run_dir / "train.log"
+    return log_file.is_file() and text in log_file.read_text(errors="replace")
+
+
+def _cache_steps(run_dir) -> list[int]:
+    try:
+        return [v.step for v in SnapshotManager(run_dir / "snapshot-cache").entries()]
+    except Exception:  # being replaced right now
+        return []
+
+
+OUTAGE_ENV = {"AWS_MAX_ATTEMPTS": "1"}  # a refused connection fails at once, not after botocore's retries
+
+
+@pytest.mark.slow
+def test_store_outage_mid_run_training_goes_on_then_a_fresh_machine_resumes(s3_env, url, tmp_path):
+    env, fs = s3_env
+    for folder in ("ref", "machine"):
+        (tmp_path / folder).mkdir()
+    ref = run_cli([*RUN, "trainer.total_epochs=4", "name=reference"], tmp_path / "ref")
+    assert ref.returncode == 0, ref.output
+    reference = latest_snapshot(tmp_path / "ref" / "outputs" / "reference")
+
+    work, run_dir = tmp_path / "machine", tmp_path / "machine" / "outputs" / "cloud"
+    on_store = [*RUN, "name=cloud", f"snapshot.dir={url}"]
+    proc = start_cli([*on_store, "trainer.total_epochs=2"], work, env={**env, **OUTAGE_ENV})
+    try:
+        _wait_for(lambda: _manager(url, tmp_path / "r").entries() or proc.poll() is not None, 120)
+        _stop_server()  # the store goes away once it holds the first version
+        try:
+            _wait_for(lambda: _logged(run_dir, "training goes on") or proc.poll() is not None, 120)
+            _wait_for(lambda: 128 in _cache_steps(run_dir) or proc.poll() is not None, 120)
+            assert proc.poll() is None  # the end of the run waits for the store...
+        finally:
+            _start_server()  # ...which comes back
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    output = out + err
+    assert proc.returncode == 0, output
+    assert output.count("training goes on") == 1, output  # warned once
+    assert f"snapshot upload to {url} failed" in output and str(run_dir / "snapshot-cache") in output
+    assert output.count("work again") == 1, output
+    assert f"snapshot uploads done: {url} holds snapshot-000000128.pt (step 128)" in output
+    listed = [v.file for v in _manager(url, tmp_path / "reader").entries()]
+    assert listed[-1] == "snapshot-000000128.pt" and len(listed) == 3, listed  # keep_last=3, every one uploaded
+    assert _cache_steps(run_dir) == [128]  # uploaded: the cache keeps its newest only
+
+    shutil.rmtree(work / "outputs")  # a fresh machine: the same command, more epochs
+    second = run_cli([*on_store, "trainer.total_epochs=4"], work, env=env)
+    assert second.returncode == 0, second.output
+    assert "resumed from snapshot-000000128.pt" in second.output
+    version, state = _manager(url, tmp_path / "reader").load_latest()
+    assert version.step == 256 and version.object
+    assert_same_weights(state["model"], reference["model"])
+    for a, b in zip(state["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_outage_names_both_places_and_the_same_machine_resumes_locally(s3_env, url, tmp_path):
+    env, _ = s3_env
+    run_dir = tmp_path / "outputs" / "stopped"
+    command = [*RUN, "name=stopped", f"snapshot.dir={url}", "trainer.total_epochs=30", "launch.stop_timeout=12"]
+    proc = start_cli(command, tmp_path, env={**env, **OUTAGE_ENV})
+    try:
+        _wait_for(lambda: _manager(url, tmp_path / "r").entries() or proc.poll() is not None, 120)
+        _stop_server()
+        try:
+            _wait_for(lambda: _logged(run_dir, "training goes on") or proc.poll() is not None, 120)
+            out, err = stop_when(proc, lambda: True)
+        finally:
+            _start_server()
+    finally:
+        proc.kill()
+    output = out + err
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert (run_dir / "logs" / "stopped.json").exists(), output  # the workers ended within launch.stop_timeout
+    in_store = _manager(url, tmp_path / "r").entries()[-1]
+    stopped_at = json.loads((run_dir / "logs" / "stopped.json").read_text())["step"]
+    assert in_store.step < stopped_at
+    # One line: what is in the store, and what is only here (the stop's version among them).
+    line = next(x for x in output.splitlines() if "snapshot uploads not finished within" in x)
+    assert f"{url} holds {in_store.file} (step {in_store.step})" in line, line
+    assert f"only local, in {run_dir / 'snapshot-cache'}: " in line and f"(step {stopped_at})" in line, line
+    assert _cache_steps(run_dir)[-1] == stopped_at
+
+    # The store is back: the same command on this machine resumes from the newer local version,
+    # and uploads it and what it writes.
+    epochs = SnapshotManager(run_dir / "snapshot-cache").entries()[-1].epoch + 1
+    again = run_cli([*command[:-2], f"trainer.total_epochs={epochs}"], tmp_path, env=env)
+    assert again.returncode == 0, again.output
+    assert f"resumed from snapshot-{stopped_at:09d}.pt" in again.output
+    assert f"snapshot uploads done: {url} holds snapshot-{64 * epochs:09d}.pt" in again.output
+    listed = [v.step for v in _manager(url, tmp_path / "r").entries()]
+    assert stopped_at in listed and listed[-1] == 64 * epochs, listed  # uploaded, and kept: the run resumed from it
+
+
+def test_uploads_in_parts_are_verified_by_what_was_sent(s3_env, url, tmp_path, monkeypatch):
+    import hashlib
+
+    from runner.snapshot import object_store
+    from runner.snapshot.versions import StoredFile
+
+    _, fs = s3_env
+    monkeypatch.setattr(object_store, "PART", 5 * 2**20)  # S3's smallest part: 12 MB go up in 3 parts,
+    monkeypatch.setattr(object_store, "PARTS_IN_FLIGHT", 2)  # 2 at once, then 1
+    data = torch.randint(0, 255, (12 * 2**20,), dtype=torch.uint8).numpy().tobytes()
+    local = tmp_path / "snapshot-000000010.pt"
+    local.write_bytes(data)
+    store = ObjectStore(url, tmp_path / "staging")
+    expected = StoredFile(local.name, len(data), hashlib.sha256(data).hexdigest())
+    stored = store.upload_file(local, expected)
+    assert fs.cat_file(f"{url.split('://')[1]}/{stored.object}") == data and local.exists()
+    store.check_verified(local, stored)  # what a reader checks
+    wrong = StoredFile(local.name, len(data), "0" * 64)  # the file is not what its manifest entry says
+    with pytest.raises(SnapshotError, match="changed while it was uploaded"):
+        store.upload_file(local, wrong)
+    assert _objects(fs, url) == {stored.object}  # the refused upload left nothing behind
+
+
+def test_a_resume_takes_the_newest_intact_copy_of_either_place(s3_env, url, tmp_path, caplog):
+    _, fs = s3_env
+    manager = _cached(url, tmp_path, keep_last=2)
+    for step in (10, 20):
+        _save(manager, step)
+    manager.finish_uploads(30)
+    manager.close()
+    local = tmp_path / "snapshot-cache" / "snapshot-000000020.pt"
+    local.write_bytes(local.read_bytes()[:-1] + b"!")  # the cached copy rots
+    reader = _cached(url, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        version, state = reader.load_latest()
+    assert version.step == 20 and version.object is not None  # the store's copy of the same step
+    assert "does not match its sha256" in caplog.text and torch.equal(state["model"]["w"], torch.full((4,), 20.0))
+    fs.rm_file(f"{url.split('://')[1]}/{version.object}")  # and the store loses it too
+    version, state = reader.load_latest()
+    assert version.step == 10 and torch.equal(state["model"]["w"], torch.full((4,), 10.0))
+    assert [v.step for v in reader.entries()] == [10, 20]  # listed once each, wherever they are
+
+
+def test_a_cached_copy_that_rotted_before_its_upload_is_never_uploaded(s3_env, url, tmp_path, caplog):
+    manager = _cached(url, tmp_path)
+    _save(manager, 10)
+    manager.finish_uploads(30)
+    _stop_server()
+    try:
+        _save(manager, 20)
+        _wait_for(lambda: "training goes on" in caplog.text)
+        cached = tmp_path / "snapshot-cache" / "snapshot-000000020.pt"
+        cached.write_bytes(cached.read_bytes()[:-1] + b"!")
+    finally:
+        _start_server()
+    with caplog.at_level(logging.ERROR):
+        manager.finish_uploads(30)
+    assert "snapshot snapshot-000000020.pt is not uploaded" in caplog.text and "changed while" in caplog.text
+    assert [v.step for v in manager.remote.entries()] == [10]  # the store keeps what it had, intact
+    assert _manager(url, tmp_path / "fresh").load_latest()[0].step == 10
+    manager.close()

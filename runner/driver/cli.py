@@ -242,11 +242,17 @@ def _finished_entry(cfg: DictConfig, run_dir: Path) -> Optional[dict]:
     entry, _ = manager.newest_loadable_entry() if manager.published() else (None, [])
     if entry is None:
         return None
-    if entry.get("ended"):  # early stop: training is over whatever the limits say
-        return entry
     if cfg.trainer.max_steps:
-        return entry if entry["step"] >= cfg.trainer.max_steps else None
-    return entry if entry["epoch"] >= cfg.trainer.total_epochs else None
+        done = entry["step"] >= cfg.trainer.max_steps
+    else:
+        done = entry["epoch"] >= cfg.trainer.total_epochs
+    if not (done or entry.get("ended")):  # early stop: training is over whatever the limits say
+        return None
+    try:  # versions a stopped run kept only on this machine (its store was down) go up now
+        manager.finish_uploads(0.75 * float(cfg.launch.stop_timeout))
+    finally:
+        manager.close()
+    return entry
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, hydra_cfg, job: dict, runtime: Runtime) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
@@ -39,6 +40,8 @@ Loaded = tuple[Version, dict[str, Any]]
 
 class Checkpointer(ABC):
     """One run's snapshots as the loop sees them: save parts, wait, load the newest or the best."""
+
+    upload_timeout = 90.0  # seconds the end of a run (or a stop) waits for background uploads
 
     def __init__(self, manager: SnapshotManager, writer: Any, lead: bool, asynchronous: bool) -> None:
         self.manager, self.writer, self.lead, self.asynchronous = manager, writer, lead, asynchronous
@@ -86,14 +89,21 @@ class Checkpointer(ABC):
         """Raise the failure of a background write, if one has failed (cheap: called every step)."""
         self.writer.check()
 
-    def wait(self) -> None:
-        """Block until the snapshot in flight (if any) is committed, then surface its failure."""
+    def wait(self, since: Optional[float] = None) -> None:
+        """Block until the snapshot in flight (if any) is committed, then surface its failure; with
+        background uploads, also until they are done (at most `upload_timeout`, counted from
+        `since` (time.monotonic: a stop signal) when given). Called at the end of a run and on a
+        stop only."""
         self.writer.wait()
+        if self.lead:
+            spent = 0.0 if since is None else time.monotonic() - since
+            self.manager.finish_uploads(max(self.upload_timeout - spent, 0.0))
 
     def close(self) -> None:
-        close = getattr(self.writer, "close", None)
-        if close is not None:
-            close()
+        for part in (self.writer, self.manager):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
 
 class FileCheckpointer(Checkpointer):
@@ -245,9 +255,13 @@ def build_checkpointer(
     from runner.config import SnapshotFormat, snapshot_format
 
     asynchronous = bool(cfg.snapshot["async"])
+    timeout_s = float(cfg.launch.collective_timeout)
     if snapshot_format(cfg) == SnapshotFormat.dcp:  # every rank writes its shards
-        timeout_s = float(cfg.launch.collective_timeout)
-        sharded = ShardedCheckpointer(manager, lead, config if lead else None, asynchronous, device, timeout_s)
-        sharded.engine = engine
-        return sharded
-    return FileCheckpointer(manager, lead, config, asynchronous)
+        checkpointer = ShardedCheckpointer(manager, lead, config if lead else None, asynchronous, device, timeout_s)
+        checkpointer.engine = engine
+    else:
+        checkpointer = FileCheckpointer(manager, lead, config, asynchronous)
+    # the rest of launch.stop_timeout is for closing and exiting; the other ranks wait for the lead
+    # in their next collective meanwhile
+    checkpointer.upload_timeout = min(2 / 3 * float(cfg.launch.stop_timeout), 0.5 * float(timeout_s))
+    return checkpointer

@@ -20,6 +20,7 @@ from runner.snapshot.store import LocalStore, SnapshotStore
 BACKENDS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure")}
 CONDITIONAL = {"s3"}  # schemes whose manifest is published with a conditional write (ObjectStore)
 CACHE_DIR = ".snapshot-staging"  # inside the run directory: versions written here before they are uploaded
+LOCAL_COPIES = "snapshot-cache"  # inside the run directory, snapshot.upload=async: versions kept until uploaded
 
 
 def is_url(snapshot_dir: Any) -> bool:
@@ -63,10 +64,25 @@ def open_store(snapshot_dir: str, run_dir: Path) -> SnapshotStore:
     return ObjectStore(text, run_dir / CACHE_DIR)
 
 
+def uploads_in_background(cfg: Any) -> bool:
+    """`snapshot.upload` decided: async (`auto`'s choice for file snapshots) applies to object stores
+    only; sharded versions upload synchronously for now."""
+    from runner.config import SnapshotFormat, UploadMode, snapshot_format
+
+    text = str(cfg.snapshot.dir)
+    if not is_url(text) or scheme(text) not in CONDITIONAL:
+        return False
+    mode = str(cfg.snapshot.get("upload", UploadMode.auto))
+    if mode == UploadMode.auto:
+        return snapshot_format(cfg) == SnapshotFormat.file
+    return mode == UploadMode.async_
+
+
 def snapshot_manager(cfg: Any, run_dir: Path) -> SnapshotManager:
-    """The run's catalogue of versions in the store `snapshot.dir` names."""
+    """The run's catalogue of versions in the store `snapshot.dir` names (with background uploads:
+    the local cache and the store, read as one)."""
     snapshot = cfg.snapshot
-    return SnapshotManager(
+    manager = SnapshotManager(
         None,
         snapshot.keep_last,
         snapshot.milestone_every,
@@ -74,6 +90,11 @@ def snapshot_manager(cfg: Any, run_dir: Path) -> SnapshotManager:
         mode=str(snapshot.mode),
         store=open_store(str(snapshot.dir), Path(run_dir)),
     )
+    if uploads_in_background(cfg):
+        from runner.snapshot.cached import CachedManager
+
+        return CachedManager(Path(run_dir) / LOCAL_COPIES, manager)
+    return manager
 
 
 def shown(cfg: Any, run_dir: Path) -> str:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -70,6 +71,7 @@ class SnapshotManager:
         self.store = store if store is not None else LocalStore(directory)
         self.retention = Retention(keep_last, milestone_every, keep_best, str(mode))
         self.resumed_from: Optional[str] = None  # the version this run loaded: retention never deletes it
+        self.held: Callable[[], Collection[str]] = tuple  # more files retention keeps (versions not uploaded yet)
 
     @property
     def dir(self) -> Path:
@@ -182,12 +184,24 @@ class SnapshotManager:
             monitor=None if monitor is None else Monitored(str(monitor["name"]), float(monitor["value"])),
             ended=None if ended is None else str(ended),  # training ended here for good (early stop)
         )
+        return self.list_version(version, config)
+
+    def list_version(self, version: Optional[Version], config: Optional[dict] = None) -> Optional[Version]:
+        """Publish a manifest that lists `version` (stored already, its entry as given), then delete
+        what retention dropped. `version=None`: apply retention again, publishing only if it drops
+        something (versions it held back are uploaded now)."""
         manifest = self.read_manifest()
         trusted = self._trusted(manifest)
-        kept = [v for v in trusted if v.step != version.step and v.file != version.file]
-        replaced = [v for v in trusted if v.step == version.step and v.file != version.file]  # the other format
-        pinned = {self.resumed_from} if self.resumed_from else set()
-        kept, dropped = self.retention.apply(sorted(kept + [version], key=lambda v: v.step), pinned)
+        if version is None:
+            kept, replaced = trusted, []
+        else:
+            kept = [v for v in trusted if v.step != version.step and v.file != version.file]
+            replaced = [v for v in trusted if v.step == version.step and v.file != version.file]  # the other format
+            kept.append(version)
+        pinned = {*self.held(), *([self.resumed_from] if self.resumed_from else [])}
+        kept, dropped = self.retention.apply(sorted(kept, key=lambda v: v.step), pinned)
+        if version is None and not dropped:
+            return None
         manifest.update(format_version=FORMAT_VERSION, snapshots=[v.as_dict() for v in kept])
         best = self.retention.best_first(kept)
         if best:
@@ -282,7 +296,7 @@ class SnapshotManager:
         """The one walk: (newest version that passes `check`, what `check` returned, the problems
         met on the way). `check` raises SnapshotError for a version that does not pass; `warn`
         logs each skipped version; `skip`: versions already found invalid (file -> why)."""
-        versions, problems = self._listed(self.read_manifest())
+        versions, problems = self._catalogue()
         for version in reversed(versions):
             if skip and version.file in skip:
                 problems.append(skip[version.file])
@@ -296,6 +310,18 @@ class SnapshotManager:
                 continue
             return version, result, problems
         return None, None, problems
+
+    def _catalogue(self) -> tuple[list[Version], list[str]]:
+        """Every version a read may take, oldest first (at one step, the one to try first last), and
+        the problems of the entries left out."""
+        return self._listed(self.read_manifest())
+
+    def finish_uploads(self, timeout: float) -> None:
+        """Block until versions on their way to a remote store are there (at most `timeout` s);
+        a local store has none."""
+
+    def close(self) -> None:
+        """Stop what runs in the background (nothing, for a local store)."""
 
     def load_latest(self) -> Optional[tuple[Version, dict[str, Any]]]:
         """(version, state) of the newest valid version; None when there is none at all.

@@ -25,10 +25,13 @@ passing each one's sha256 to the server, which refuses bytes that arrive otherwi
 with the digests; the lead uploads .metadata and loop.pt and publishes the manifest. A resume reads byte ranges of the
 listed objects, each block checked against its digest as it arrives (dcp_reading.py), so each
 rank fetches and verifies only the blocks it loads, also on another world size.
+With snapshot.upload=async (the default for file versions) the background uploader (upload.py) calls
+`upload_file`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -47,10 +50,16 @@ from runner.snapshot.versions import StoredFile, Version
 
 log = logging.getLogger(__name__)
 _MIN_PART = 5 * 2**20  # S3's smallest part but the last: smaller blocks go up in one put
+PART = 50 * 2**20  # bytes per part of a multipart upload (s3fs's default chunk)
+PARTS_IN_FLIGHT = 4  # parts sent at once (s3fs sends up to 10): memory held is PART times this
 
 
 class ManifestConflict(SnapshotError):
     """Another writer published the manifest after this one read it: this publish did not happen."""
+
+
+class NotAsListed(SnapshotError):
+    """A local file to upload is not what its manifest entry says (rewritten or rotten): not uploaded."""
 
 
 class ObjectStore(SnapshotStore):
@@ -219,6 +228,81 @@ class ObjectStore(SnapshotStore):
             self._call(
                 "put_object", Bucket=bucket, Key=object_key, Body=data, ChecksumSHA256=_b64(hashlib.sha256(data))
             )
+
+    def upload_file(self, local: Path, expected: StoredFile) -> StoredFile:
+        """A complete local file (`expected`: its name, size and sha256) uploaded under a name of this
+        writer's own, returned only if the store kept exactly those bytes. The file is read once:
+        what is sent is hashed as it is sent (sha256: it must be `expected`'s; MD5: the store's ETag
+        must match it, so the bytes are not downloaded again). A store whose ETag is no MD5 (SSE-KMS,
+        some S3-compatible servers) is read back instead. The local file is left in place."""
+        stored = StoredFile(expected.name, expected.size, expected.sha256, f"{expected.name}.{secrets.token_hex(6)}")
+        try:
+            if not self._put_hashed(local, stored):
+                self._check(stored)
+        except BaseException:
+            self.discard(stored)
+            raise
+        return stored
+
+    def _put_hashed(self, local: Path, stored: StoredFile) -> bool:
+        """Upload `local` as `stored.object` in parts; True when the store's ETag matches the MD5 of
+        what was sent. SnapshotError when what was sent is not `stored` (the file changed)."""
+        bucket, key = self._bucket_key(stored.object)
+        digest, sent, md5s = hashlib.sha256(), 0, []
+        with open(local, "rb") as f:
+            if stored.size < 2 * PART:  # one request, as s3fs's put_file does below two parts
+                data = f.read()
+                digest.update(data)
+                sent, md5s = len(data), [hashlib.md5(data)]
+                etag = self._call("put_object", Bucket=bucket, Key=key, Body=data)["ETag"]
+            else:
+                upload = self._call("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+                try:
+                    parts: list[dict] = []
+                    while batch := [data for data in (f.read(PART) for _ in range(PARTS_IN_FLIGHT)) if data]:
+                        first = len(md5s) + 1
+                        for data in batch:  # hashed on this thread, sent together on fsspec's
+                            digest.update(data)
+                            sent += len(data)
+                            md5s.append(hashlib.md5(data))
+                        tags = self._parts(bucket, key, upload, first, batch)
+                        parts += [{"PartNumber": first + i, "ETag": tag} for i, tag in enumerate(tags)]
+                    etag = self._call(
+                        "complete_multipart_upload",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload,
+                        MultipartUpload={"Parts": parts},
+                    )["ETag"]
+                except BaseException:
+                    self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+                    raise
+        if sent != stored.size or digest.hexdigest() != stored.sha256:
+            raise NotAsListed(f"{local} changed while it was uploaded (it no longer matches its manifest entry)")
+        if len(md5s) == 1:
+            return etag.strip('"') == md5s[0].hexdigest()
+        whole = hashlib.md5(b"".join(m.digest() for m in md5s)).hexdigest()
+        return etag.strip('"') == f"{whole}-{len(md5s)}"
+
+    def _parts(self, bucket: str, key: str, upload: str, first: int, batch: list[bytes]) -> list[str]:
+        """Upload parts `first`, `first + 1`, ... at once; their ETags."""
+        from fsspec.asyn import sync
+
+        async def send() -> list[str]:
+            calls = [
+                self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=first + i, Body=d)
+                for i, d in enumerate(batch)
+            ]
+            return [response["ETag"] for response in await asyncio.gather(*calls)]
+
+        return sync(self.fs.loop, send)
+
+    def discard(self, stored: StoredFile) -> None:
+        """Remove an uploaded object no manifest lists (best effort: a store that is down keeps it)."""
+        try:
+            self.fs.rm_file(self._remote(stored.object))
+        except Exception:
+            pass
 
     def after_publish(self) -> None:
         pass

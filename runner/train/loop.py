@@ -419,7 +419,7 @@ class TrainLoop:
         self.checkpointer.check()
         if self.stop.should_stop(self.global_step):
             written = self.save_snapshot()
-            self.checkpointer.wait()
+            self.checkpointer.wait(since=self.stop.signal_time)  # within launch.stop_timeout of the signal
             raise Stopped(
                 self.stop.signal, self.checkpointer.last_entry if written else None, self.global_step, self.lead
             )

@@ -61,6 +61,11 @@ class StopRequest:
             extra={"console": first_of_node()},
         )
 
+    @property
+    def signal_time(self) -> Optional[float]:
+        """When (time.monotonic) this process got its stop signal; None when it got none itself."""
+        return self._signal_time if self.signal is not None else None
+
     def should_stop(self, step: int) -> bool:
         """Collective at agreed steps: True when any rank has been asked to stop."""
         if self.collectives.world_size == 1:

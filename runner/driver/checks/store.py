@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from runner.config import ResumeWord
+from runner.config import ResumeWord, SnapshotFormat, UploadMode, snapshot_format
 from runner.errors import UserError
 from runner.snapshot.location import BACKENDS, CONDITIONAL, is_url, scheme, url_problem
 
@@ -22,6 +22,7 @@ ALLOWED = "a folder name inside the run directory, s3://bucket/prefix or file://
 def check_store_config(cfg: DictConfig) -> None:
     """The URL alone: no network."""
     url = str(cfg.snapshot.dir)
+    check_upload(cfg)
     if not is_url(url):
         return
     problem = url_problem(url)
@@ -56,6 +57,30 @@ def check_store_config(cfg: DictConfig) -> None:
             f"starts over by archiving the run directory's snapshots, and those in {url} are not in the run directory",
             "snapshot.resume=auto|must with a URL",
             f"point {KEY} at a new prefix to start over (the old one is left as it is)",
+        )
+
+
+def check_upload(cfg: DictConfig) -> None:
+    """`snapshot.upload=async` needs something to upload to, and versions it can upload."""
+    if str(cfg.snapshot.get("upload", UploadMode.auto)) != UploadMode.async_:
+        return
+    url = str(cfg.snapshot.dir)
+    if not is_url(url) or scheme(url) not in CONDITIONAL:
+        raise UserError(
+            "snapshot.upload",
+            "async",
+            f"uploads versions to an object store in the background, and {KEY}={url} is a local folder: "
+            "there is nothing to upload",
+            "async with snapshot.dir=s3://bucket/prefix; auto or sync otherwise",
+            "drop snapshot.upload (auto), or point snapshot.dir at a bucket",
+        )
+    if snapshot_format(cfg) == SnapshotFormat.dcp:
+        raise UserError(
+            "snapshot.upload",
+            "async",
+            "sharded (DCP) versions are not uploaded in the background yet",
+            "snapshot.upload=auto|sync with snapshot.format=dcp",
+            "drop snapshot.upload (auto uploads sharded versions synchronously), or use snapshot.format=file",
         )
 
 
