@@ -603,7 +603,7 @@ def test_uploads_in_parts_are_verified_by_what_was_sent(s3_env, url, tmp_path, m
     expected = StoredFile(local.name, len(data), hashlib.sha256(data).hexdigest())
     stored = store.upload_file(local, expected)
     assert fs.cat_file(f"{url.split('://')[1]}/{stored.object}") == data and local.exists()
-    store.check_verified(local, stored)  # what a reader checks
+    store.check_verified(store.location / stored.name, stored)  # what a reader checks (the path the manager names)
     wrong = StoredFile(local.name, len(data), "0" * 64)  # the file is not what its manifest entry says
     with pytest.raises(SnapshotError, match="changed while it was uploaded"):
         store.upload_file(local, wrong)

@@ -58,7 +58,9 @@ class CachedManager(SnapshotManager):
         uploads.submit(version, config)
         return version
 
-    def commit_folder(self, staged: Path, step: int, epoch: int, config: Optional[dict] = None, **marks: Any):
+    def commit_folder(
+        self, staged: Path, step: int, epoch: int, config: Optional[dict] = None, digests: Any = None, **marks: Any
+    ):
         raise SnapshotError("sharded (DCP) versions are not uploaded in the background yet: snapshot.upload=sync")
 
     def pin(self, version: Version) -> None:
@@ -112,17 +114,17 @@ class CachedManager(SnapshotManager):
         """The catalogue a version came from: the store names an object for each of its files."""
         return self.remote if version.object is not None else self
 
-    def verify(self, entry: Any) -> bytes:
+    def verify(self, entry: Any, whole: bool = True) -> bytes:
         version = self._version(entry)
         owner = self._owner(version)
-        return owner.verify(version) if owner is self.remote else super().verify(version)
+        return owner.verify(version, whole) if owner is self.remote else super().verify(version, whole)
 
-    def load_entry(self, entry: Any, verified: bool = False) -> dict[str, Any]:
+    def load_entry(self, entry: Any, verified: bool = False, whole: bool = True) -> dict[str, Any]:
         version = self._version(entry)
         owner = self._owner(version)
         if owner is self.remote:
-            return owner.load_entry(version, verified)
-        return super().load_entry(version, verified)
+            return owner.load_entry(version, verified, whole)
+        return super().load_entry(version, verified, whole)
 
     def best_entry(self) -> Optional[Version]:
         try:
