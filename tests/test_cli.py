@@ -114,7 +114,7 @@ def test_cfg_job_prints_composed_config(workdir):
     cfg = OmegaConf.create(res.stdout)
     assert cfg.model._target_ == "runner.models.MLP"
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
-    assert cfg.launch.mode == "standalone" and cfg.snapshot.keep_last == 3
+    assert cfg.launch.mode == "auto" and cfg.snapshot.keep_last == 3
     assert not (workdir / "outputs").exists()
 
 

@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
@@ -247,7 +247,7 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         traceback.print_exception(err)
     rank = 0
     if isinstance(err, ChildFailedError):
-        rank, failure = err.get_first_failure()
+        rank, failure = _root_failure(err)
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", str(message))
@@ -278,6 +278,25 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
     lines.append(f"  full logs: {short(log_path)} (all ranks: {short(run_dir / TRAIN_LOG)})")
     print("\n".join(lines), file=sys.stderr)
     return EXIT_TRAINING_FAILED
+
+
+# What a rank says when a peer failed first: a consequence, not the cause to report.
+SECONDARY = ("exited while this rank waited", "Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def _root_failure(err: Any) -> tuple[int, Any]:
+    """(rank, failure) to report: the first failure by time, unless it only says that a peer went
+    away first (a rank waiting in an all-reduce sees its peer's exit, sometimes before the agent has
+    recorded the peer's own error): then the first failure that names its own cause."""
+    first = err.get_first_failure()
+    failures = sorted(err.failures.items(), key=lambda item: item[1].timestamp)
+
+    def secondary(failure: Any) -> bool:
+        message = failure.message
+        text = str(message.get("message", message) if isinstance(message, dict) else message)
+        return any(words in text for words in SECONDARY)
+
+    return next(((rank, f) for rank, f in failures if not secondary(f)), first) if secondary(first[1]) else first
 
 
 def _rendezvous_lost(err: BaseException) -> bool:
