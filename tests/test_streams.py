@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import assert_same_weights, metrics
 from loop_helpers import RecordingRegression, config, train
-from omegaconf import OmegaConf
+from test_data import data_cfg
 from torch.utils.data import IterableDataset
 
 from runner.errors import UserError
@@ -49,21 +49,6 @@ class Numbered(ShardedStream):
     def transform(self, sample):
         x, y, rid = sample
         return x + 0.1 * torch.rand(3), y, rid
-
-
-def data_cfg(**over):
-    base = dict(
-        loader="auto",
-        val_fraction=0.0,
-        num_workers=0,
-        pin_memory=None,
-        persistent_workers=True,
-        prefetch_factor=None,
-        collate_fn=None,
-        drop_last=False,
-        eval_batch_size=None,
-    )
-    return OmegaConf.create({**base, **over})
 
 
 def stream(dataset, workers=2, rank=0, world=1, batch=4, shuffle=True) -> StreamBatches:
