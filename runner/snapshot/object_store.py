@@ -1,4 +1,4 @@
-"""Snapshot versions in an object store (S3 and S3-compatible servers, through fsspec's s3fs).
+"""Snapshot versions in an object store: S3 and S3-compatible servers (s3fs), Google Cloud Storage (gcsfs).
 
 An object store has no rename, so the local commit protocol (fsync, rename, manifest last) becomes:
 
@@ -6,16 +6,18 @@ An object store has no rename, so the local commit protocol (fsync, rename, mani
 2. `commit_file` uploads it under a name no other writer uses (`snapshot-<step>.pt.<random>`),
    reads it back and compares size and sha256: a version whose bytes the store did not keep
    exactly is never listed;
-3. `publish_manifest` writes the manifest with a conditional write: `If-Match` on the ETag of the
-   manifest this writer read (`If-None-Match: *` when there was none). If another writer published
-   in between, the write is refused (HTTP 412) and this one raises `ManifestConflict`: two writers
+3. `publish_manifest` writes the manifest with a conditional write (conditional.py): on S3 `If-Match`
+   on the ETag of the manifest this writer read (`If-None-Match: *` when there was none), on GCS
+   `ifGenerationMatch` on its generation (0 when there was none). If another writer published in
+   between, the write is refused (HTTP 412) and this one raises `ManifestConflict`: two writers
    can never both win, and neither manifest is ever torn;
 4. `delete` removes only objects the published manifest no longer lists (retention runs after).
 
 Readers trust only what the manifest lists: each read downloads the listed object and checks its
 size and sha256 before anything is unpickled, so a corrupt or missing object is skipped for the
 previous version. Credentials and the endpoint come from the environment (AWS_* variables,
-profiles, instance roles, AWS_ENDPOINT_URL), never from the config, the logs or the manifest.
+profiles, instance roles, AWS_ENDPOINT_URL; Google's application default credentials,
+STORAGE_EMULATOR_HOST), never from the config, the logs or the manifest.
 
 Sharded (DCP) versions: every rank writes its shards into a local staging folder, hashing them
 as it writes (dcp_writing.py), and uploads them itself as `step-<N>/<file>.<random>`, hashing
@@ -27,6 +29,9 @@ listed objects, each block checked against its digest as it arrives (dcp_reading
 rank fetches and verifies only the blocks it loads, also on another world size.
 With snapshot.upload=async (the default for file versions) the background uploader (upload.py) calls
 `upload_file`.
+
+The checked uploads above (server-side sha256 per part, ETag against the MD5 of what was sent) are
+S3's; on GCS each upload is one put through fsspec, then read back and checked like a listed read.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from runner.fileio import temporary_path
+from runner.snapshot.conditional import Refused, manifest_access, s3_call
 from runner.snapshot.format import SnapshotError
 from runner.snapshot.manifest import FOLDER_PATTERN
 from runner.snapshot.store import CHUNK, MANIFEST, SnapshotStore, sha256_of_file, staged_files
@@ -72,9 +78,10 @@ class ObjectStore(SnapshotStore):
 
         self.url = url.rstrip("/")
         self.location = Path(staging)
-        self.fs = fs if fs is not None else fsspec.filesystem(self.url.split("://", 1)[0])
+        self._kind = self.url.split("://", 1)[0].lower()
+        self.fs = fs if fs is not None else fsspec.filesystem(self._kind)
         self._prefix = self.url.split("://", 1)[1]  # bucket/prefix
-        self._etag: Optional[str] = None  # of the manifest last read: what a publish must replace
+        self._etag: Optional[str] = None  # version token of the manifest last read: what a publish must replace
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url})"
@@ -89,28 +96,21 @@ class ObjectStore(SnapshotStore):
     def read_manifest(self) -> Optional[bytes]:
         bucket, key = self._bucket_key(MANIFEST)
         try:
-            response = self._call("get_object", Bucket=bucket, Key=key)
-        except FileNotFoundError:
-            self._etag = None
-            return None
+            got = manifest_access(self._kind, self.fs, bucket, key).read()
         except Exception as err:
             raise SnapshotError(f"{self.url}/{MANIFEST} cannot be read ({type(err).__name__}: {err})") from None
-        self._etag = response["ETag"]
-        return response["Body"]
+        data, self._etag = got if got is not None else (None, None)
+        return data
 
     def publish_manifest(self, data: bytes) -> None:
         bucket, key = self._bucket_key(MANIFEST)
-        condition = {"IfNoneMatch": "*"} if self._etag is None else {"IfMatch": self._etag}
         try:
-            response = self._call("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-        except Exception as err:
-            if _precondition_failed(err):
-                raise ManifestConflict(
-                    f"{self.url}/{MANIFEST} was published by another writer after this one read it, so this "
-                    "version is not listed (do two runs write to one snapshot.dir?)"
-                ) from None
-            raise
-        self._etag = response["ETag"]
+            self._etag = manifest_access(self._kind, self.fs, bucket, key).publish(data, self._etag)
+        except Refused:
+            raise ManifestConflict(
+                f"{self.url}/{MANIFEST} was published by another writer after this one read it, so this "
+                "version is not listed (do two runs write to one snapshot.dir?)"
+            ) from None
 
     # ---- writing -----------------------------------------------------------------------------
     def staging_file(self, name: str) -> Path:
@@ -184,7 +184,12 @@ class ObjectStore(SnapshotStore):
 
     def _upload_checked(self, path: Path, key: str, item: StoredFile) -> None:
         """One put (or one part per block, for large files) whose bytes are hashed as they are read
-        for sending and must match `item`; the server also checks each body's sha256."""
+        for sending and must match `item`; the server also checks each body's sha256. Other stores
+        than S3: one put, then the object is read back and checked against `item`."""
+        if self._kind != "s3":
+            self.fs.put_file(str(path), self._remote(key))
+            self._check(dataclasses.replace(item, object=key), key.split("/", 1)[0])
+            return
         bucket, object_key = self._bucket_key(key)
         whole = hashlib.sha256()
         with open(path, "rb") as f:
@@ -236,6 +241,16 @@ class ObjectStore(SnapshotStore):
         must match it, so the bytes are not downloaded again). A store whose ETag is no MD5 (SSE-KMS,
         some S3-compatible servers) is read back instead. The local file is left in place."""
         stored = StoredFile(expected.name, expected.size, expected.sha256, f"{expected.name}.{secrets.token_hex(6)}")
+        if self._kind != "s3":  # no ETag to compare: checked before it goes up, read back after
+            if sha256_of_file(local) != (expected.sha256, expected.size):
+                raise NotAsListed(f"{local} no longer matches its manifest entry: not uploaded")
+            try:
+                self.fs.put_file(str(local), self._remote(stored.object))
+                self._check(stored)
+            except BaseException:
+                self.discard(stored)
+                raise
+            return stored
         try:
             if not self._put_hashed(local, stored):
                 self._check(stored)
@@ -426,17 +441,7 @@ class ObjectStore(SnapshotStore):
         return bucket, f"{prefix}/{name}" if prefix else name
 
     def _call(self, method: str, **kwargs: Any) -> dict:
-        """One S3 call with the headers s3fs's own methods do not pass (If-Match, If-None-Match);
-        a GetObject's body is read whole (the manifest is small)."""
-        from fsspec.asyn import sync
-
-        async def call() -> dict:
-            response = await self.fs._call_s3(method, **kwargs)
-            if "Body" in response and hasattr(response["Body"], "read"):
-                response["Body"] = await response["Body"].read()
-            return response
-
-        return sync(self.fs.loop, call)
+        return s3_call(self.fs, method, **kwargs)
 
 
 def _b64(digest: Any) -> str:
@@ -448,8 +453,3 @@ def _check_read(path: Path, f: Any, whole: Any, item: StoredFile, seen: Optional
     seen = f.tell() if seen is None else seen
     if seen != item.size or f.read(1) or whole.hexdigest() != item.sha256:
         raise SnapshotError(f"{path} changed since it was written: not uploaded")
-
-
-def _precondition_failed(err: BaseException) -> bool:
-    """s3fs turns HTTP 412 into FileExistsError (If-None-Match) or OSError (If-Match)."""
-    return isinstance(err, FileExistsError) or "pre-condition" in str(err).lower() or "412" in str(err)
