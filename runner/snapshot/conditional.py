@@ -7,6 +7,8 @@ condition on that token, refused by the server (HTTP 412) when another writer pu
 - S3 (s3fs): the ETag; `If-Match: <etag>`, or `If-None-Match: *` when there was no manifest.
 - GCS (gcsfs): the object's generation; `ifGenerationMatch=<generation>`, or `0` (must not exist).
   The manifest is read at the generation its metadata names, so bytes and token always agree.
+- Azure Blob Storage (adlfs, through its azure-storage-blob client): the ETag; `If-Match: <etag>`,
+  or `If-None-Match: *` (the SDK's overwrite=False). The SDK downloads pinned to one ETag.
 
 `read` returns (bytes, token) or None when there is no manifest; `publish` returns the new token
 and raises `Refused` when the condition failed. Any other error propagates as it is.
@@ -14,7 +16,7 @@ and raises `Refused` when the condition failed. Any other error propagates as it
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import quote
 
 
@@ -104,10 +106,56 @@ class GCSManifest:
         return str(out["generation"])
 
 
+class AzureManifest:
+    def __init__(self, fs: Any, container: str, key: str) -> None:
+        self.fs, self.container, self.key = fs, container, key
+
+    def _run(self, step: Callable[[Any], Awaitable[Any]]) -> Any:
+        from fsspec.asyn import sync
+
+        async def call() -> Any:
+            return await step(self.fs.service_client.get_blob_client(self.container, self.key))
+
+        return sync(self.fs.loop, call)
+
+    def read(self) -> Optional[tuple[bytes, str]]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        async def download(blob: Any) -> Optional[tuple[bytes, str]]:
+            try:
+                stream = await blob.download_blob()
+            except ResourceNotFoundError:
+                return None
+            return await stream.readall(), stream.properties.etag
+
+        return self._run(download)
+
+    def publish(self, data: bytes, token: Optional[str]) -> str:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+
+        if token is None:
+            condition: dict = {"overwrite": False}
+        else:
+            condition = {"overwrite": True, "etag": token, "match_condition": MatchConditions.IfNotModified}
+
+        async def upload(blob: Any) -> str:
+            return (await blob.upload_blob(data, **condition))["etag"]
+
+        try:
+            return self._run(upload)
+        except (ResourceExistsError, ResourceModifiedError):
+            raise Refused() from None
+        finally:
+            self.fs.invalidate_cache(f"{self.container}/{self.key}")
+
+
 def manifest_access(kind: str, fs: Any, bucket: str, key: str) -> Any:
     """The conditional read/publish for URL scheme `kind` (location.CONDITIONAL lists them)."""
     if kind == "s3":
         return S3Manifest(fs, bucket, key)
     if kind in ("gs", "gcs"):
         return GCSManifest(fs, bucket, key)
+    if kind == "az":
+        return AzureManifest(fs, bucket, key)
     raise ValueError(f"{kind}:// has no conditional manifest publish")

@@ -1,10 +1,11 @@
 """Where a run keeps its snapshots: a folder inside the run directory, or a URL (`snapshot.dir`).
 
 `snapshot.dir=snapshots` (the default) keeps versions in the run directory. A URL keeps them in an
-object store (`s3://bucket/prefix`, `gs://bucket/prefix`) or any local folder (`file:///abs/path`), while the run
-directory stays on this machine (config, logs, metrics): a fresh machine with an empty outputs/
-resumes from the URL by running the same command. Every module that opens a run's snapshots goes
-through `snapshot_manager`, so the driver's checks, the workers and the reports see one store.
+object store (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`) or any local
+folder (`file:///abs/path`), while the run directory stays on this machine (config, logs,
+metrics): a fresh machine with an empty outputs/ resumes from the URL by running the same command.
+Every module that opens a run's snapshots goes through `snapshot_manager`, so the driver's checks,
+the workers and the reports see one store.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from runner.snapshot.store import LocalStore, SnapshotStore
 
 # URL scheme -> (fsspec backend package, pip extra that installs it)
 BACKENDS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure")}
-CONDITIONAL = {"s3", "gs", "gcs"}  # schemes whose manifest is published with a conditional write (conditional.py)
+CONDITIONAL = {"s3", "gs", "gcs", "az"}  # schemes whose manifest is published with a conditional write (conditional.py)
 CACHE_DIR = ".snapshot-staging"  # inside the run directory: versions written here before they are uploaded
 LOCAL_COPIES = "snapshot-cache"  # inside the run directory, snapshot.upload=async: versions kept until uploaded
 

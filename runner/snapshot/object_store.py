@@ -1,4 +1,4 @@
-"""Snapshot versions in an object store: S3 and S3-compatible servers (s3fs), Google Cloud Storage (gcsfs).
+"""Snapshot versions in an object store: S3 and S3-compatible servers (s3fs), GCS (gcsfs), Azure (adlfs).
 
 An object store has no rename, so the local commit protocol (fsync, rename, manifest last) becomes:
 
@@ -8,16 +8,16 @@ An object store has no rename, so the local commit protocol (fsync, rename, mani
    exactly is never listed;
 3. `publish_manifest` writes the manifest with a conditional write (conditional.py): on S3 `If-Match`
    on the ETag of the manifest this writer read (`If-None-Match: *` when there was none), on GCS
-   `ifGenerationMatch` on its generation (0 when there was none). If another writer published in
-   between, the write is refused (HTTP 412) and this one raises `ManifestConflict`: two writers
-   can never both win, and neither manifest is ever torn;
+   `ifGenerationMatch` on its generation (0 when there was none), on Azure as on S3. If another
+   writer published in between, the write is refused (HTTP 412) and this one raises
+   `ManifestConflict`: two writers can never both win, and neither manifest is ever torn;
 4. `delete` removes only objects the published manifest no longer lists (retention runs after).
 
 Readers trust only what the manifest lists: each read downloads the listed object and checks its
 size and sha256 before anything is unpickled, so a corrupt or missing object is skipped for the
 previous version. Credentials and the endpoint come from the environment (AWS_* variables,
 profiles, instance roles, AWS_ENDPOINT_URL; Google's application default credentials,
-STORAGE_EMULATOR_HOST), never from the config, the logs or the manifest.
+STORAGE_EMULATOR_HOST; AZURE_STORAGE_* variables), never from the config, the logs or the manifest.
 
 Sharded (DCP) versions: every rank writes its shards into a local staging folder, hashing them
 as it writes (dcp_writing.py), and uploads them itself as `step-<N>/<file>.<random>`, hashing
@@ -31,7 +31,8 @@ With snapshot.upload=async (the default for file versions) the background upload
 `upload_file`.
 
 The checked uploads above (server-side sha256 per part, ETag against the MD5 of what was sent) are
-S3's; on GCS each upload is one put through fsspec, then read back and checked like a listed read.
+S3's; on GCS and Azure each upload is one put through fsspec, then read back and checked like a
+listed read.
 """
 
 from __future__ import annotations

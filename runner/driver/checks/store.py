@@ -16,7 +16,10 @@ from runner.errors import UserError
 from runner.snapshot.location import BACKENDS, CONDITIONAL, is_url, scheme, url_problem
 
 KEY = "snapshot.dir"
-ALLOWED = "a folder name inside the run directory, s3://bucket/prefix, gs://bucket/prefix or file:///abs/path"
+ALLOWED = (
+    "a folder name inside the run directory, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix "
+    "or file:///abs/path"
+)
 
 
 def check_store_config(cfg: DictConfig) -> None:
@@ -41,15 +44,6 @@ def check_store_config(cfg: DictConfig) -> None:
             ALLOWED,
             f"pip install {package} (or pip install 'hydra-torch-runner[{extra}]'), then run the same command again",
         )
-    if kind not in CONDITIONAL:
-        raise UserError(
-            KEY,
-            url,
-            f"{kind}:// has no conditional manifest publish in this version, so two writers could both "
-            "win: only s3:// (and S3-compatible servers) and gs:// keep the snapshot guarantees",
-            ALLOWED,
-            "use an s3:// or gs:// bucket, or a local folder",
-        )
     if str(cfg.snapshot.resume) == ResumeWord.never:
         raise UserError(
             "snapshot.resume",
@@ -71,7 +65,7 @@ def check_upload(cfg: DictConfig) -> None:
             "async",
             f"uploads versions to an object store in the background, and {KEY}={url} is a local folder: "
             "there is nothing to upload",
-            "async with snapshot.dir=s3://bucket/prefix or gs://bucket/prefix; auto or sync otherwise",
+            "async with snapshot.dir=s3://, gs:// or az:// URLs; auto or sync otherwise",
             "drop snapshot.upload (auto), or point snapshot.dir at a bucket",
         )
     if snapshot_format(cfg) == SnapshotFormat.dcp:
@@ -104,6 +98,6 @@ def check_store_reachable(cfg: DictConfig, run_dir: Path) -> None:
             url,
             f"the store cannot be reached ({type(err).__name__}: {err})",
             ALLOWED,
-            "check the credentials (AWS_* variables or a profile; for gs://, Google's application default "
-            "credentials) and the endpoint (AWS_ENDPOINT_URL; STORAGE_EMULATOR_HOST)",
+            "check the credentials (AWS_* variables or a profile; Google's application default credentials; "
+            "AZURE_STORAGE_* variables) and the endpoint (AWS_ENDPOINT_URL; STORAGE_EMULATOR_HOST)",
         ) from None
