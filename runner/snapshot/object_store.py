@@ -48,7 +48,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from runner.fileio import temporary_path
 from runner.snapshot.conditional import Refused, manifest_access, s3_call
 from runner.snapshot.format import SnapshotError
 from runner.snapshot.manifest import FOLDER_PATTERN
@@ -114,13 +113,6 @@ class ObjectStore(SnapshotStore):
             ) from None
 
     # ---- writing -----------------------------------------------------------------------------
-    def staging_file(self, name: str) -> Path:
-        self.location.mkdir(parents=True, exist_ok=True)
-        return temporary_path(self.location / name)
-
-    def staging_folder(self, name: str, tag: str) -> Path:
-        return self.location / f".{name}.tmp-{tag}"
-
     def commit_file(self, staged: Path, name: str) -> StoredFile:
         """Upload under a name of this writer's own, then read it back: listed only if it matches."""
         key = f"{name}.{secrets.token_hex(6)}"

@@ -60,13 +60,15 @@ class SnapshotStore(ABC):
     def publish_manifest(self, data: bytes) -> None:
         """Publish a new manifest at once (readers see the old one or the new one, never a mix)."""
 
-    @abstractmethod
     def staging_file(self, name: str) -> Path:
-        """A fresh local path to write version `name` to before it is committed."""
+        """A fresh local path to write version `name` to before it is committed (in `location`:
+        the versions' folder on disk, the staging folder of an object store)."""
+        self.location.mkdir(parents=True, exist_ok=True)
+        return temporary_path(self.location / name)
 
-    @abstractmethod
     def staging_folder(self, name: str, tag: str) -> Path:
         """The local folder every rank writes its shards of version `name` to (`tag`: the same on every rank)."""
+        return self.location / f".{name}.tmp-{tag}"
 
     @abstractmethod
     def commit_file(self, staged: Path, name: str) -> StoredFile:
@@ -214,13 +216,6 @@ class LocalStore(SnapshotStore):
         atomic_write(self.manifest_path, data)  # its directory fsync also persists the renames before it
 
     # ---- writing -----------------------------------------------------------------------------
-    def staging_file(self, name: str) -> Path:
-        self.location.mkdir(parents=True, exist_ok=True)
-        return temporary_path(self.location / name)
-
-    def staging_folder(self, name: str, tag: str) -> Path:
-        return self.location / f".{name}.tmp-{tag}"
-
     def commit_file(self, staged: Path, name: str) -> StoredFile:
         try:
             sha256, size = sha256_of_file(staged)
