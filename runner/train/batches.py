@@ -60,6 +60,38 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
     return batch
 
 
+def next_batch(iterator: Iterator[Any]) -> Any:
+    """`next(iterator, None)` on a DataLoader's iterator, where a loader worker that died (SIGKILL, the
+    OOM killer) is named as such. Its death can reach the rank first as an unrelated error (a
+    connection reset while the worker handed over a tensor), which reads like a lost peer; torch's
+    own check then names the worker and its signal, with the first error as its cause."""
+    try:
+        return next(iterator, None)
+    except Exception as err:
+        died = None if str(err).startswith("DataLoader worker") else dead_loader_worker()
+        if died is not None:
+            raise died from err
+        raise
+
+
+def dead_loader_worker() -> Optional[RuntimeError]:
+    """torch's error for a loader worker of this process that was killed or exited with an error, if any."""
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+    try:
+        _error_if_any_worker_fails()
+    except RuntimeError as err:
+        return err
+    return None
+
+
+def loader_batches(loader: DataLoader, device: torch.device, non_blocking: bool) -> Iterator[Any]:
+    """`loader`'s batches on `device`, a dead loader worker named as such (`next_batch`)."""
+    iterator = iter(loader)
+    while (batch := next_batch(iterator)) is not None:
+        yield to_device(batch, device, non_blocking)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch + 1) * 10_000_019 + index) % (2**63 - 1)
 
@@ -197,7 +229,7 @@ class TrainBatches:
         self.sampler.set_start(start)
         if self.tensors is not None:
             return self._tensor_batches()
-        return (to_device(b, self.device, self.non_blocking) for b in self.loader)
+        return loader_batches(self.loader, self.device, self.non_blocking)
 
     def _tensor_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         indices = self.sampler.local_indices().to(self.device)
@@ -243,8 +275,7 @@ class EvalBatches:
                 idx = self.indices[begin : begin + self.batch_size]
                 yield tuple(t.index_select(0, idx) for t in self.tensors)
         else:
-            for batch in self.loader:
-                yield to_device(batch, self.device, self.non_blocking)
+            yield from loader_batches(self.loader, self.device, self.non_blocking)
 
 
 class DataSource:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from runner.train.batches import loader_options, to_device
+from runner.train.batches import loader_batches, loader_options, next_batch, to_device
 
 log = logging.getLogger(__name__)
 # torchdata 0.11 calls a torch function that newer torch deprecates, once per loader: not the user's concern.
@@ -109,7 +109,7 @@ class StreamBatches:
             self.dataset.redealt = None  # the workers have their copy; the next epoch starts afresh
         while True:
             before = self.loader.state_dict() if self.stateful else None
-            batch = next(iterator, None)
+            batch = next_batch(iterator)
             if self.agree is not None:
                 have = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64)
                 if self.agree(have).item() == 0:
@@ -211,5 +211,4 @@ class StreamEvalBatches:
     def __iter__(self) -> Iterator[Any]:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(0)
-        for batch in self.loader:
-            yield to_device(batch, self.device, self.non_blocking)
+        yield from loader_batches(self.loader, self.device, self.non_blocking)
