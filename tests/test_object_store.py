@@ -590,12 +590,12 @@ def test_sigterm_during_an_outage_names_both_places_and_the_same_machine_resumes
 def test_uploads_in_parts_are_verified_by_what_was_sent(s3_env, url, tmp_path, monkeypatch):
     import hashlib
 
-    from runner.snapshot import object_store
+    from runner.snapshot import s3_parts
     from runner.snapshot.versions import StoredFile
 
     _, fs = s3_env
-    monkeypatch.setattr(object_store, "PART", 5 * 2**20)  # S3's smallest part: 12 MB go up in 3 parts,
-    monkeypatch.setattr(object_store, "PARTS_IN_FLIGHT", 2)  # 2 at once, then 1
+    monkeypatch.setattr(s3_parts, "PART", 5 * 2**20)  # S3's smallest part: 12 MB go up in 3 parts,
+    monkeypatch.setattr(s3_parts, "PARTS_IN_FLIGHT", 2)  # 2 at once, then 1
     data = torch.randint(0, 255, (12 * 2**20,), dtype=torch.uint8).numpy().tobytes()
     local = tmp_path / "snapshot-000000010.pt"
     local.write_bytes(data)

@@ -37,7 +37,6 @@ listed read.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -48,6 +47,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from runner.snapshot import s3_parts
 from runner.snapshot.conditional import Refused, manifest_access, s3_call
 from runner.snapshot.format import SnapshotError
 from runner.snapshot.manifest import FOLDER_PATTERN
@@ -56,8 +56,6 @@ from runner.snapshot.versions import StoredFile, Version
 
 log = logging.getLogger(__name__)
 _MIN_PART = 5 * 2**20  # S3's smallest part but the last: smaller blocks go up in one put
-PART = 50 * 2**20  # bytes per part of a multipart upload (s3fs's default chunk)
-PARTS_IN_FLIGHT = 4  # parts sent at once (s3fs sends up to 10): memory held is PART times this
 
 
 class ManifestConflict(SnapshotError):
@@ -184,41 +182,28 @@ class ObjectStore(SnapshotStore):
             self._check(dataclasses.replace(item, object=key), key.split("/", 1)[0])
             return
         bucket, object_key = self._bucket_key(key)
-        whole = hashlib.sha256()
+        whole, blocks = hashlib.sha256(), enumerate(item.blocks)
+
+        def checked(data: bytes) -> dict:  # before it is sent: the server checks it too
+            whole.update(data)
+            digest = hashlib.sha256(data)
+            number, expected = next(blocks, (len(item.blocks), None))
+            if digest.hexdigest() != expected:
+                raise SnapshotError(f"{path} changed since it was written (block {number})")
+            return {"ChecksumSHA256": _b64(digest)}
+
         with open(path, "rb") as f:
             if item.blocks and item.block_size >= _MIN_PART and len(item.blocks) > 1:
-                upload = self._call(
-                    "create_multipart_upload", Bucket=bucket, Key=object_key, ChecksumAlgorithm="SHA256"
+                s3_parts.send_in_parts(
+                    self.fs,
+                    bucket,
+                    object_key,
+                    f,
+                    item.block_size,
+                    headers=checked,
+                    before_complete=lambda: _check_read(path, f, whole, item),
+                    ChecksumAlgorithm="SHA256",
                 )
-                parts = []
-                try:
-                    for number, expected in enumerate(item.blocks, start=1):
-                        data = f.read(item.block_size)
-                        whole.update(data)
-                        digest = hashlib.sha256(data)
-                        if digest.hexdigest() != expected:
-                            raise SnapshotError(f"{path} changed since it was written (block {number - 1})")
-                        sent = self._call(
-                            "upload_part",
-                            Bucket=bucket,
-                            Key=object_key,
-                            UploadId=upload["UploadId"],
-                            PartNumber=number,
-                            Body=data,
-                            ChecksumSHA256=_b64(digest),
-                        )
-                        parts.append({"PartNumber": number, "ETag": sent["ETag"], "ChecksumSHA256": _b64(digest)})
-                    _check_read(path, f, whole, item)
-                    self._call(
-                        "complete_multipart_upload",
-                        Bucket=bucket,
-                        Key=object_key,
-                        UploadId=upload["UploadId"],
-                        MultipartUpload={"Parts": parts},
-                    )
-                except BaseException:
-                    self._call("abort_multipart_upload", Bucket=bucket, Key=object_key, UploadId=upload["UploadId"])
-                    raise
                 return
             data = f.read(item.size + 1)
             whole.update(data)
@@ -253,57 +238,35 @@ class ObjectStore(SnapshotStore):
         return stored
 
     def _put_hashed(self, local: Path, stored: StoredFile) -> bool:
-        """Upload `local` as `stored.object` in parts; True when the store's ETag matches the MD5 of
-        what was sent. SnapshotError when what was sent is not `stored` (the file changed)."""
+        """Upload `local` as `stored.object`, hashing each part while it is on its way; True when the
+        store's ETag matches the MD5 of what was sent. NotAsListed when what was sent is not
+        `stored` (the file changed): a multipart upload is then aborted before it completes."""
         bucket, key = self._bucket_key(stored.object)
-        digest, sent, md5s = hashlib.sha256(), 0, []
+        digest, md5s = hashlib.sha256(), []
+
+        def hashed(data: bytes) -> None:
+            digest.update(data)
+            md5s.append(hashlib.md5(data))
+
+        def as_listed(sent: int) -> None:
+            if sent != stored.size or digest.hexdigest() != stored.sha256:
+                raise NotAsListed(f"{local} changed while it was uploaded (it no longer matches its manifest entry)")
+
         with open(local, "rb") as f:
-            if stored.size < 2 * PART:  # one request, as s3fs's put_file does below two parts
+            if stored.size < 2 * s3_parts.PART:  # one request, as s3fs's put_file does below two parts
                 data = f.read()
-                digest.update(data)
-                sent, md5s = len(data), [hashlib.md5(data)]
-                etag = self._call("put_object", Bucket=bucket, Key=key, Body=data)["ETag"]
+                sending = s3_parts.submit(self.fs, "put_object", Bucket=bucket, Key=key, Body=data)
+                hashed(data)
+                etag = sending.result()["ETag"]
+                as_listed(len(data))
             else:
-                upload = self._call("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-                try:
-                    parts: list[dict] = []
-                    while batch := [data for data in (f.read(PART) for _ in range(PARTS_IN_FLIGHT)) if data]:
-                        first = len(md5s) + 1
-                        for data in batch:  # hashed on this thread, sent together on fsspec's
-                            digest.update(data)
-                            sent += len(data)
-                            md5s.append(hashlib.md5(data))
-                        tags = self._parts(bucket, key, upload, first, batch)
-                        parts += [{"PartNumber": first + i, "ETag": tag} for i, tag in enumerate(tags)]
-                    etag = self._call(
-                        "complete_multipart_upload",
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload,
-                        MultipartUpload={"Parts": parts},
-                    )["ETag"]
-                except BaseException:
-                    self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
-                    raise
-        if sent != stored.size or digest.hexdigest() != stored.sha256:
-            raise NotAsListed(f"{local} changed while it was uploaded (it no longer matches its manifest entry)")
+                etag = s3_parts.send_in_parts(
+                    self.fs, bucket, key, f, s3_parts.PART, inspect=hashed, before_complete=lambda: as_listed(f.tell())
+                )
         if len(md5s) == 1:
             return etag.strip('"') == md5s[0].hexdigest()
         whole = hashlib.md5(b"".join(m.digest() for m in md5s)).hexdigest()
         return etag.strip('"') == f"{whole}-{len(md5s)}"
-
-    def _parts(self, bucket: str, key: str, upload: str, first: int, batch: list[bytes]) -> list[str]:
-        """Upload parts `first`, `first + 1`, ... at once; their ETags."""
-        from fsspec.asyn import sync
-
-        async def send() -> list[str]:
-            calls = [
-                self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=first + i, Body=d)
-                for i, d in enumerate(batch)
-            ]
-            return [response["ETag"] for response in await asyncio.gather(*calls)]
-
-        return sync(self.fs.loop, send)
 
     def discard(self, stored: StoredFile) -> None:
         """Remove an uploaded object no manifest lists (best effort: a store that is down keeps it)."""
