@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data._utils import signal_handling
 
-from runner.train.batches import DataSource, TrainBatches, to_device
+from runner.train.batches import DataSource, TrainBatches, next_batch, to_device
 from runner.train.schedules import WarmupCosine
 
 
@@ -144,3 +149,25 @@ def test_monitor_keeps_the_best_and_counts_validations_without_real_improvement(
     assert resumed.update({"val/accuracy": 0.4}, step=30) is False
     assert resumed.ended.startswith("early stop: val/accuracy") and "best 0.505 at step 20" in resumed.ended
     assert Monitor("val/loss", "min").update({"val/loss": float("nan")}, step=1) is False
+
+
+def test_a_killed_loader_worker_is_named_whatever_error_reaches_the_rank_first():
+    def reset_while_handing_over():  # what a rank sees when its worker dies mid-transfer of a tensor
+        raise ConnectionResetError(104, "Connection reset by peer")
+        yield
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker.send_signal(signal.SIGKILL)
+    while open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # dead, not yet reaped: as a loader worker is when the rank next asks for a batch
+    signal_handling._set_worker_pids(id(worker), (worker.pid,))
+    try:
+        with pytest.raises(RuntimeError, match=f"DataLoader worker \\(pid {worker.pid}\\) is killed by signal") as err:
+            next_batch(reset_while_handing_over())
+        assert isinstance(err.value.__cause__, ConnectionResetError)
+    finally:
+        signal_handling._remove_worker_pids(id(worker))
+        worker.wait()
+    with pytest.raises(ConnectionResetError):  # no dead worker: the error as it came
+        next_batch(reset_while_handing_over())
+    assert next_batch(iter([1])) == 1 and next_batch(iter([])) is None
