@@ -286,6 +286,42 @@ def test_large_shards_go_up_one_checked_part_per_block(s3_env, url, tmp_path):
     assert len(fs.find(url.split("://")[1])) == 3  # only the first commit's objects
 
 
+def test_objects_a_killed_writer_left_unlisted_are_removed_once_old(s3_env, url, tmp_path, monkeypatch, caplog):
+    import time
+
+    from runner.snapshot import orphans
+    from runner.snapshot.conditional import s3_call
+
+    _, fs = s3_env
+    manager = _manager(url, tmp_path, keep_last=1)
+    for step in (10, 20):
+        _save(manager, step)
+    prefix = url.split("://")[1]
+    bucket, key = prefix.split("/", 1)
+    left = ["snapshot-000000030.pt.0123456789ab", "step-000000040/__1_0.distcp.0123456789ab"]
+    foreign = ["notes.txt", "snapshot-000000030.pt", "step-000000040/__1_0.distcp"]  # not names our uploads take
+    for name in left + foreign:
+        fs.pipe_file(f"{prefix}/{name}", b"x")
+    store = manager.store
+    before = set(fs.find(prefix))
+    assert store.remove_orphans() == [] and set(fs.find(prefix)) == before  # young: maybe a live writer's
+    # An upload killed midway (moto dates every incomplete upload 2010: it is created after the check above)
+    upload = s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=f"{key}/snapshot-000000050.pt.aaaaaaaaaaaa")
+    s3_call(fs, "upload_part", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"], PartNumber=1, Body=b"x")
+
+    monkeypatch.setattr(orphans, "ORPHAN_AGE", -60.0)  # as if an hour had passed
+    with caplog.at_level(logging.INFO):
+        manager.remove_stale_temporaries()  # what the lead does when a run starts
+    assert "removed 3 object(s)" in caplog.text, caplog.text
+    assert set(fs.find(prefix)) == before - {f"{prefix}/{name}" for name in left}
+    assert s3_call(fs, "list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", []) == []
+    version, state = manager.load_latest()  # the listed version is untouched
+    assert version.step == 20 and torch.equal(state["model"]["w"], torch.full((4,), 20.0))
+
+    fs.rm_file(f"{prefix}/manifest.json")  # a lost manifest: its objects are still someone's data
+    assert store.remove_orphans(now=time.time()) == [] and fs.exists(f"{prefix}/{version.object}")
+
+
 # ---- end to end: 2 DDP workers, a SIGKILLed worker, a fresh machine ------------------------------
 RUN = ["model=mlp", "model.dropout=0.1", "dataset.size=4096", "trainer.save_every_steps=20", *FAST]
 

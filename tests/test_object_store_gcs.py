@@ -216,6 +216,24 @@ def test_sharded_versions_are_uploaded_checked_and_read_by_ranges(gcs_env, url, 
     assert version.step == 20 and torch.equal(full_model(state[snap.SHARDED_KEY])["b"], torch.full((2,), 20.0))
 
 
+def test_objects_a_killed_writer_left_unlisted_are_removed_once_old(gcs_env, url, tmp_path):
+    import time
+
+    from runner.snapshot import orphans
+
+    _, fs = gcs_env
+    manager = _manager(url, tmp_path, keep_last=1)
+    version = _save(manager, 10)
+    prefix = url.split("://")[1]
+    for name in ("snapshot-000000020.pt.0123456789ab", "notes.txt"):  # a killed writer's upload; a user's file
+        fs.pipe_file(f"{prefix}/{name}", b"x")
+    assert manager.store.remove_orphans() == []  # young: maybe a live writer's
+    assert manager.store.remove_orphans(now=time.time() + orphans.ORPHAN_AGE + 60) == [
+        "snapshot-000000020.pt.0123456789ab"
+    ]
+    assert _objects(fs, url) == {"manifest.json", version.object, "notes.txt"}
+
+
 def test_checks_accept_gs_and_name_a_missing_bucket(gcs_env, tmp_path):
     from omegaconf import OmegaConf
 

@@ -11,7 +11,9 @@ An object store has no rename, so the local commit protocol (fsync, rename, mani
    `ifGenerationMatch` on its generation (0 when there was none), on Azure as on S3. If another
    writer published in between, the write is refused (HTTP 412) and this one raises
    `ManifestConflict`: two writers can never both win, and neither manifest is ever torn;
-4. `delete` removes only objects the published manifest no longer lists (retention runs after).
+4. `delete` removes only objects the published manifest no longer lists (retention runs after);
+5. objects a killed writer uploaded but never listed are removed when the next run starts, once
+   an hour old (orphans.py).
 
 Readers trust only what the manifest lists: each read downloads the listed object and checks its
 size and sha256 before anything is unpickled, so a corrupt or missing object is skipped for the
@@ -44,13 +46,14 @@ import logging
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from runner.snapshot import s3_parts
+from runner.snapshot import orphans, s3_parts
 from runner.snapshot.conditional import Refused, manifest_access, s3_call
 from runner.snapshot.format import SnapshotError
-from runner.snapshot.manifest import FOLDER_PATTERN
+from runner.snapshot.manifest import FOLDER_PATTERN, parse_manifest
 from runner.snapshot.store import CHUNK, MANIFEST, SnapshotStore, sha256_of_file, staged_files
 from runner.snapshot.versions import StoredFile, Version
 
@@ -383,13 +386,55 @@ class ObjectStore(SnapshotStore):
             log.warning("retention: could not delete %s/%s (%s); it is no longer listed", self.url, key, err)
 
     def remove_stale_temporaries(self) -> None:
-        """Staging files a killed writer left here (objects it uploaded but never listed stay in the store)."""
+        """Staging files a killed writer left here, and the objects it uploaded but never listed
+        (orphans.py); a store that cannot be searched now is searched by the next run."""
         if self.location.is_dir():
             for tmp in self.location.glob(".*.tmp-*"):
                 if tmp.is_file() and not tmp.is_symlink():
                     tmp.unlink(missing_ok=True)
                 elif tmp.is_dir() and not tmp.is_symlink():  # a sharded version never uploaded
                     shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.remove_orphans()
+        except Exception as err:
+            log.warning("could not look for unlisted objects in %s (%s: %s)", self.url, type(err).__name__, err)
+
+    def remove_orphans(self, now: Optional[float] = None) -> list[str]:
+        """Remove the objects of ours that the manifest does not list and that are older than
+        `orphans.ORPHAN_AGE` (and abort such incomplete multipart uploads); the names removed."""
+        data = self.read_manifest()
+        if data is None:
+            return []
+        listed = orphans.listed_objects(parse_manifest(data, f"{self.url}/{MANIFEST}"))
+        now = time.time() if now is None else now
+        self.fs.invalidate_cache(self._prefix)
+        found = self.fs.find(self._prefix, detail=True)
+        start = len(self._prefix) + 1
+        gone = orphans.orphaned(((path[start:], info) for path, info in found.items()), listed, now)
+        for name in gone:
+            self._remove(name)
+        if self._kind == "s3":
+            gone += self._abort_orphaned_uploads(listed, now)
+        if gone:
+            log.info(
+                "removed %d object(s) from %s that no manifest lists (left by a writer stopped before it "
+                "listed them): %s",
+                len(gone),
+                self.url,
+                ", ".join(gone[:5]) + (", ..." if len(gone) > 5 else ""),
+            )
+        return gone
+
+    def _abort_orphaned_uploads(self, listed: set[str], now: float) -> list[str]:
+        """Incomplete multipart uploads of ours older than ORPHAN_AGE: their parts are billed, never shown."""
+        bucket, prefix = self._bucket_key("")
+        response = self._call("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        uploads = [(u["Key"][len(prefix) :], u) for u in response.get("Uploads", [])]
+        gone = orphans.orphaned(uploads, listed, now)
+        for name, upload in uploads:
+            if name in gone:
+                self._call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        return [f"{name} (incomplete upload)" for name in gone]
 
     # ---- S3 calls ------------------------------------------------------------------------------
     def _bucket_key(self, name: str) -> tuple[str, str]:
