@@ -165,6 +165,13 @@ def test_a_killed_loader_worker_is_named_whatever_error_reaches_the_rank_first()
         with pytest.raises(RuntimeError, match=f"DataLoader worker \\(pid {worker.pid}\\) is killed by signal") as err:
             next_batch(reset_while_handing_over())
         assert isinstance(err.value.__cause__, ConnectionResetError)
+
+        def dataset_error():  # the dataset's own error, raised in a worker: never renamed
+            raise ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ...")
+            yield
+
+        with pytest.raises(ValueError, match="in DataLoader worker process 0"):
+            next_batch(dataset_error())
     finally:
         signal_handling._remove_worker_pids(id(worker))
         worker.wait()

@@ -309,7 +309,7 @@ def test_objects_a_killed_writer_left_unlisted_are_removed_once_old(s3_env, url,
     upload = s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=f"{key}/snapshot-000000050.pt.aaaaaaaaaaaa")
     s3_call(fs, "upload_part", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"], PartNumber=1, Body=b"x")
 
-    monkeypatch.setattr(orphans, "ORPHAN_AGE", -60.0)  # as if an hour had passed
+    monkeypatch.setattr(orphans, "ORPHAN_AGE", -60.0)  # as if a day had passed
     with caplog.at_level(logging.INFO):
         manager.remove_stale_temporaries()  # what the lead does when a run starts
     assert "removed 3 object(s)" in caplog.text, caplog.text

@@ -13,7 +13,7 @@ An object store has no rename, so the local commit protocol (fsync, rename, mani
    `ManifestConflict`: two writers can never both win, and neither manifest is ever torn;
 4. `delete` removes only objects the published manifest no longer lists (retention runs after);
 5. objects a killed writer uploaded but never listed are removed when the next run starts, once
-   an hour old (orphans.py).
+   a day old (orphans.py).
 
 Readers trust only what the manifest lists: each read downloads the listed object and checks its
 size and sha256 before anything is unpickled, so a corrupt or missing object is skipped for the
@@ -428,8 +428,13 @@ class ObjectStore(SnapshotStore):
     def _abort_orphaned_uploads(self, listed: set[str], now: float) -> list[str]:
         """Incomplete multipart uploads of ours older than ORPHAN_AGE: their parts are billed, never shown."""
         bucket, prefix = self._bucket_key("")
-        response = self._call("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
-        uploads = [(u["Key"][len(prefix) :], u) for u in response.get("Uploads", [])]
+        uploads, markers = [], {}
+        while True:
+            response = self._call("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            uploads += [(u["Key"][len(prefix) :], u) for u in response.get("Uploads", [])]
+            if not response.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": response["NextKeyMarker"], "UploadIdMarker": response["NextUploadIdMarker"]}
         gone = orphans.orphaned(uploads, listed, now)
         for name, upload in uploads:
             if name in gone:

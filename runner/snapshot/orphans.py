@@ -1,8 +1,8 @@
 """Objects of a store that no manifest lists: what a writer killed between its upload and its
 publish left behind. A store has no staging folder that a restart clears, so without this they
 would be billed forever. The lead removes them when a run starts, once they are older than
-ORPHAN_AGE: a live writer publishes well within that time, or loses its publish and leaves
-orphans too. Incomplete S3 multipart uploads of ours are aborted under the same rule, since their
+ORPHAN_AGE, a day: a live writer publishes well within that time (S3 dates a multipart object
+by the start of its upload, so the margin covers the longest upload, and any clock skew). Incomplete S3 multipart uploads of ours are aborted under the same rule, since their
 parts are billed but never shown.
 
 Only names this project's uploads take are candidates. Every object name the manifest mentions is
@@ -15,7 +15,7 @@ import datetime
 import re
 from typing import Any, Iterable, Optional
 
-ORPHAN_AGE = 3600.0  # seconds
+ORPHAN_AGE = 24 * 3600.0  # seconds
 OURS = re.compile(r"(snapshot-[0-9]+\.pt|step-[0-9]+/(\.metadata|__[0-9]+_[0-9]+\.distcp|loop\.pt))\.[0-9a-f]{12}")
 
 

@@ -42,8 +42,9 @@ def send_in_parts(
     parts: list[dict] = []
 
     def settle_oldest() -> None:
-        part, future = in_flight.popleft()
+        part, future = in_flight[0]  # left in the window until done: an abort cancels and waits for it
         parts.append({**part, "ETag": future.result()["ETag"]})
+        in_flight.popleft()
 
     try:
         while True:
@@ -61,6 +62,8 @@ def send_in_parts(
             del data
         while in_flight:
             settle_oldest()
+        if not parts:
+            raise ValueError(f"nothing left to upload as {key} in parts")
         if before_complete is not None:
             before_complete()
         done = s3_call(

@@ -22,6 +22,7 @@ import math
 import multiprocessing as mp
 import random
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Iterator, Optional
 
@@ -64,25 +65,35 @@ def next_batch(iterator: Iterator[Any]) -> Any:
     """`next(iterator, None)` on a DataLoader's iterator, where a loader worker that died (SIGKILL, the
     OOM killer) is named as such. Its death can reach the rank first as an unrelated error (a
     connection reset while the worker handed over a tensor), which reads like a lost peer; torch's
-    own check then names the worker and its signal, with the first error as its cause."""
+    own check then names the worker and its signal, with the first error as its cause. An error
+    the dataset raised in a worker is torch's "Caught ... in DataLoader worker process N": as it came."""
     try:
         return next(iterator, None)
     except Exception as err:
-        died = None if str(err).startswith("DataLoader worker") else dead_loader_worker()
+        text = str(err)
+        if text.startswith("DataLoader worker") or "in DataLoader worker process" in text:
+            raise
+        died = dead_loader_worker(wait=1.0 if isinstance(err, (OSError, EOFError)) else 0.0)
         if died is not None:
             raise died from err
         raise
 
 
-def dead_loader_worker() -> Optional[RuntimeError]:
-    """torch's error for a loader worker of this process that was killed or exited with an error, if any."""
+def dead_loader_worker(wait: float = 0.0) -> Optional[RuntimeError]:
+    """torch's error for a loader worker of this process that was killed or exited with an error, if
+    any; looked for up to `wait` seconds (a dying process closes its sockets before the kernel
+    reports its exit)."""
     from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 
-    try:
-        _error_if_any_worker_fails()
-    except RuntimeError as err:
-        return err
-    return None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _error_if_any_worker_fails()
+        except RuntimeError as err:
+            return err
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
 
 
 def loader_batches(loader: DataLoader, device: torch.device, non_blocking: bool) -> Iterator[Any]:
