@@ -162,3 +162,33 @@ def test_config_words_mean_the_same_composed_or_read_back_from_yaml(tmp_path):
     one = Runtime("gloo", "cpu", 1, 1, "gloo", "", None, "spawn")
     for cfg in both(["launch=local"]):
         assert training_setup(cfg, one).startswith("one process (no DDP), precision float32")
+
+
+def test_a_failure_report_names_the_rank_that_failed_first_not_the_one_that_waited(tmp_path, capsys):
+    """The agent can stop the group having seen only the rank that waited for a peer that had died
+    (the peer's exit reaches it later); the report then takes the cause from the peer's own record."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from runner.driver.reports import report_failure
+    from runner.errors import EXIT_TRAINING_FAILED
+
+    cfg = compose_command([], tmp_path).cfg
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank-1.log").write_text("Traceback ...\nOutOfMemoryError: CUDA out of memory.\n")
+    waited = "RuntimeError: rank 1 (pid 7) exited while this rank waited for it in a shared-memory all-reduce"
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": waited, "extraInfo": {"timestamp": "1"}}}))
+    err = ChildFailedError("train", {0: ProcessFailure(0, 8, 1, str(error_file))})
+    err.recorded_failures = [
+        {"rank": 0, "text": waited},
+        {"rank": 1, "text": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."},
+    ]
+    assert report_failure(err, cfg, tmp_path) == EXIT_TRAINING_FAILED
+    report = capsys.readouterr().err
+    assert "Error: training failed on rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate" in report
+    assert "rank-1.log" in report and "exited while this rank waited" not in report.splitlines()[0]
+    err.recorded_failures = []  # no record (a worker killed outright): the agent's own view, as before
+    report_failure(err, cfg, tmp_path)
+    assert f"Error: training failed on rank 0: {waited}" in capsys.readouterr().err

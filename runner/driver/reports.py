@@ -255,6 +255,8 @@ def report_failure(err: BaseException, cfg: DictConfig, run_dir: Path) -> int:
         what = text[0] if text else f"exit code {failure.exitcode}"
         if failure.exitcode < 0 and "Signal" not in what:
             what = f"killed by signal {-failure.exitcode}"
+        if _secondary(what):  # the agent saw only a rank that lost its peer: the peer's own record says why
+            rank, what = _own_cause(err) or (rank, what)
     elif isinstance(err, OSError) and err.strerror:
         what = f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
     else:
@@ -293,10 +295,24 @@ def _root_failure(err: Any) -> tuple[int, Any]:
 
     def secondary(failure: Any) -> bool:
         message = failure.message
-        text = str(message.get("message", message) if isinstance(message, dict) else message)
-        return any(words in text for words in SECONDARY)
+        return _secondary(str(message.get("message", message) if isinstance(message, dict) else message))
 
     return next(((rank, f) for rank, f in failures if not secondary(f)), first) if secondary(first[1]) else first
+
+
+def _secondary(text: str) -> bool:
+    return any(words in text for words in SECONDARY)
+
+
+def _own_cause(err: Any) -> Optional[tuple[int, str]]:
+    """(rank, error) of the first worker whose own failure record names a cause of its own. A rank
+    that failed first is sometimes not among the agent's failures yet when it stops the group
+    (its exit reaches the agent after the exit of the rank that waited for it)."""
+    for record in getattr(err, "recorded_failures", None) or []:
+        text, rank = record.get("text"), record.get("rank")
+        if isinstance(text, str) and isinstance(rank, int) and not _secondary(text):
+            return rank, text
+    return None
 
 
 def _rendezvous_lost(err: BaseException) -> bool:

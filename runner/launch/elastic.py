@@ -220,6 +220,7 @@ def _run_agent(cfg: DictConfig, run_dir: Path, runtime: Runtime, error_reports: 
         except Exception as err:  # what the driver's report says about restarts
             if agents:
                 err.restarts_done, err.repeated_failure = agents[-1].restarts_done, agents[-1].repeated
+                err.recorded_failures = faults.recorded_failures(records, agents[-1].restarts_done)
                 err.stop_request = agents[-1].stopped
                 err.hang = agents[-1].hang.summary() if agents[-1].hang else None
             raise

@@ -117,12 +117,20 @@ def record_failure(err: BaseException, rank: int) -> None:
     if restart_may_fix(err):  # a lost peer or node: where it happened, for the agent's "left at step N"
         _write_record("lost", rank, {"step": current_step})
         return
+    lines = str(err).strip().splitlines()
     signature = {
         "type": f"{type(err).__module__}.{type(err).__qualname__}",
         "message": _message(err),
         "step": current_step,
+        "rank": rank,  # these two are for the driver's report, not part of the signature
+        "text": f"{type(err).__name__}: {lines[0] if lines else ''}"[:500],
     }
     _write_record("attempt", rank, signature)
+
+
+def recorded_failures(folder: Path, attempt: int) -> list[dict]:
+    """What the workers of restart `attempt` recorded about their own failures ({rank, text, ...})."""
+    return [r for r in _read_records(folder, "attempt", attempt) if isinstance(r, dict)]
 
 
 def record_stop(signum: Optional[int], step: int, rank: int) -> None:
