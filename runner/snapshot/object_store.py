@@ -53,12 +53,20 @@ from typing import Any, Callable, Optional
 from runner.snapshot import orphans, s3_parts
 from runner.snapshot.conditional import Refused, manifest_access, s3_call
 from runner.snapshot.format import SnapshotError
-from runner.snapshot.manifest import FOLDER_PATTERN, parse_manifest
+from runner.snapshot.manifest import FILE_PATTERN, FOLDER_PATTERN, SHARD_FILE_PATTERN, parse_manifest
 from runner.snapshot.store import CHUNK, MANIFEST, SnapshotStore, sha256_of_file, staged_files
 from runner.snapshot.versions import StoredFile, Version
 
 log = logging.getLogger(__name__)
 _MIN_PART = 5 * 2**20  # S3's smallest part but the last: smaller blocks go up in one put
+_OWN_SUFFIX = r"\.[0-9a-f]{12}"  # what `_own_name` appends
+# Every name this store's uploads take: single-file versions, and the files of sharded ones
+OURS = re.compile(rf"({FILE_PATTERN.pattern}|{FOLDER_PATTERN.pattern}/({SHARD_FILE_PATTERN.pattern})){_OWN_SUFFIX}")
+
+
+def _own_name(name: str) -> str:
+    """An object name no other writer uses: `name` and 12 random hex digits."""
+    return f"{name}.{secrets.token_hex(6)}"
 
 
 class ManifestConflict(SnapshotError):
@@ -116,7 +124,7 @@ class ObjectStore(SnapshotStore):
     # ---- writing -----------------------------------------------------------------------------
     def commit_file(self, staged: Path, name: str) -> StoredFile:
         """Upload under a name of this writer's own, then read it back: listed only if it matches."""
-        key = f"{name}.{secrets.token_hex(6)}"
+        key = _own_name(name)
         try:
             sha256, size = sha256_of_file(staged)
             self.fs.put_file(str(staged), self._remote(key))
@@ -168,7 +176,7 @@ class ObjectStore(SnapshotStore):
 
     def _upload_new(self, path: Path, name: str, item: StoredFile) -> StoredFile:
         """`path` uploaded (checked) as `<name>/<file>.<random>`: a name no other writer uses."""
-        key = f"{name}/{item.name}.{secrets.token_hex(6)}"
+        key = _own_name(f"{name}/{item.name}")
         try:
             self._upload_checked(path, key, item)
         except BaseException:
@@ -221,7 +229,7 @@ class ObjectStore(SnapshotStore):
         what is sent is hashed as it is sent (sha256: it must be `expected`'s; MD5: the store's ETag
         must match it, so the bytes are not downloaded again). A store whose ETag is no MD5 (SSE-KMS,
         some S3-compatible servers) is read back instead. The local file is left in place."""
-        stored = StoredFile(expected.name, expected.size, expected.sha256, f"{expected.name}.{secrets.token_hex(6)}")
+        stored = StoredFile(expected.name, expected.size, expected.sha256, _own_name(expected.name))
         if self._kind != "s3":  # no ETag to compare: checked before it goes up, read back after
             if sha256_of_file(local) != (expected.sha256, expected.size):
                 raise NotAsListed(f"{local} no longer matches its manifest entry: not uploaded")
@@ -352,7 +360,7 @@ class ObjectStore(SnapshotStore):
         prefix = "" if folder in (None, self.location.name) else re.escape(folder) + "/"
         if prefix and not FOLDER_PATTERN.fullmatch(folder):
             key = None
-        if not isinstance(key, str) or not re.fullmatch(prefix + re.escape(expected.name) + r"\.[0-9a-f]{12}", key):
+        if not isinstance(key, str) or not re.fullmatch(prefix + re.escape(expected.name) + _OWN_SUFFIX, key):
             raise SnapshotError(f"{expected.name}: the manifest names no object of ours for it ({key!r})")
         return key
 
@@ -410,7 +418,7 @@ class ObjectStore(SnapshotStore):
         self.fs.invalidate_cache(self._prefix)
         found = self.fs.find(self._prefix, detail=True)
         start = len(self._prefix) + 1
-        gone = orphans.orphaned(((path[start:], info) for path, info in found.items()), listed, now)
+        gone = orphans.orphaned(((path[start:], info) for path, info in found.items()), OURS, listed, now)
         for name in gone:
             self._remove(name)
         if self._kind == "s3":
@@ -435,7 +443,7 @@ class ObjectStore(SnapshotStore):
             if not response.get("IsTruncated"):
                 break
             markers = {"KeyMarker": response["NextKeyMarker"], "UploadIdMarker": response["NextUploadIdMarker"]}
-        gone = orphans.orphaned(uploads, listed, now)
+        gone = orphans.orphaned(uploads, OURS, listed, now)
         for name, upload in uploads:
             if name in gone:
                 self._call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])

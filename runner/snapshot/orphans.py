@@ -2,12 +2,13 @@
 publish left behind. A store has no staging folder that a restart clears, so without this they
 would be billed forever. The lead removes them when a run starts, once they are older than
 ORPHAN_AGE, a day: a live writer publishes well within that time (S3 dates a multipart object
-by the start of its upload, so the margin covers the longest upload, and any clock skew). Incomplete S3 multipart uploads of ours are aborted under the same rule, since their
-parts are billed but never shown.
+by the start of its upload, so the margin covers the longest upload, and any clock skew).
+Incomplete S3 multipart uploads of ours are aborted under the same rule, since their parts are
+billed but never shown.
 
-Only names this project's uploads take are candidates. Every object name the manifest mentions is
-kept, in valid entries or not. Without a readable manifest nothing is removed: objects whose
-manifest was lost are still a user's data."""
+Only names the store's uploads take (its `OURS` pattern) are candidates. Every object name the
+manifest mentions is kept, in valid entries or not. Without a readable manifest nothing is
+removed: objects whose manifest was lost are still a user's data."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import re
 from typing import Any, Iterable, Optional
 
 ORPHAN_AGE = 24 * 3600.0  # seconds
-OURS = re.compile(r"(snapshot-[0-9]+\.pt|step-[0-9]+/(\.metadata|__[0-9]+_[0-9]+\.distcp|loop\.pt))\.[0-9a-f]{12}")
 
 
 def listed_objects(manifest: Any) -> set[str]:
@@ -52,11 +52,11 @@ def modified(info: dict) -> Optional[float]:
     return None
 
 
-def orphaned(found: Iterable[tuple[str, dict]], listed: set[str], now: float) -> list[str]:
-    """Of `found` ((name under the prefix, the store's info)), ours, unlisted, and old enough."""
+def orphaned(found: Iterable[tuple[str, dict]], ours: re.Pattern, listed: set[str], now: float) -> list[str]:
+    """Of `found` ((name under the prefix, the store's info)), those named as `ours`, unlisted, and old enough."""
     gone = []
     for name, info in found:
         written = modified(info)
-        if OURS.fullmatch(name) and name not in listed and written is not None and now - written > ORPHAN_AGE:
+        if ours.fullmatch(name) and name not in listed and written is not None and now - written > ORPHAN_AGE:
             gone.append(name)
     return sorted(gone)

@@ -1,7 +1,7 @@
 """S3 multipart uploads that keep the network busy: PARTS_IN_FLIGHT parts are on their way at once
 (on fsspec's event loop) while the calling thread reads and hashes the next one, so the hashing an
 upload's checks need costs no wall time (hashlib releases the GIL on large buffers). Memory held
-is at most PART_SIZE times PARTS_IN_FLIGHT. An upload that fails or is refused is aborted: S3
+is at most one part size times PARTS_IN_FLIGHT. An upload that fails or is refused is aborted: S3
 shows nothing of it."""
 
 from __future__ import annotations
