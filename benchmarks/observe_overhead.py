@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_rows import samples_per_s  # noqa: E402  (one launcher for both benchmarks' runs)
 
 
 def base_commit() -> str:
@@ -46,25 +47,6 @@ def base_commit() -> str:
     if not added:
         raise SystemExit("runner/train/observer.py has no history here: pass --base <commit>")
     return added[-1] + "^"
-
-
-def samples_per_s(tree: Path, size: int, epochs: int, cwd: str, name: str) -> float:
-    args = [
-        sys.executable,
-        "-m",
-        "runner",
-        "model=mlp",
-        f"dataset.size={size}",
-        f"trainer.total_epochs={epochs}",
-        "trainer.progress=false",
-        "launch.nproc_per_node=2",
-        "launch.backend=gloo",
-        "snapshot.resume=never",
-        f"name={name}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
-    return float(re.search(r"throughput\s*:\s*([\d,]+) samples/s", out).group(1).replace(",", ""))
 
 
 def hook_cost(steps: int = 20000, rounds: int = 15) -> tuple[float, float]:
@@ -235,7 +217,9 @@ def main() -> None:
                 for name in names if rep % 2 == 0 else names[::-1]:
                     cwd = Path(tmp) / "runs"
                     cwd.mkdir(exist_ok=True)
-                    value = samples_per_s(trees[name], opts.size, opts.epochs, str(cwd), f"bench-{names.index(name)}")
+                    overrides = [f"dataset.size={opts.size}", f"trainer.total_epochs={opts.epochs}"]
+                    env = {**os.environ, "PYTHONPATH": str(trees[name])}
+                    value = samples_per_s([*overrides, f"name=bench-{names.index(name)}"], str(cwd), env)
                     results[name].append(value)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)

@@ -19,26 +19,25 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 SETTINGS = {"no rows (log_every=0)": 0, "a row every 50 steps (default)": 50, "a row every step": 1}
 
 
-def samples_per_s(log_every: int, size: int, epochs: int, cwd: str) -> float:
+def samples_per_s(overrides: list[str], cwd: str, env: Optional[dict] = None) -> float:
+    """The samples/s a fresh 2-worker mlp run with `overrides` reports (`python -m runner`, as users run it)."""
     args = [
         sys.executable,
         "-m",
         "runner",
         "model=mlp",
-        f"dataset.size={size}",
-        f"trainer.total_epochs={epochs}",
-        f"trainer.log_every={log_every}",
         "trainer.progress=false",
         "launch.nproc_per_node=2",
         "launch.backend=gloo",
         "snapshot.resume=never",
-        f"name=rows-{log_every}",
+        *overrides,
     ]
-    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
     return float(re.search(r"throughput\s*:\s*([\d,]+) samples/s", out).group(1).replace(",", ""))
 
 
@@ -53,7 +52,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cwd:
         for rep in range(opts.reps):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                results[name].append(samples_per_s(SETTINGS[name], opts.size, opts.epochs, cwd))
+                every = SETTINGS[name]
+                overrides = [f"dataset.size={opts.size}", f"trainer.total_epochs={opts.epochs}"]
+                overrides += [f"trainer.log_every={every}", f"name=rows-{every}"]
+                results[name].append(samples_per_s(overrides, cwd))
     base = statistics.median(results[names[0]])
     print(f"{'setting':34} {'samples/s (median)':>19} {'min':>9} {'max':>9} {'vs no rows':>10}")
     for name, values in results.items():
